@@ -1,0 +1,21 @@
+from snakemake.utils import min_version, validate
+
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "config/schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/stencil.smk"
+
+
+rule all:
+    input:
+        final_targets(),
+    default_target: True

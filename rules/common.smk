@@ -1,0 +1,106 @@
+"""Config checks, path helpers, input functions and wildcard constraints."""
+
+import json
+import math
+import os
+
+from vectorgeo import layers as vg_layers
+from vectorgeo.config import check as check_config
+from vectorgeo.errors import VectorgeoError
+
+try:
+    check_config(config)
+except VectorgeoError as e:
+    raise WorkflowError(f"invalid configuration: {e}") from None
+
+RESULTS = config["results"]
+LAYER_SPECS = vg_layers.layer_specs(config)
+MASK_SPEC = vg_layers.land_mask_spec(config)
+ALL_LAYERS = {**LAYER_SPECS, "land_mask": MASK_SPEC}
+
+
+wildcard_constraints:
+    region="[0-9a-f]{15}",
+    digest="[0-9a-f]{12}",
+    layer="|".join(ALL_LAYERS),
+    i=r"\d+",
+
+
+def results(*parts):
+    """A path under the results folder (a logical path: storage prefixes are added by Snakemake)."""
+    return os.path.join(RESULTS, *parts)
+
+
+def layer_npy(name):
+    return results("layers", f"{name}.npy")
+
+
+def layer_grid(name):
+    return results("layers", f"{name}.grid.json")
+
+
+def model_layer_npys():
+    """Prepared model input layers, keyed by name."""
+    return {name: layer_npy(name) for name in LAYER_SPECS}
+
+
+def layer_source(wildcards):
+    """The local file a layer is prepared from: a built-in, a mosaic, a storage object or a path."""
+    spec = ALL_LAYERS[wildcards.layer]
+    bname = vg_layers.builtin_name(spec.source)
+    if bname is not None:
+        return local(str(vg_layers.builtin_path(bname, f"{wildcards.layer}.source")))
+    if vg_layers.is_tile_set(spec.source):
+        return results("layers", f"{wildcards.layer}.mosaic.tif")
+    if vg_layers.is_remote(spec.source):
+        return storage(spec.source)
+    return local(spec.source)
+
+
+def layer_tiles(wildcards):
+    spec = ALL_LAYERS[wildcards.layer]
+    tiles = vg_layers.expand_tiles(
+        list(spec.source) if isinstance(spec.source, tuple) else spec.source,
+        f"layers.{wildcards.layer}.source",
+    )
+    return [storage(t) if vg_layers.is_remote(t) else local(t) for t in tiles]
+
+
+def crop_bbox():
+    """Bbox [w, s, e, n] that prepared layers are cropped to (extent plus a margin), or None."""
+    extent = config["stencil"].get("extent")
+    if not extent or "bbox" not in extent:
+        return None
+    w, s, e, n = extent["bbox"]
+    margin_km = 2 * config.get("sample", {}).get("patch_km", 100) + 2 * config.get(
+        "sample", {}
+    ).get("neighbor_km_max", 50)
+    dlat = margin_km / 111.32
+    coslat = max(math.cos(math.radians(min(89.0, max(abs(s), abs(n)) + dlat))), 0.01)
+    return [
+        max(-180.0, w - dlat / coslat),
+        max(-90.0, s - dlat),
+        min(180.0, e + dlat / coslat),
+        min(90.0, n + dlat),
+    ]
+
+
+def stencil_manifest():
+    """The stencil manifest (read through storage when a default storage provider is set)."""
+    manifest = checkpoints.stencil.get().output.manifest
+    with manifest.open() as f:
+        return json.load(f)
+
+
+def region_targets(pattern):
+    """Per-region paths for every current region, e.g. region_targets(results("embeddings", "{region}_{digest}.parquet"))."""
+    regions = stencil_manifest()["regions"]
+    return [pattern.format(region=r, digest=v["digest"]) for r, v in sorted(regions.items())]
+
+
+def final_targets():
+    """What `rule all` builds: each stage appends its final outputs to FINAL_TARGETS."""
+    return FINAL_TARGETS
+
+
+FINAL_TARGETS = [results("stencil", "manifest.json")]

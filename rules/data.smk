@@ -1,0 +1,38 @@
+rule mosaic_layer:
+    input:
+        tiles=layer_tiles,
+    output:
+        results("layers", "{layer}.mosaic.tif"),
+    log:
+        "logs/mosaic_layer/{layer}.log",
+    benchmark:
+        "benchmarks/mosaic_layer/{layer}.tsv"
+    conda:
+        "../envs/geo.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=120,
+    script:
+        "../scripts/mosaic_layer.py"
+
+
+rule prepare_layer:
+    input:
+        source=layer_source,
+    output:
+        npy=results("layers", "{layer}.npy"),
+        grid=results("layers", "{layer}.grid.json"),
+    params:
+        spec=lambda wildcards: ALL_LAYERS[wildcards.layer].to_dict(),
+        crop=crop_bbox(),
+    log:
+        "logs/prepare_layer/{layer}.log",
+    benchmark:
+        "benchmarks/prepare_layer/{layer}.tsv"
+    conda:
+        "../envs/geo.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    script:
+        "../scripts/prepare_layer.py"

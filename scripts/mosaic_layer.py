@@ -1,0 +1,8 @@
+"""Snakemake adapter: mosaic a layer's tiles into one GeoTIFF."""
+
+from vectorgeo.layers import mosaic_tiles
+from vectorgeo.log import setup_logging
+
+log = setup_logging(snakemake.log[0])
+grid = mosaic_tiles(list(snakemake.input.tiles), snakemake.output[0])
+log.info("mosaicked %d tiles into %s: %s", len(snakemake.input.tiles), snakemake.output[0], grid)

