@@ -1,0 +1,428 @@
+"""The Tile2Vec encoder: input encoding, a ResNet, and a self-describing model file.
+
+Input encoding (:func:`encode`, the one place that turns patches into model
+input). A batch is a mapping layer name -> array of shape (N, P, P), as stored
+in sample shards and as returned by ``vectorgeo.sampling.patches``. Channels
+are laid out layer by layer in the order of the layer specs:
+
+* categorical layer with K classes -> K one-hot channels; pixel value ``k`` in
+  ``0..K-1`` sets channel ``k`` to 1, nodata (255, or any value >= K) leaves
+  all K channels at 0.
+* continuous layer -> two channels, *value* then *validity*. A pixel is valid
+  when it is finite (nodata is NaN). Values are scaled per the layer's
+  ``normalize``:
+
+  - ``patch_minmax``: :math:`v' = (v - \\min_p) / (\\max_p - \\min_p)` with the
+    min and max over the valid pixels of that patch; a flat patch
+    (:math:`\\max_p = \\min_p`) gives 0 everywhere;
+  - ``standardize``: :math:`v' = (v - \\mu) / \\sigma` with the spec's global
+    ``mean`` and ``std``.
+
+  Invalid pixels get value 0 and validity 0; valid pixels validity 1.
+
+So :math:`C = \\sum_{cat} K_l + 2 \\cdot n_{cont}`.
+
+Network (:class:`Encoder`): a 3x3 stem convolution, ``stages`` stages of
+``blocks_per_stage`` residual blocks each (3x3 conv-BN-ReLU-3x3 conv-BN plus an
+identity skip, or a strided 1x1 conv-BN projection where the shape changes),
+channel width doubling and spatial stride 2 between stages, global average
+pooling, an MLP head (Linear-ReLU-Linear) to ``embedding_dim`` and L2
+normalisation, so every embedding is a unit vector.
+
+Model file (:func:`save` / :func:`load`): a ``torch.save`` dict of plain types
+``{"format": "vectorgeo-model", "format_version": 1, "state_dict", "metadata"}``.
+The metadata carries everything inference needs: ``layers`` (name -> spec
+dict, in channel order), ``patch_px``, ``patch_km``, ``architecture``,
+``embedding_dim``, ``in_channels``, ``train`` (the training config),
+``library_version`` and ``model_version``: the first 12 hex digits of the
+SHA-256 of the weights and the rest of the metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vectorgeo.errors import ConfigError, DataError
+from vectorgeo.layers import LayerSpec
+
+FORMAT = "vectorgeo-model"
+FORMAT_VERSION = 1
+
+ARCHITECTURE_DEFAULTS: dict[str, int] = {
+    "width": 32,
+    "stages": 3,
+    "blocks_per_stage": 2,
+    "embedding_dim": 16,
+    "head_hidden": 64,
+}
+"""Defaults of ``config['model']`` (kept equal to config/schema.yaml)."""
+
+SpecsLike = Mapping[str, LayerSpec] | Mapping[str, Any]
+
+
+def specs_of(specs_or_metadata: SpecsLike) -> dict[str, LayerSpec]:
+    """Layer specs, in channel order, from specs or from model/shard metadata.
+
+    Args:
+        specs_or_metadata: ``{name: LayerSpec}``, or a metadata dict whose
+            ``layers`` is ``{name: spec dict}`` (or a list of spec dicts).
+
+    Raises:
+        ConfigError: the metadata has no usable ``layers``.
+    """
+    if "layers" in specs_or_metadata and not isinstance(specs_or_metadata["layers"], LayerSpec):
+        layers = specs_or_metadata["layers"]
+        if isinstance(layers, Mapping):
+            items = list(layers.values())
+        elif isinstance(layers, list):
+            items = layers
+        else:
+            raise ConfigError("layers", f"expected layer spec dicts in metadata, got {type(layers).__name__}")
+        out: dict[str, LayerSpec] = {}
+        for d in items:
+            if isinstance(d, LayerSpec):
+                out[d.name] = d
+            else:
+                spec = LayerSpec.from_dict(d)
+                out[spec.name] = spec
+        return out
+    out = {}
+    for name, spec in specs_or_metadata.items():
+        if not isinstance(spec, LayerSpec):
+            raise ConfigError(f"layers.{name}", f"expected a LayerSpec, got {type(spec).__name__}")
+        out[str(name)] = spec
+    return out
+
+
+def input_channels(specs_or_metadata: SpecsLike) -> int:
+    """Number of input channels C of the encoding of these layers."""
+    return len(channel_names(specs_or_metadata))
+
+
+def channel_names(specs_or_metadata: SpecsLike) -> list[str]:
+    """Names of the input channels in order, e.g. ``landcover:water``, ``elevation:valid``."""
+    names: list[str] = []
+    for name, spec in specs_of(specs_or_metadata).items():
+        if spec.kind == "categorical":
+            names.extend(f"{name}:{c}" for c in spec.class_names)
+        elif spec.kind == "continuous":
+            names.extend([f"{name}:value", f"{name}:valid"])
+        else:
+            raise ConfigError(f"layers.{name}.kind", f"expected categorical or continuous, got {spec.kind!r}")
+    return names
+
+
+def _as_tensor(x: np.ndarray | torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    return t.to(device, non_blocking=True) if device is not None else t
+
+
+def encode(
+    batch: Mapping[str, np.ndarray | torch.Tensor],
+    specs_or_metadata: SpecsLike,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Encode a batch of patches into model input (see the module docstring).
+
+    Args:
+        batch: Layer name -> (N, P, P) array: uint8 class indices (255 nodata)
+            for categorical layers, float32 physical values (NaN nodata) for
+            continuous ones. numpy arrays or tensors (kept on their device
+            unless ``device`` is given).
+        specs_or_metadata: Layer specs (``{name: LayerSpec}``) or model metadata.
+        device: Where to compute; default: where the tensors are (CPU for numpy).
+
+    Returns:
+        float32 tensor (N, C, P, P).
+
+    Raises:
+        DataError: a layer is missing from the batch or has the wrong shape.
+    """
+    specs = specs_of(specs_or_metadata)
+    parts: list[torch.Tensor] = []
+    shape: tuple[int, ...] | None = None
+    for name, spec in specs.items():
+        if name not in batch:
+            raise DataError("batch", f"layer '{name}' is missing; got {sorted(batch)}")
+        x = _as_tensor(batch[name], device)
+        if x.ndim != 3 or (shape is not None and tuple(x.shape) != shape):
+            raise DataError("batch", f"layer '{name}' has shape {tuple(x.shape)}; expected (N, P, P) like the others")
+        shape = tuple(x.shape)
+        if spec.kind == "categorical":
+            k = spec.n_classes
+            classes = torch.arange(k, device=x.device, dtype=torch.int16).view(1, k, 1, 1)
+            # nodata (255) and out-of-range values match no class: an all-zero pixel
+            parts.append((x.to(torch.int16).unsqueeze(1) == classes).to(torch.float32))
+        else:
+            v = x.to(torch.float32)
+            valid = torch.isfinite(v)
+            if spec.normalize == "standardize":
+                v = (v - spec.mean) / spec.std
+            else:
+                inf = torch.tensor(float("inf"), device=v.device)
+                lo = torch.where(valid, v, inf).amin(dim=(1, 2), keepdim=True)
+                hi = torch.where(valid, v, -inf).amax(dim=(1, 2), keepdim=True)
+                span = hi - lo
+                ok = torch.isfinite(span) & (span > 0)
+                v = torch.where(ok, (v - lo) / torch.where(ok, span, torch.ones_like(span)), torch.zeros_like(v))
+            v = torch.where(valid, v, torch.zeros_like(v))
+            parts.append(torch.stack([v, valid.to(torch.float32)], dim=1))
+    if not parts:
+        raise ConfigError("layers", "no model input layers")
+    return torch.cat(parts, dim=1)
+
+
+class ResidualBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN plus a skip (identity, or 1x1 conv-BN when the shape changes), then ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.skip: nn.Module
+        if stride != 1 or c_in != c_out:
+            self.skip = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+        else:
+            self.skip = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the block."""
+        y = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        y = self.bn2(self.conv2(y))
+        return F.relu(y + self.skip(x), inplace=True)
+
+
+class Encoder(nn.Module):
+    """ResNet encoder: (N, C, P, P) float -> (N, embedding_dim) unit vectors."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        width: int = 32,
+        stages: int = 3,
+        blocks_per_stage: int = 2,
+        embedding_dim: int = 16,
+        head_hidden: int = 64,
+    ) -> None:
+        super().__init__()
+        if min(in_channels, width, stages, blocks_per_stage, embedding_dim, head_hidden) < 1:
+            raise ConfigError(
+                "model", "in_channels, width, stages, blocks_per_stage, embedding_dim, head_hidden must be >= 1"
+            )
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
+        stage_list: list[nn.Module] = []
+        c = width
+        for s in range(stages):
+            c_out = width * 2**s
+            blocks = [ResidualBlock(c, c_out, stride=1 if s == 0 else 2)]
+            blocks += [ResidualBlock(c_out, c_out) for _ in range(blocks_per_stage - 1)]
+            stage_list.append(nn.Sequential(*blocks))
+            c = c_out
+        self.stages = nn.Sequential(*stage_list)
+        self.head = nn.Sequential(
+            nn.Linear(c, head_hidden), nn.ReLU(inplace=True), nn.Linear(head_hidden, embedding_dim)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed a batch; rows of the result have L2 norm 1."""
+        h = self.stages(self.stem(x))
+        h = h.mean(dim=(2, 3))
+        return F.normalize(self.head(h).float(), dim=1)
+
+
+def architecture(model_cfg: Mapping[str, Any] | None = None) -> dict[str, int]:
+    """The architecture hyperparameters of a ``model`` config section, defaults filled in."""
+    arch = dict(ARCHITECTURE_DEFAULTS)
+    for k, v in (model_cfg or {}).items():
+        if k in arch:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"model.{k}", f"expected a positive integer, got {v!r}")
+            arch[k] = v
+    return arch
+
+
+def build_model(specs_or_metadata: SpecsLike, model_cfg: Mapping[str, Any] | None = None) -> Encoder:
+    """A fresh encoder for these layers.
+
+    Args:
+        specs_or_metadata: Layer specs or model metadata (decides C).
+        model_cfg: The ``model`` config section (or metadata ``architecture``).
+    """
+    return Encoder(input_channels(specs_or_metadata), **architecture(model_cfg))
+
+
+def make_metadata(
+    specs: Mapping[str, LayerSpec],
+    patch_px: int,
+    patch_km: float | None,
+    model_cfg: Mapping[str, Any] | None,
+    train_cfg: Mapping[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Model metadata (without ``model_version``, which :func:`save` adds)."""
+    import vectorgeo
+
+    arch = architecture(model_cfg)
+    return {
+        "layers": {name: spec.to_dict() for name, spec in specs.items()},
+        "channels": channel_names(specs),
+        "in_channels": input_channels(specs),
+        "patch_px": int(patch_px),
+        "patch_km": None if patch_km is None else float(patch_km),
+        "architecture": arch,
+        "embedding_dim": arch["embedding_dim"],
+        "train": json.loads(json.dumps(dict(train_cfg or {}))),
+        "library_version": vectorgeo.__version__,
+        **extra,
+    }
+
+
+def model_version(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> str:
+    """Short hash (12 hex) of the weights and the metadata (its own ``model_version`` excluded)."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        t = state_dict[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    meta = {k: v for k, v in metadata.items() if k != "model_version"}
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:12]
+
+
+def save(path: str | Path, module: nn.Module, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """Write a model file atomically.
+
+    Args:
+        path: Destination (``model.pt``).
+        module: The encoder (its weights are copied to CPU).
+        metadata: From :func:`make_metadata`; must be JSON-able.
+
+    Returns:
+        The metadata as saved, with ``model_version`` set.
+    """
+    path = Path(path)
+    state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    meta = json.loads(json.dumps({k: v for k, v in metadata.items() if k != "model_version"}))
+    meta["model_version"] = model_version(state, meta)
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "state_dict": state, "metadata": meta}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            buf = io.BytesIO()
+            torch.save(payload, buf)
+            f.write(buf.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return meta
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Encoder, dict[str, Any]]:
+    """Rebuild an encoder from a model file alone.
+
+    Args:
+        path: A file written by :func:`save`.
+        map_location: Device for the weights.
+
+    Returns:
+        (module in eval mode, metadata with ``model_version``).
+
+    Raises:
+        DataError: naming the file when it is missing, corrupt, not a vectorgeo
+            model, or its weights do not match its metadata or hash.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(str(path), "model file does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types (pickle, zip, runtime) for a damaged file
+        raise DataError(str(path), f"not a readable model file ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise DataError(str(path), f"not a vectorgeo model file (expected format '{FORMAT}')")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            str(path), f"model format version {payload.get('format_version')!r}; this library reads {FORMAT_VERSION}"
+        )
+    meta, state = payload.get("metadata"), payload.get("state_dict")
+    if not isinstance(meta, dict) or not isinstance(state, dict):
+        raise DataError(str(path), "model file lacks metadata or state_dict")
+    for key in ("layers", "patch_px", "architecture", "model_version"):
+        if key not in meta:
+            raise DataError(str(path), f"model metadata lacks '{key}'")
+    try:
+        module = build_model(meta, meta["architecture"])
+        module.load_state_dict(state, strict=True)
+    except (ConfigError, RuntimeError, KeyError, TypeError) as e:
+        raise DataError(str(path), f"weights do not match the model metadata: {e}") from None
+    if model_version(state, meta) != meta["model_version"]:
+        raise DataError(str(path), f"content does not match its model_version {meta['model_version']} (modified?)")
+    module.to(map_location)
+    module.eval()
+    return module, meta
+
+
+def check_layers(metadata: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, LayerSpec]:
+    """Check that a model's input layers are the config's layers, encoded the same way.
+
+    Args:
+        metadata: Model metadata (from :func:`load`).
+        config: The workflow config (``layers`` section, and ``sample.patch_px``
+            when present).
+
+    Returns:
+        The model's layer specs in channel order.
+
+    Raises:
+        ConfigError: naming the layer (or key) that is missing, extra or differs.
+    """
+    from vectorgeo.layers import layer_specs
+
+    version = metadata.get("model_version", "?")
+    model_specs = specs_of(metadata)
+    cfg_specs = layer_specs(config)
+    for name, spec in model_specs.items():
+        if name not in cfg_specs:
+            raise ConfigError(
+                f"layers.{name}", f"model {version} needs layer '{name}', which the config does not declare"
+            )
+        a, b = spec.encoding_dict(), cfg_specs[name].encoding_dict()
+        diff = sorted(k for k in a if a.get(k) != b.get(k))
+        if diff:
+            raise ConfigError(
+                f"layers.{name}", f"model {version} encodes layer '{name}' differently (fields {', '.join(diff)})"
+            )
+    extra = [n for n in cfg_specs if n not in model_specs]
+    if extra:
+        raise ConfigError(f"layers.{extra[0]}", f"model {version} was trained without layer '{extra[0]}'; retrain it")
+    px = config.get("sample", {}).get("patch_px")
+    if px is not None and int(px) != int(metadata["patch_px"]):
+        raise ConfigError(
+            "sample.patch_px", f"model {version} expects {metadata['patch_px']} px patches, config has {px}"
+        )
+    km = config.get("sample", {}).get("patch_km")
+    if km is not None and metadata.get("patch_km") is not None and abs(float(km) - float(metadata["patch_km"])) > 1e-9:
+        raise ConfigError(
+            "sample.patch_km", f"model {version} expects patches {metadata['patch_km']} km across, config has {km}"
+        )
+    return model_specs
