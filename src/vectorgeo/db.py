@@ -1,0 +1,341 @@
+"""The project-local PostgreSQL cluster (embedded default) and the database URL.
+
+Without ``VECTORGEO_DATABASE_URL`` and ``database.url``, vectorgeo runs its own PostgreSQL cluster:
+``initdb`` into ``<home>/pgdata``, where ``<home>`` is ``VECTORGEO_HOME``, ``database.home`` or
+``.vectorgeo`` in the project folder. It listens on 127.0.0.1 only, on its own port
+(``database.port``, default 55432), with its unix socket and log file in ``<home>``, so it never
+touches the system cluster. PostgreSQL refuses to run as root: when run as root, the cluster belongs
+to the unprivileged ``postgres`` user and every server command runs through ``runuser``.
+
+Authentication: unix-socket connections are trusted (the socket lives in ``<home>``, which only the
+cluster owner and root can enter); TCP connections on 127.0.0.1 need the password kept in
+``<home>/password`` (mode 0600), shown by ``vectorgeo db url --tcp``.
+
+Public API: :func:`settings`, :func:`database_url`, :class:`Cluster` (``start``, ``stop``, ``status``,
+``url``, ``kill``), :func:`cluster`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import yaml
+
+from vectorgeo.errors import DatabaseError
+
+ENV_URL = "VECTORGEO_DATABASE_URL"
+ENV_HOME = "VECTORGEO_HOME"
+PG_MAJOR = 15
+RUN_USER = "postgres"
+EXTENSIONS = ("postgis", "vector")
+
+# Written into postgresql.conf at initdb; port and socket are given on the command line at each start.
+SERVER_CONF = {
+    "listen_addresses": "'127.0.0.1'",
+    "shared_buffers": "'512MB'",
+    "work_mem": "'32MB'",
+    "maintenance_work_mem": "'1GB'",
+    "max_parallel_maintenance_workers": "1",
+    "max_wal_size": "'4GB'",
+    "checkpoint_timeout": "'15min'",
+    "random_page_cost": "1.1",
+    "logging_collector": "off",
+}
+
+
+def settings(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``database`` config section with the schema defaults filled in.
+
+    Args:
+        config: A full config (only its ``database`` section is read), or None for the defaults.
+    """
+    from vectorgeo.config import schema_path
+
+    with open(schema_path()) as f:
+        schema = yaml.safe_load(f)
+    props = schema["properties"]["database"]["properties"]
+    out = {k: v.get("default") for k, v in props.items()}
+    if config is not None:
+        out.update(config.get("database") or {})
+    return out
+
+
+def project_dir(start: Path | None = None) -> Path:
+    """The project folder: the nearest folder upwards holding a Snakefile or ``.vectorgeo``, else cwd."""
+    here = (start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / "Snakefile").exists() or (d / ".vectorgeo").is_dir():
+            return d
+    return here
+
+
+def home_dir(config: Mapping[str, Any] | None = None) -> Path:
+    """Folder of the project-local cluster: VECTORGEO_HOME, database.home or <project>/.vectorgeo."""
+    env = os.environ.get(ENV_HOME)
+    if env:
+        return Path(env).resolve()
+    home = settings(config).get("home")
+    if home:
+        return Path(home).resolve()
+    return project_dir() / ".vectorgeo"
+
+
+def external_url(config: Mapping[str, Any] | None = None) -> str | None:
+    """The external database URL (VECTORGEO_DATABASE_URL, else database.url), or None."""
+    return os.environ.get(ENV_URL) or settings(config).get("url") or None
+
+
+def mask_password(url: str) -> str:
+    """The URL with any password replaced by ``***`` (both ``user:pw@`` and ``password=`` forms)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable database URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        netloc = f"{userinfo}@{host}"
+    query = "&".join(
+        ("password=***" if q.lower().startswith("password=") else q) for q in parts.query.split("&") if q
+    )
+    masked = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    if not parts.scheme:  # a libpq key=value string
+        masked = " ".join(
+            "password=***" if w.lower().startswith("password=") else w for w in url.split()
+        )
+    return masked
+
+
+def pg_bindir() -> Path:
+    """Folder of the PostgreSQL server binaries (initdb, pg_ctl, postgres)."""
+    cand = Path(f"/usr/lib/postgresql/{PG_MAJOR}/bin")
+    if (cand / "pg_ctl").exists():
+        return cand
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=False)
+        d = Path(out.stdout.strip())
+        if (d / "pg_ctl").exists():
+            return d
+    raise DatabaseError(
+        f"PostgreSQL server binaries not found in {cand} or via pg_config; run `bash setup/postgres.sh`"
+    )
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A project-local PostgreSQL cluster.
+
+    Attributes:
+        home: Folder holding ``pgdata/``, the socket, ``postgres.log`` and ``password``.
+        port: TCP port on 127.0.0.1 (also names the unix socket).
+        dbname: The database created with the postgis and vector extensions.
+    """
+
+    home: Path
+    port: int = 55432
+    dbname: str = "vectorgeo"
+
+    @property
+    def datadir(self) -> Path:
+        return self.home / "pgdata"
+
+    @property
+    def logfile(self) -> Path:
+        return self.home / "postgres.log"
+
+    @property
+    def password_file(self) -> Path:
+        return self.home / "password"
+
+    def url(self, tcp: bool = False) -> str:
+        """Connection URL: through the unix socket (default) or TCP on 127.0.0.1 with the password."""
+        if tcp:
+            pw = quote(self.password_file.read_text().strip(), safe="") if self.password_file.exists() else ""
+            return f"postgresql://{RUN_USER}:{pw}@127.0.0.1:{self.port}/{self.dbname}"
+        return f"postgresql://{RUN_USER}@/{self.dbname}?host={quote(str(self.home), safe='/')}&port={self.port}"
+
+    # --- process control -------------------------------------------------------------------------------
+    def _as_owner(self, args: list[str], check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        cmd = [str(a) for a in args]
+        if os.geteuid() == 0:
+            if shutil.which("runuser") is None:
+                raise DatabaseError("running as root needs `runuser` to start PostgreSQL as an unprivileged user")
+            cmd = ["runuser", "-u", RUN_USER, "--", *cmd]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout, cwd="/")
+        if check and proc.returncode != 0:
+            raise DatabaseError(f"{' '.join(cmd)} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
+        return proc
+
+    def _prepare_home(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() != 0:
+            self.home.chmod(0o700)
+            return
+        import pwd
+
+        try:
+            pw = pwd.getpwnam(RUN_USER)
+        except KeyError:
+            raise DatabaseError(
+                f"running as root needs the unprivileged user '{RUN_USER}' (installed with postgresql)"
+            ) from None
+        os.chown(self.home, pw.pw_uid, pw.pw_gid)
+        self.home.chmod(0o700)
+        # the server user must be able to traverse every parent folder (search permission only)
+        for d in self.home.parents:
+            st = d.stat()
+            if not st.st_mode & stat.S_IXOTH and st.st_uid != pw.pw_uid:
+                d.chmod(st.st_mode | stat.S_IXOTH)
+
+    def initialized(self) -> bool:
+        return (self.datadir / "PG_VERSION").exists()
+
+    def init(self) -> None:
+        """``initdb`` the data folder (no-op when it exists)."""
+        if self.initialized():
+            return
+        self._prepare_home()
+        bindir = pg_bindir()
+        pwfile = self.home / ".pwfile"
+        password = secrets.token_urlsafe(24)
+        pwfile.write_text(password + "\n")
+        if os.geteuid() == 0:
+            import pwd
+
+            pw = pwd.getpwnam(RUN_USER)
+            os.chown(pwfile, pw.pw_uid, pw.pw_gid)
+        pwfile.chmod(0o600)
+        try:
+            self._as_owner(
+                [
+                    bindir / "initdb",
+                    "-D",
+                    self.datadir,
+                    "-U",
+                    RUN_USER,
+                    "--encoding=UTF8",
+                    "--locale=C.UTF-8",
+                    "--auth-local=trust",
+                    "--auth-host=scram-sha-256",
+                    f"--pwfile={pwfile}",
+                ]
+            )
+        finally:
+            if pwfile.exists():
+                pwfile.replace(self.password_file)
+        conf = self.datadir / "postgresql.conf"
+        extra = "\n# vectorgeo project-local cluster\n" + "".join(f"{k} = {v}\n" for k, v in SERVER_CONF.items())
+        with open(conf, "a") as f:
+            f.write(extra)
+
+    def status(self) -> bool:
+        """True when the server of this cluster runs (a stale ``postmaster.pid`` counts as stopped)."""
+        if not self.initialized():
+            return False
+        proc = self._as_owner([pg_bindir() / "pg_ctl", "status", "-D", self.datadir], check=False)
+        return proc.returncode == 0
+
+    def start(self) -> str:
+        """Initialise if needed, start if stopped, create the database and extensions; return the URL."""
+        self.init()
+        if not self.status():
+            self._prepare_home()
+            opts = f"-p {self.port} -k '{self.home}' -c listen_addresses=127.0.0.1"
+            proc = self._as_owner(
+                [pg_bindir() / "pg_ctl", "start", "-w", "-t", "120", "-D", self.datadir, "-l", self.logfile, "-o", opts],
+                check=False,
+                timeout=180,
+            )
+            if proc.returncode != 0:
+                tail = ""
+                if self.logfile.exists():
+                    tail = "\n".join(self.logfile.read_text(errors="replace").splitlines()[-10:])
+                raise DatabaseError(
+                    f"could not start PostgreSQL in {self.datadir} on port {self.port}: "
+                    f"{(proc.stderr or proc.stdout).strip()}\n{tail}"
+                )
+        self._create_database()
+        return self.url()
+
+    def _create_database(self) -> None:
+        import psycopg
+
+        admin = f"postgresql://{RUN_USER}@/postgres?host={quote(str(self.home), safe='/')}&port={self.port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with psycopg.connect(admin, autocommit=True) as conn:
+                    exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.dbname,)).fetchone()
+                    if not exists:
+                        from psycopg import sql
+
+                        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.dbname)))
+                break
+            except psycopg.OperationalError as e:
+                if time.monotonic() > deadline:
+                    raise DatabaseError(f"PostgreSQL in {self.datadir} does not accept connections: {e}") from None
+                time.sleep(0.3)
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            for ext in EXTENSIONS:
+                conn.execute(f"CREATE EXTENSION IF NOT EXISTS {ext}")
+
+    def stop(self, mode: str = "fast") -> bool:
+        """Stop the server; returns False when it was not running."""
+        if not self.status():
+            return False
+        self._as_owner([pg_bindir() / "pg_ctl", "stop", "-w", "-m", mode, "-D", self.datadir], timeout=180)
+        return True
+
+    def pid(self) -> int | None:
+        """PID of the postmaster from ``postmaster.pid``, or None."""
+        try:
+            return int((self.datadir / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
+
+    def kill(self) -> None:
+        """Kill the postmaster and its backends with SIGKILL (a crash, for tests)."""
+        pid = self.pid()
+        if pid is None:
+            return
+        children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
+        for p in [pid, *(int(c) for c in children.stdout.split())]:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+
+
+def cluster(config: Mapping[str, Any] | None = None) -> Cluster:
+    """The project-local cluster described by the config (or the defaults)."""
+    s = settings(config)
+    return Cluster(home=home_dir(config), port=int(s["port"]), dbname=str(s["dbname"]))
+
+
+def database_url(config: Mapping[str, Any] | None = None) -> str:
+    """The database URL: VECTORGEO_DATABASE_URL, database.url, else the project-local cluster's URL.
+
+    The local cluster is not started here: see :meth:`Cluster.start` (``vectorgeo db start``).
+    """
+    return external_url(config) or cluster(config).url()
