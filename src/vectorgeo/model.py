@@ -301,7 +301,7 @@ def model_version(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str,
         h.update(k.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     meta = {k: v for k, v in metadata.items() if k != "model_version"}
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
     return h.hexdigest()[:12]
