@@ -13,6 +13,7 @@ validate(config, "config/schema.yaml")
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/stencil.smk"
+include: "rules/sample.smk"
 
 
 rule all:

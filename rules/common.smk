@@ -5,6 +5,7 @@ import math
 import os
 
 from vectorgeo import layers as vg_layers
+from vectorgeo import stencil as vg_stencil
 from vectorgeo.config import check as check_config
 from vectorgeo.errors import VectorgeoError
 
@@ -39,7 +40,7 @@ def layer_grid(name):
     return results("layers", f"{name}.grid.json")
 
 
-def model_layer_npys():
+def model_layer_npys(wildcards=None):
     """Prepared model input layers, keyed by name."""
     return {name: layer_npy(name) for name in LAYER_SPECS}
 
@@ -85,6 +86,15 @@ def crop_bbox():
     ]
 
 
+def sample_bbox():
+    """Bbox [w, s, e, n] that anchors and distant points are drawn from (None: the whole world)."""
+    return vg_stencil.extent_bbox(config["stencil"].get("extent"))
+
+
+def sample_shards():
+    return expand(results("samples", "shard-{i}.npz"), i=range(config["sample"]["shards"]))
+
+
 def stencil_manifest():
     """The stencil manifest (read through storage when a default storage provider is set)."""
     manifest = checkpoints.stencil.get().output.manifest
@@ -103,4 +113,4 @@ def final_targets():
     return FINAL_TARGETS
 
 
-FINAL_TARGETS = [results("stencil", "manifest.json")]
+FINAL_TARGETS = [results("stencil", "manifest.json"), *sample_shards()]

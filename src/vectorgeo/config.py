@@ -142,17 +142,12 @@ def check(config: Mapping[str, Any], check_files: bool = True) -> None:
         for name, spec in specs.items():
             _check_source(spec.source if isinstance(spec.source, str) else list(spec.source), f"layers.{name}.source")
         _check_source(mask.source if isinstance(mask.source, str) else list(mask.source), "land_mask.source")
-    for hook in _CHECKS:
-        hook(config)
+    if "land_mask" in specs:
+        raise ConfigError("layers.land_mask", "the name 'land_mask' is reserved for the land mask; rename the layer")
+    if "sample" in config:
+        from vectorgeo.sampling import SampleParams
 
-
-_CHECKS: list[Any] = []
-
-
-def register_check(fn: Any) -> Any:
-    """Register an extra semantic check (used by stage modules for their own sections)."""
-    _CHECKS.append(fn)
-    return fn
+        SampleParams.from_config(config["sample"])
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:

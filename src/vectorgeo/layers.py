@@ -397,6 +397,25 @@ class Grid:
         np.clip(row, 0, self.height - 1, out=row)
         return row, col, inside
 
+    def rows(self, lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Row index of each latitude (clipped) and whether it is inside the grid."""
+        lat = np.asarray(lat, dtype=np.float64)
+        row = np.floor((lat - self.y0) * (1.0 / self.dy)).astype(np.int64)
+        inside = (lat <= self.y0) & (lat >= self.y0 + self.height * self.dy)
+        np.clip(row, 0, self.height - 1, out=row)
+        return row, inside
+
+    def cols(self, lng: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Column index of each longitude (wrapped on global grids, else clipped) and whether it is inside."""
+        lng = np.asarray(lng, dtype=np.float64)
+        col = np.floor((lng - self.x0) * (1.0 / self.dx)).astype(np.int64)
+        if self.wraps:
+            col %= self.width
+            return col, np.isfinite(lng)
+        inside = (col >= 0) & (col < self.width)
+        np.clip(col, 0, self.width - 1, out=col)
+        return col, inside
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
         return {
@@ -706,15 +725,15 @@ class Layer:
         row, col, inside = self.grid.index(lat, lng)
         return self.array[row, col], inside
 
-    def values_at(self, lat: np.ndarray, lng: np.ndarray) -> np.ndarray:
-        """Decoded values at points, any array shape.
+    def decode(self, raw: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Decode raw values into (values, invalid).
 
         Returns:
-            categorical: uint8 class indices, :data:`NODATA_INDEX` for nodata,
-            unknown raw values and points off the grid; continuous: float32
-            physical values, NaN for nodata; mask: bool, True on land.
+            values: categorical: uint8 class indices, :data:`NODATA_INDEX` for
+            nodata, unknown raw values and points off the grid; continuous:
+            float32 physical values, NaN for nodata; mask: bool, True on land.
+            invalid: bool, True where nodata, water/ocean or off the grid.
         """
-        raw, inside = self.raw_at(lat, lng)
         kind = self.spec.kind
         if kind == "continuous":
             out = raw.astype(np.float32) * np.float32(self.spec.scale) + np.float32(self.spec.offset)
@@ -724,33 +743,47 @@ class Layer:
             if np.issubdtype(raw.dtype, np.floating):
                 bad |= np.isnan(raw)
             out[bad] = np.nan
-            return out
-        if self._lut is not None:
+            return out, bad
+        if self._lut is not None and self._invalid_lut is not None:
             vals = self._lut[raw]
+            invalid = self._invalid_lut[raw] | ~inside
         else:
             vals = self._slow_lut(raw)
+            if kind == "mask":
+                invalid = (vals == 0) | ~inside
+            else:
+                invalid = (vals == NODATA_INDEX) | np.isin(vals, self.spec.water_indices) | ~inside
         if kind == "categorical":
             vals[~inside] = NODATA_INDEX
-            return vals
-        return (vals == 1) & inside
+            return vals, invalid
+        return ~invalid, invalid
+
+    def values_at(self, lat: np.ndarray, lng: np.ndarray) -> np.ndarray:
+        """Decoded values at points of any array shape (see :meth:`decode`)."""
+        return self.decode(*self.raw_at(lat, lng))[0]
 
     def invalid_at(self, lat: np.ndarray, lng: np.ndarray) -> np.ndarray:
         """True where a point is nodata, water/ocean or off the grid."""
-        raw, inside = self.raw_at(lat, lng)
-        if self.spec.kind == "continuous":
-            bad = ~inside
-            if self.spec.nodata is not None:
-                bad |= raw == self.spec.nodata
-            if np.issubdtype(raw.dtype, np.floating):
-                bad |= np.isnan(raw)
-            return bad
-        if self._invalid_lut is not None:
-            return self._invalid_lut[raw] | ~inside
-        vals = self.values_at(lat, lng)
-        if self.spec.kind == "mask":
-            return ~vals
-        water = np.isin(vals, self.spec.water_indices)
-        return (vals == NODATA_INDEX) | water
+        return self.decode(*self.raw_at(lat, lng))[1]
+
+    def gather_grid(self, lat_rows: np.ndarray, lng_cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded values on separable point grids: one latitude per row, one longitude per column.
+
+        Indices are computed once per row and once per column (not per pixel),
+        then gathered with broadcast fancy indexing.
+
+        Args:
+            lat_rows: (N, P) latitudes of each patch's rows.
+            lng_cols: (N, Q) longitudes of each patch's columns.
+
+        Returns:
+            (values, invalid), each (N, P, Q); see :meth:`decode`.
+        """
+        row, r_in = self.grid.rows(lat_rows)
+        col, c_in = self.grid.cols(lng_cols)
+        raw = self.array[row[:, :, None], col[:, None, :]]
+        inside = r_in[:, :, None] & c_in[:, None, :]
+        return self.decode(raw, inside)
 
     def _slow_lut(self, raw: np.ndarray) -> np.ndarray:
         """Class lookup for raw dtypes wider than 8 bits (searchsorted)."""

@@ -334,3 +334,25 @@ def read_region(path: str | Path) -> pa.Table:
 def region_ids(manifest: Mapping[str, Any]) -> Sequence[tuple[str, str]]:
     """(region hex, digest) pairs of a manifest, sorted."""
     return [(r, v["digest"]) for r, v in sorted(manifest["regions"].items())]
+
+
+def extent_bbox(extent: Mapping[str, Any] | None) -> list[float] | None:
+    """A [w, s, e, n] bbox covering ``stencil.extent`` (None for the whole world).
+
+    For a list of regions this is the bbox of their boundaries (the whole
+    longitude range when one of them crosses the antimeridian).
+    """
+    if not extent:
+        return None
+    if "bbox" in extent:
+        return [float(v) for v in extent["bbox"]]
+    lats: list[float] = []
+    lngs: list[float] = []
+    for r in extent["regions"]:
+        for la, ln in h3.cell_to_boundary(r):
+            lats.append(la)
+            lngs.append(ln)
+    w, e = min(lngs), max(lngs)
+    if e - w > 180:
+        w, e = -180.0, 180.0
+    return [w, max(-90.0, min(lats)), e, min(90.0, max(lats))]
