@@ -1,0 +1,29 @@
+"""Snakemake adapter: train the Tile2Vec encoder on the sample shards."""
+
+from vectorgeo.layers import LayerSpec
+from vectorgeo.log import setup_logging
+from vectorgeo.training import train
+
+log = setup_logging(snakemake.log[0])
+specs = {name: LayerSpec.from_dict(spec) for name, spec in snakemake.params.layers.items()}
+metrics = train(
+    list(snakemake.input.shards),
+    specs,
+    patch_px=snakemake.params.patch_px,
+    patch_km=snakemake.params.patch_km,
+    model_cfg=snakemake.params.model,
+    train_cfg=snakemake.params.train,
+    model_path=snakemake.output.model,
+    metrics_path=snakemake.output.metrics,
+    plot_path=snakemake.output.plot,
+    threads=snakemake.threads,
+)
+log.info(
+    "model %s: best val triplet accuracy %.4f (epoch %d of %d run), %.1f s on %s",
+    metrics["model_version"],
+    metrics["best_val_triplet_accuracy"],
+    metrics["best_epoch"],
+    len(metrics["epochs"]),
+    metrics["seconds"],
+    metrics["device"],
+)
