@@ -108,14 +108,10 @@ def mask_password(url: str) -> str:
         if ":" in userinfo:
             userinfo = userinfo.split(":", 1)[0] + ":***"
         netloc = f"{userinfo}@{host}"
-    query = "&".join(
-        ("password=***" if q.lower().startswith("password=") else q) for q in parts.query.split("&") if q
-    )
+    query = "&".join(("password=***" if q.lower().startswith("password=") else q) for q in parts.query.split("&") if q)
     masked = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
     if not parts.scheme:  # a libpq key=value string
-        masked = " ".join(
-            "password=***" if w.lower().startswith("password=") else w for w in url.split()
-        )
+        masked = " ".join("password=***" if w.lower().startswith("password=") else w for w in url.split())
     return masked
 
 
@@ -169,7 +165,9 @@ class Cluster:
         return f"postgresql://{RUN_USER}@/{self.dbname}?host={quote(str(self.home), safe='/')}&port={self.port}"
 
     # --- process control -------------------------------------------------------------------------------
-    def _as_owner(self, args: list[str], check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def _as_owner(
+        self, args: list[str | Path], check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
         cmd = [str(a) for a in args]
         if os.geteuid() == 0:
             if shutil.which("runuser") is None:
@@ -256,7 +254,19 @@ class Cluster:
             self._prepare_home()
             opts = f"-p {self.port} -k '{self.home}' -c listen_addresses=127.0.0.1"
             proc = self._as_owner(
-                [pg_bindir() / "pg_ctl", "start", "-w", "-t", "120", "-D", self.datadir, "-l", self.logfile, "-o", opts],
+                [
+                    pg_bindir() / "pg_ctl",
+                    "start",
+                    "-w",
+                    "-t",
+                    "120",
+                    "-D",
+                    self.datadir,
+                    "-l",
+                    self.logfile,
+                    "-o",
+                    opts,
+                ],
                 check=False,
                 timeout=180,
             )

@@ -292,8 +292,10 @@ def read_region(path: str | Path, *, expected_dim: int | None = None, check_norm
         raise DataError(p, f"missing column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)}")
     for name, typ in _EXPECTED.items():
         got = schema.field(name).type
-        ok = got == typ or (typ == pa.string() and got == pa.large_string()) or (
-            typ == pa.binary() and got == pa.large_binary()
+        ok = (
+            got == typ
+            or (typ == pa.string() and got == pa.large_string())
+            or (typ == pa.binary() and got == pa.large_binary())
         )
         if not ok:
             raise DataError(p, f"column '{name}' must be {typ}, got {got}")

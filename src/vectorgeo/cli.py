@@ -1,0 +1,184 @@
+"""The ``vectorgeo`` command line.
+
+Subcommands live in :data:`COMMANDS`: name → (help, setup_parser, run). ``setup_parser(parser)`` adds
+the subcommand's arguments; ``run(args) -> int`` does the work and returns the exit status. Add one
+with :func:`register` (or an entry in :data:`COMMANDS`); import heavy modules inside ``run`` so that
+``vectorgeo --help`` stays fast. Every :class:`~vectorgeo.errors.VectorgeoError` is shown as one line
+on stderr with exit status 2.
+
+Built in: ``vectorgeo db start|stop|status|url`` and ``vectorgeo query``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from vectorgeo.errors import ConfigError, VectorgeoError
+
+SetupFn = Callable[[argparse.ArgumentParser], None]
+RunFn = Callable[[argparse.Namespace], int]
+COMMANDS: dict[str, tuple[str, SetupFn, RunFn]] = {}
+
+
+def register(name: str, help: str, setup_parser: SetupFn, run: RunFn) -> None:
+    """Add (or replace) a subcommand."""
+    COMMANDS[name] = (help, setup_parser, run)
+
+
+def load_cli_config(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The config named by ``--config`` (schema-validated, defaults filled; files not checked), or None.
+
+    Without ``--config``, ``config/config.yaml`` of the project is used when it exists.
+
+    Raises:
+        ConfigError: unreadable or invalid file.
+    """
+    import yaml
+
+    from vectorgeo.config import validate_schema
+    from vectorgeo.db import project_dir
+
+    path = getattr(args, "config", None)
+    if path is None:
+        default = project_dir() / "config" / "config.yaml"
+        if not default.exists():
+            return None
+        path = default
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(str(path), f"cannot read config file: {e.strerror}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(str(path), "expected a mapping at the top level")
+    validate_schema(cfg)
+    return cfg
+
+
+# --- vectorgeo db -----------------------------------------------------------------------------------------
+def _setup_db(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["start", "stop", "status", "url"], help="what to do")
+    p.add_argument(
+        "--tcp", action="store_true", help="url: the TCP URL (127.0.0.1, with password) of the local cluster"
+    )
+
+
+def _run_db(args: argparse.Namespace) -> int:
+    from vectorgeo import db, store
+
+    cfg = load_cli_config(args)
+    external = db.external_url(cfg)
+    if args.action == "url":
+        print(external or db.cluster(cfg).url(tcp=args.tcp))
+        return 0
+    if external is not None:
+        shown = db.mask_password(external)
+        if args.action in ("start", "stop"):
+            print(f"external database configured ({shown}): nothing to {args.action}")
+            return 0
+        store.connect(external).close()
+        print(f"external database {shown}: reachable")
+        return 0
+    cluster = db.cluster(cfg)
+    if args.action == "start":
+        was_running = cluster.status()
+        url = cluster.start()
+        print(f"{'already running' if was_running else 'started'}: {url}")
+        return 0
+    if args.action == "stop":
+        print("stopped" if cluster.stop() else "not running")
+        return 0
+    if not cluster.status():
+        state = "stopped" if cluster.initialized() else "not initialised"
+        print(f"{state}: {cluster.datadir} (port {cluster.port})")
+        return 3
+    print(f"running: {cluster.url()}")
+    with store.connect(cluster.url()) as conn:
+        for d in store.datasets(conn):
+            flag = "*" if d["active"] else " "
+            print(
+                f" {flag} model_version {d['model_version']!r}: {d['rows']} rows, {d['regions']} regions, "
+                f"dim {d['dim']}, res {d['resolution']}, indexed {d['indexed_at'] is not None}"
+            )
+    return 0
+
+
+# --- vectorgeo query --------------------------------------------------------------------------------------
+def _setup_query(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--h3", help="query cell (15-digit hex)")
+    p.add_argument("--lat", type=float, help="query point latitude (with --lng)")
+    p.add_argument("--lng", type=float, help="query point longitude (with --lat)")
+    p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    p.add_argument("--radius-km", type=float, help="only cells within this distance of the query point")
+    p.add_argument("--bbox", type=float, nargs=4, metavar=("WEST", "SOUTH", "EAST", "NORTH"), help="only cells inside")
+    p.add_argument("--include-self", action="store_true", help="keep the query cell in the results")
+    p.add_argument("--method", choices=["auto", "exact", "index"], default="auto", help="search method")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _run_query(args: argparse.Namespace) -> int:
+    from vectorgeo import db, store
+    from vectorgeo.errors import RequestError
+
+    if (args.h3 is None) == (args.lat is None and args.lng is None):
+        raise RequestError("--h3", "give either --h3 or --lat/--lng")
+    if args.h3 is None and (args.lat is None or args.lng is None):
+        raise RequestError("--lat", "give both --lat and --lng")
+    cfg = load_cli_config(args)
+    s = db.settings(cfg)
+    kw: dict[str, Any] = {
+        "k": args.k,
+        "radius_m": None if args.radius_km is None else args.radius_km * 1000.0,
+        "bbox": args.bbox,
+        "exclude_self": not args.include_self,
+        "method": args.method,
+        "ef_search": s["ef_search"],
+        "max_scan_tuples": s["max_scan_tuples"],
+        "exact_scan_max_rows": s["exact_scan_max_rows"],
+    }
+    with store.connect(config=cfg) as conn:
+        if args.h3 is not None:
+            rows = store.similar(conn, h3=args.h3, **kw)
+        else:
+            rows = store.similar_to_point(conn, args.lat, args.lng, **kw)
+    if args.json:
+        print(json.dumps([{**r, "h3": f"{r['h3']:015x}"} for r in rows]))
+        return 0
+    print(f"{'rank':>4}  {'h3':<15}  {'lat':>9}  {'lng':>10}  {'similarity':>10}")
+    for i, r in enumerate(rows, 1):
+        print(f"{i:>4}  {r['h3']:015x}  {r['lat']:9.4f}  {r['lng']:10.4f}  {r['similarity']:10.4f}")
+    return 0
+
+
+register("db", "manage the project-local PostgreSQL cluster: start, stop, status, url", _setup_db, _run_db)
+register("query", "the k cells most similar to a cell or a point", _setup_query, _run_query)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(prog="vectorgeo", description="vectorgeo: an embedding for every land H3 cell")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_, setup, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--config", type=Path, default=None, help="config file (default: config/config.yaml)")
+        setup(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vectorgeo`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command][2](args)
+    except VectorgeoError as e:
+        print(f"vectorgeo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
