@@ -38,7 +38,9 @@ def main() -> None:
     os.makedirs(args.cache, exist_ok=True)
     layers = {n: prepared(s, args.cache) for n, s in layer_specs(cfg).items()}
     mask = prepared(land_mask_spec(cfg), args.cache)
-    params = SampleParams.from_config({k: v for k, v in cfg["sample"].items() if k not in ("shards", "per_shard", "seed")})
+    params = SampleParams.from_config(
+        {k: v for k, v in cfg["sample"].items() if k not in ("shards", "per_shard", "seed")}
+    )
     sampler = TripletSampler(layers, mask, params)
     # warm the page cache / memory maps
     sampler.sample_batch(np.random.default_rng(1), SampleStats())

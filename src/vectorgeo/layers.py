@@ -110,16 +110,12 @@ def builtin_path(name: str, key: str = "source") -> Path:
         ConfigError: unknown built-in name, or its package is not installed.
     """
     if name not in BUILTINS:
-        raise ConfigError(
-            key, f"unknown built-in dataset '{name}'; expected one of {', '.join(sorted(BUILTINS))}"
-        )
+        raise ConfigError(key, f"unknown built-in dataset '{name}'; expected one of {', '.join(sorted(BUILTINS))}")
     b = BUILTINS[name]
     spec = importlib.util.find_spec(b.package)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            key, f"built-in dataset '{name}' needs the Python package '{b.package}' ({b.description})"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / b.relpath
+        raise ConfigError(key, f"built-in dataset '{name}' needs the Python package '{b.package}' ({b.description})")
+    path = Path(next(iter(spec.submodule_search_locations))) / b.relpath
     if not path.exists():
         raise ConfigError(key, f"built-in dataset '{name}': file {path} is missing from its package")
     return path
@@ -610,20 +606,20 @@ def mosaic_tiles(tiles: Sequence[str | Path], out_tif: str | Path, rows_per_bloc
     import rasterio
     from rasterio.windows import Window, from_bounds
 
-    tiles = [str(t) for t in tiles]
-    grids = [inspect_source(t) for t in tiles]
-    with rasterio.open(tiles[0]) as ds0:
+    names = [str(t) for t in tiles]
+    grids = [inspect_source(t) for t in names]
+    with rasterio.open(names[0]) as ds0:
         dtype, nodata, crs = ds0.dtypes[0], ds0.nodata, ds0.crs
     g0 = grids[0]
-    for t, g in zip(tiles, grids, strict=True):
+    for t, g in zip(names, grids, strict=True):
         if not (math.isclose(g.dx, g0.dx, rel_tol=1e-9) and math.isclose(g.dy, g0.dy, rel_tol=1e-9)):
-            raise RasterError(t, f"pixel size ({g.dx}, {g.dy}) differs from {tiles[0]} ({g0.dx}, {g0.dy})")
+            raise RasterError(t, f"pixel size ({g.dx}, {g.dy}) differs from {names[0]} ({g0.dx}, {g0.dy})")
     west = min(g.x0 for g in grids)
     north = max(g.y0 for g in grids)
     east = max(g.x0 + g.width * g.dx for g in grids)
     south = min(g.y0 + g.height * g.dy for g in grids)
-    width = int(round((east - west) / g0.dx))
-    height = int(round((south - north) / g0.dy))
+    width = round((east - west) / g0.dx)
+    height = round((south - north) / g0.dy)
     out_tif = Path(out_tif)
     out_tif.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_tif.parent, prefix=f".{out_tif.name}.", suffix=".tif")
@@ -644,8 +640,8 @@ def mosaic_tiles(tiles: Sequence[str | Path], out_tif: str | Path, rows_per_bloc
         "BIGTIFF": "IF_SAFER",
     }
     try:
-        with rasterio.open(tmp, "w", **profile) as dst:
-            for t in tiles:
+        with rasterio.open(tmp, "w+", **profile) as dst:
+            for t in names:
                 with rasterio.open(t) as src:
                     b = src.bounds
                     win = from_bounds(b.left, b.bottom, b.right, b.top, dst.transform).round_offsets().round_lengths()

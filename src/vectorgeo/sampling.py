@@ -200,7 +200,7 @@ def max_class_fraction(classes: np.ndarray, n_classes: int) -> np.ndarray:
     k = n_classes + 1
     c = np.minimum(flat, n_classes).astype(np.int64)  # nodata → bin n_classes
     counts = np.bincount((np.arange(n, dtype=np.int64)[:, None] * k + c).ravel(), minlength=n * k).reshape(n, k)
-    return counts[:, :n_classes].max(axis=1) / flat.shape[1]  # type: ignore[no-any-return]
+    return counts[:, :n_classes].max(axis=1) / flat.shape[1]
 
 
 def uniform_points(
@@ -235,7 +235,7 @@ def haversine_km(lat1: np.ndarray, lng1: np.ndarray, lat2: np.ndarray, lng2: np.
     p1, p2 = np.radians(lat1), np.radians(lat2)
     dp, dl = p2 - p1, np.radians(lng2 - lng1)
     a = np.sin(dp / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dl / 2) ** 2
-    return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))  # type: ignore[no-any-return]
+    return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
 
 
 @dataclass
@@ -421,7 +421,10 @@ class TripletSampler:
                 for k in [*keys, "meta"]:
                     info = zipfile.ZipInfo(f"{k}.npy", date_time=(1980, 1, 1, 0, 0, 0))
                     info.compress_type = zipfile.ZIP_DEFLATED
-                    with open(os.path.join(tmpdir, f"{k}.npy"), "rb") as src, zf.open(info, "w", force_zip64=True) as dst:
+                    with (
+                        open(os.path.join(tmpdir, f"{k}.npy"), "rb") as src,
+                        zf.open(info, "w", force_zip64=True) as dst,
+                    ):
                         while chunk := src.read(1 << 22):
                             dst.write(chunk)
             os.replace(tmp_zip, path)

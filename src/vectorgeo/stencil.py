@@ -52,9 +52,7 @@ DIGEST_CHARS = 12
 PYRAMID_FACTOR = 20
 BBOX_MARGIN = 0.25
 
-STENCIL_SCHEMA = pa.schema(
-    [("h3", pa.uint64()), ("lat", pa.float64()), ("lng", pa.float64()), ("region", pa.uint64())]
-)
+STENCIL_SCHEMA = pa.schema([("h3", pa.uint64()), ("lat", pa.float64()), ("lng", pa.float64()), ("region", pa.uint64())])
 
 
 def res0_cells() -> np.ndarray:
@@ -162,7 +160,7 @@ class Extent:
         w, s, e, n = self.bbox
         inlat = (lat >= s) & (lat <= n)
         inlng = (lng >= w) & (lng <= e) if w <= e else (lng >= w) | (lng <= e)
-        return inlat & inlng  # type: ignore[no-any-return]
+        return inlat & inlng
 
 
 def _prune(cands: np.ndarray, pyramid: LandPyramid | None, extent: Extent) -> np.ndarray:
@@ -290,7 +288,11 @@ def write_stencil(
     if progress:
         from tqdm import tqdm
 
-        n = len(res0_cells()) if ext.regions is None else len({h3.cell_to_parent(h3.int_to_str(int(r)), 0) for r in ext.regions})
+        n = (
+            len(res0_cells())
+            if ext.regions is None
+            else len({h3.cell_to_parent(h3.int_to_str(int(r)), 0) for r in ext.regions})
+        )
         it = tqdm(it, total=n, desc="stencil (res-0 parents)", unit="parent")
     for cells, lat, lng, region in it:
         if len(cells) == 0:
@@ -302,9 +304,7 @@ def write_stencil(
         for s, e in zip(starts, ends, strict=True):
             rc = cells[s:e]
             name = region_hex(region[s])
-            table = pa.table(
-                {"h3": rc, "lat": lat[s:e], "lng": lng[s:e], "region": region[s:e]}, schema=STENCIL_SCHEMA
-            )
+            table = pa.table({"h3": rc, "lat": lat[s:e], "lng": lng[s:e], "region": region[s:e]}, schema=STENCIL_SCHEMA)
             _write_parquet_atomic(table, out / f"{name}.parquet")
             regions[name] = {"digest": digest_cells(rc), "cells": int(e - s)}
     manifest = {
@@ -323,7 +323,7 @@ def write_stencil(
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """Read a stencil manifest."""
     with open(path) as f:
-        return json.load(f)  # type: ignore[no-any-return]
+        return json.load(f)
 
 
 def read_region(path: str | Path) -> pa.Table:
