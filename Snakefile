@@ -1,6 +1,5 @@
 from snakemake.utils import min_version, validate
 
-
 min_version("9.0")
 
 
@@ -17,6 +16,6 @@ include: "rules/sample.smk"
 
 
 rule all:
+    default_target: True
     input:
         final_targets(),
-    default_target: True

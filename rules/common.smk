@@ -92,7 +92,9 @@ def sample_bbox():
 
 
 def sample_shards():
-    return expand(results("samples", "shard-{i}.npz"), i=range(config["sample"]["shards"]))
+    return expand(
+        results("samples", "shard-{i}.npz"), i=range(config["sample"]["shards"])
+    )
 
 
 def stencil_manifest():
@@ -105,11 +107,13 @@ def stencil_manifest():
 def region_targets(pattern):
     """Per-region paths for every current region, e.g. region_targets(results("embeddings", "{region}_{digest}.parquet"))."""
     regions = stencil_manifest()["regions"]
-    return [pattern.format(region=r, digest=v["digest"]) for r, v in sorted(regions.items())]
+    return [
+        pattern.format(region=r, digest=v["digest"]) for r, v in sorted(regions.items())
+    ]
 
 
 def final_targets():
-    """What `rule all` builds: each stage appends its final outputs to FINAL_TARGETS."""
+    """The default target: each stage appends its final outputs to FINAL_TARGETS."""
     return FINAL_TARGETS
 
 

@@ -22,9 +22,6 @@ rule prepare_layer:
     output:
         npy=results("layers", "{layer}.npy"),
         grid=results("layers", "{layer}.grid.json"),
-    params:
-        spec=lambda wildcards: ALL_LAYERS[wildcards.layer].to_dict(),
-        crop=crop_bbox(),
     log:
         "logs/prepare_layer/{layer}.log",
     benchmark:
@@ -34,5 +31,8 @@ rule prepare_layer:
     resources:
         mem_mb=4000,
         runtime=60,
+    params:
+        spec=lambda wildcards: ALL_LAYERS[wildcards.layer].to_dict(),
+        crop=crop_bbox(),
     script:
         "../scripts/prepare_layer.py"

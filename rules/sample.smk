@@ -4,12 +4,6 @@ rule sample_triplets:
         land_mask=layer_npy("land_mask"),
     output:
         results("samples", "shard-{i}.npz"),
-    params:
-        layers={name: spec.to_dict() for name, spec in LAYER_SPECS.items()},
-        mask=MASK_SPEC.to_dict(),
-        sample={k: v for k, v in config["sample"].items() if k not in ("shards", "per_shard")},
-        per_shard=config["sample"]["per_shard"],
-        bbox=sample_bbox(),
     log:
         "logs/sample_triplets/{i}.log",
     benchmark:
@@ -19,5 +13,15 @@ rule sample_triplets:
     resources:
         mem_mb=3000,
         runtime=30,
+    params:
+        layers={name: spec.to_dict() for name, spec in LAYER_SPECS.items()},
+        mask=MASK_SPEC.to_dict(),
+        sample={
+            k: v
+            for k, v in config["sample"].items()
+            if k not in ("shards", "per_shard")
+        },
+        per_shard=config["sample"]["per_shard"],
+        bbox=sample_bbox(),
     script:
         "../scripts/sample_triplets.py"

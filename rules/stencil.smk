@@ -5,12 +5,6 @@ checkpoint stencil:
     output:
         manifest=results("stencil", "manifest.json"),
         regions=directory(results("stencil", "regions")),
-    params:
-        spec=MASK_SPEC.to_dict(),
-        resolution=config["stencil"]["resolution"],
-        region_resolution=config["stencil"]["region_resolution"],
-        prune_resolution=config["stencil"]["prune_resolution"],
-        extent=config["stencil"]["extent"],
     log:
         "logs/stencil/stencil.log",
     benchmark:
@@ -20,5 +14,11 @@ checkpoint stencil:
     resources:
         mem_mb=4000,
         runtime=60,
+    params:
+        spec=MASK_SPEC.to_dict(),
+        resolution=config["stencil"]["resolution"],
+        region_resolution=config["stencil"]["region_resolution"],
+        prune_resolution=config["stencil"]["prune_resolution"],
+        extent=config["stencil"]["extent"],
     script:
         "../scripts/stencil.py"
