@@ -349,3 +349,11 @@ def database_url(config: Mapping[str, Any] | None = None) -> str:
     The local cluster is not started here: see :meth:`Cluster.start` (``vectorgeo db start``).
     """
     return external_url(config) or cluster(config).url()
+
+
+def ensure_database(config: Mapping[str, Any] | None = None) -> str:
+    """The database URL, after starting the project-local cluster when no external URL is set."""
+    external = external_url(config)
+    if external is not None:
+        return external
+    return cluster(config).start()

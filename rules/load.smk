@@ -1,0 +1,50 @@
+rule load_region:
+    input:
+        embeddings=results("embeddings", "{region}_{digest}.parquet"),
+    output:
+        marker=results("loaded", "{region}_{digest}.json"),
+    log:
+        "logs/load_region/{region}_{digest}.log",
+    benchmark:
+        "benchmarks/load_region/{region}_{digest}.tsv"
+    conda:
+        "../envs/db.yaml"
+    resources:
+        db=1,
+        mem_mb=2000,
+        runtime=30,
+    params:
+        # the database the rows go to (the URL itself, which may hold a password, is read at run time)
+        home=config["database"]["home"],
+        port=config["database"]["port"],
+        dbname=config["database"]["dbname"],
+    script:
+        "../scripts/load_region.py"
+
+
+rule build_index:
+    input:
+        markers=lambda wildcards: region_targets(
+            results("loaded", "{region}_{digest}.json")
+        ),
+    output:
+        summary=results("loaded", "index.json"),
+    log:
+        "logs/build_index/index.log",
+    benchmark:
+        "benchmarks/build_index/index.tsv"
+    conda:
+        "../envs/db.yaml"
+    resources:
+        db=1,
+        mem_mb=2000,
+        runtime=120,
+    params:
+        hnsw_m=config["database"]["hnsw_m"],
+        hnsw_ef_construction=config["database"]["hnsw_ef_construction"],
+        maintenance_work_mem=config["database"]["maintenance_work_mem"],
+    script:
+        "../scripts/build_index.py"
+
+
+FINAL_TARGETS.append(rules.build_index.output.summary)
