@@ -1,0 +1,102 @@
+from vectorgeo import evaluate as vg_evaluate
+
+try:
+    vg_evaluate.check_config(config)
+except VectorgeoError as e:
+    raise WorkflowError(f"invalid configuration: {e}") from None
+
+EVAL_TASKS = vg_evaluate.task_specs(config)
+EVAL_PARAMS = vg_evaluate.EvalParams.from_config(config["evaluate"])
+EVAL_RASTER_TASKS = [n for n, t in EVAL_TASKS.items() if t.type == "raster"]
+
+
+def eval_label(name):
+    """The label file of a task: a prepared raster, or the vector file itself."""
+    task = EVAL_TASKS[name]
+    if task.type == "raster":
+        return results("eval", "labels", f"{name}.npy")
+    return local(str(vg_evaluate.vector_source_path(task)))
+
+
+def eval_label_source(wildcards):
+    """The raster a task's labels are prepared from (a built-in, a storage object or a path)."""
+    task = EVAL_TASKS[wildcards.task]
+    bname = vg_layers.builtin_name(task.source)
+    if bname is not None:
+        return local(
+            str(
+                vg_layers.builtin_path(bname, f"evaluate.tasks.{wildcards.task}.source")
+            )
+        )
+    if vg_layers.is_remote(task.source):
+        return storage(task.source)
+    return local(task.source)
+
+
+rule prepare_eval_label:
+    input:
+        source=eval_label_source,
+    output:
+        npy=results("eval", "labels", "{task}.npy"),
+        grid=results("eval", "labels", "{task}.grid.json"),
+    log:
+        "logs/prepare_eval_label/{task}.log",
+    benchmark:
+        "benchmarks/prepare_eval_label/{task}.tsv"
+    wildcard_constraints:
+        task="|".join(EVAL_RASTER_TASKS) or "(?!)",
+    conda:
+        "../envs/geo.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        spec=lambda wildcards: EVAL_TASKS[wildcards.task].layer_spec().to_dict(),
+        crop=crop_bbox(),
+    script:
+        "../scripts/prepare_layer.py"
+
+
+rule evaluate:
+    input:
+        embeddings=lambda wildcards: region_targets(
+            results("embeddings", "{region}_{digest}.parquet")
+        ),
+        model=results("model", "model.pt"),
+        model_metrics=results("model", "metrics.json"),
+        layers=[layer_npy(name) for name in LAYER_SPECS],
+        grids=[layer_grid(name) for name in LAYER_SPECS],
+        labels=[eval_label(name) for name in EVAL_TASKS],
+    output:
+        metrics=results("eval", "metrics.json"),
+        report=results("eval", "report.html"),
+    log:
+        "logs/evaluate/evaluate.log",
+    benchmark:
+        "benchmarks/evaluate/evaluate.tsv"
+    conda:
+        "../envs/eval.yaml"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=30,
+    params:
+        layer_names=list(LAYER_SPECS),
+        tasks={name: task.to_dict() for name, task in EVAL_TASKS.items()},
+        max_cells=EVAL_PARAMS.max_cells,
+        map_cells=EVAL_PARAMS.map_cells,
+        seed=EVAL_PARAMS.seed,
+        folds=EVAL_PARAMS.folds,
+        fold_resolution=EVAL_PARAMS.fold_resolution,
+        knn_k=EVAL_PARAMS.knn_k,
+        logistic_c=EVAL_PARAMS.logistic_c,
+        logistic_max_iter=EVAL_PARAMS.logistic_max_iter,
+        ridge_alpha=EVAL_PARAMS.ridge_alpha,
+        pca_fit_cells=EVAL_PARAMS.pca_fit_cells,
+        batch_size=EVAL_PARAMS.batch_size,
+        methods=list(EVAL_PARAMS.methods),
+    script:
+        "../scripts/evaluate.py"
+
+
+FINAL_TARGETS.extend([results("eval", "metrics.json"), results("eval", "report.html")])
