@@ -66,8 +66,16 @@ def write_tif(path: Path, data: np.ndarray, bbox: tuple[float, float, float, flo
     w, s, e, n = bbox
     h, wd = data.shape
     with rasterio.open(
-        path, "w", driver="GTiff", width=wd, height=h, count=1, dtype=data.dtype, crs="EPSG:4326",
-        transform=Affine((e - w) / wd, 0, w, 0, -(n - s) / h, n), nodata=nodata,
+        path,
+        "w",
+        driver="GTiff",
+        width=wd,
+        height=h,
+        count=1,
+        dtype=data.dtype,
+        crs="EPSG:4326",
+        transform=Affine((e - w) / wd, 0, w, 0, -(n - s) / h, n),
+        nodata=nodata,
     ) as ds:
         ds.write(data, 1)
     return path
@@ -82,8 +90,12 @@ def smooth_field(shape: tuple[int, int], seed: int, scale: int = 20) -> np.ndarr
     y0, x0 = yi.astype(int), xi.astype(int)
     fy, fx = (yi - y0)[:, None], (xi - x0)[None, :]
     c = coarse
-    f = (c[y0][:, x0] * (1 - fy) * (1 - fx) + c[y0 + 1][:, x0] * fy * (1 - fx)
-         + c[y0][:, x0 + 1] * (1 - fy) * fx + c[y0 + 1][:, x0 + 1] * fy * fx)
+    f = (
+        c[y0][:, x0] * (1 - fy) * (1 - fx)
+        + c[y0 + 1][:, x0] * fy * (1 - fx)
+        + c[y0][:, x0 + 1] * (1 - fy) * fx
+        + c[y0 + 1][:, x0 + 1] * fy * fx
+    )
     return (f - f.min()) / (f.max() - f.min())
 
 
@@ -96,16 +108,18 @@ def write_embeddings(path: Path, cells: np.ndarray, emb: np.ndarray, status: lis
     arr = pa.FixedSizeListArray.from_arrays(flat, d)
     mask = pa.array([s != "ok" for s in status])
     arr = pa.FixedSizeListArray.from_arrays(flat, d, mask=mask)
-    table = pa.table({
-        "h3": pa.array(cells, pa.uint64()),
-        "h3_str": pa.array([h3.int_to_str(int(c)) for c in cells]),
-        "lat": pa.array(lat),
-        "lng": pa.array(lng),
-        "geometry": pa.array(shapely.to_wkb(shapely.points(lng, lat)), pa.binary()),
-        "embedding": arr,
-        "status": pa.array(status),
-        "model_version": pa.array([version] * len(cells)),
-    })
+    table = pa.table(
+        {
+            "h3": pa.array(cells, pa.uint64()),
+            "h3_str": pa.array([h3.int_to_str(int(c)) for c in cells]),
+            "lat": pa.array(lat),
+            "lng": pa.array(lng),
+            "geometry": pa.array(shapely.to_wkb(shapely.points(lng, lat)), pa.binary()),
+            "embedding": arr,
+            "status": pa.array(status),
+            "model_version": pa.array([version] * len(cells)),
+        }
+    )
     pq.write_table(table, path)
     return path
 
@@ -133,8 +147,10 @@ def test_default_tasks_parse(default_config: dict) -> None:
         ({"kind": "classification", "type": "vector", "source": "a.shp"}, "evaluate.tasks.t.field"),
         ({"kind": "classification", "source": "a.tif"}, "evaluate.tasks.t.classes"),
         ({"kind": "regression", "source": "builtin:nope"}, "evaluate.tasks.t.source"),
-        ({"kind": "classification", "type": "vector", "source": "builtin:nope", "field": "x"},
-         "evaluate.tasks.t.source"),
+        (
+            {"kind": "classification", "type": "vector", "source": "builtin:nope", "field": "x"},
+            "evaluate.tasks.t.source",
+        ),
     ],
 )
 def test_bad_task_names_key(task: dict, key: str) -> None:
@@ -144,12 +160,12 @@ def test_bad_task_names_key(task: dict, key: str) -> None:
 
 
 def test_bad_params_name_key(default_config: dict) -> None:
-    with pytest.raises(ConfigError, match="evaluate.methods"):
+    with pytest.raises(ConfigError, match=r"evaluate\.methods"):
         ev.EvalParams.from_config({"methods": ["embedding", "magic"]})
-    with pytest.raises(ConfigError, match="evaluate.methods"):
+    with pytest.raises(ConfigError, match=r"evaluate\.methods"):
         ev.EvalParams.from_config({"methods": ["latlng"]})
     cfg = {**default_config, "evaluate": {**default_config["evaluate"], "fold_resolution": 9}}
-    with pytest.raises(ConfigError, match="evaluate.fold_resolution"):
+    with pytest.raises(ConfigError, match=r"evaluate\.fold_resolution"):
         ev.check_config(cfg)
 
 
@@ -247,8 +263,17 @@ def test_patch_features_pca_raw_and_random_init() -> None:
 
     lat = np.arange(n, dtype=np.float64)
     feats = ev.patch_features(
-        lat, lat, patch_fn, specs, ["class_histogram", "pca_raw", "random_init"],
-        encode_fn=encode, embed_fn=embed, pca_dim=16, pca_fit_cells=300, batch_size=128, seed=0,
+        lat,
+        lat,
+        patch_fn,
+        specs,
+        ["class_histogram", "pca_raw", "random_init"],
+        encode_fn=encode,
+        embed_fn=embed,
+        pca_dim=16,
+        pca_fit_cells=300,
+        batch_size=128,
+        seed=0,
     )
     assert feats["pca_raw"].shape == (n, 16)
     assert feats["random_init"].shape == (n, 16)
@@ -270,9 +295,7 @@ def test_patch_features_pca_raw_and_random_init() -> None:
 def test_polygon_labels_vectorised() -> None:
     import shapely
 
-    geoms = np.array(
-        [shapely.box(0, 0, 10, 10), shapely.box(10, 0, 20, 10), shapely.box(30, 0, 31, 1)], dtype=object
-    )
+    geoms = np.array([shapely.box(0, 0, 10, 10), shapely.box(10, 0, 20, 10), shapely.box(30, 0, 31, 1)], dtype=object)
     names = np.array(["Alpha", "Beta", "Alpha"])
     lat = np.array([5.0, 5.0, 0.5, 50.0])
     lng = np.array([5.0, 15.0, 30.5, 5.0])
@@ -317,6 +340,7 @@ def test_read_cells_draws_only_ok_cells(tmp_path: Path) -> None:
     assert all(status[i] == "ok" for i in pos)
     np.testing.assert_array_equal(got.embedding, emb[pos])
     lat, lng = centroids(got.h3)
+    np.testing.assert_allclose(got.lng, lng)
     np.testing.assert_allclose(got.lat, lat)
     # reproducible and prefix-stable; order of the file list does not matter
     again = ev.read_cells(list(reversed(paths)), 80, seed=2)
@@ -355,12 +379,18 @@ def fake_metrics(e: float) -> dict:
 
     return {
         "tasks": {
-            "a": {"kind": "classification", "methods": {"embedding": m(e), "random_init": m(0.2), "pca_raw": m(0.3),
-                                                         "class_histogram": m(0.5)}},
-            "b": {"kind": "regression", "methods": {"embedding": r(e), "random_init": r(0.2), "pca_raw": r(0.3),
-                                                     "class_histogram": r(0.9)}},
-            "c": {"kind": "classification", "methods": {"embedding": m(e), "random_init": m(0.2), "pca_raw": m(0.3),
-                                                         "class_histogram": m(0.4)}},
+            "a": {
+                "kind": "classification",
+                "methods": {"embedding": m(e), "random_init": m(0.2), "pca_raw": m(0.3), "class_histogram": m(0.5)},
+            },
+            "b": {
+                "kind": "regression",
+                "methods": {"embedding": r(e), "random_init": r(0.2), "pca_raw": r(0.3), "class_histogram": r(0.9)},
+            },
+            "c": {
+                "kind": "classification",
+                "methods": {"embedding": m(e), "random_init": m(0.2), "pca_raw": m(0.3), "class_histogram": m(0.4)},
+            },
         },
         "n_cells": 10,
         "folds": 5,
@@ -421,8 +451,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
         ),
         "band": ev.TaskSpec.from_config(
             "band",
-            {"kind": "classification", "source": str(write_tif(d / "b.tif", bands, BBOX, 0)), "nodata": 0,
-             "classes": {1: "north", 2: "middle", 3: "south"}},
+            {
+                "kind": "classification",
+                "source": str(write_tif(d / "b.tif", bands, BBOX, 0)),
+                "nodata": 0,
+                "classes": {1: "north", 2: "middle", 3: "south"},
+            },
         ),
     }
     label_paths: dict[str, Path] = {}
@@ -440,14 +474,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     )
     label_paths["side"] = d / "halves.geojson"
     # model: same architecture as random_init but other weights (seeded differently)
-    meta = vg_model.make_metadata(
-        specs, 8, 40.0, {"width": 8, "stages": 2, "blocks_per_stage": 1}, {"seed": 0}
-    )
+    meta = vg_model.make_metadata(specs, 8, 40.0, {"width": 8, "stages": 2, "blocks_per_stage": 1}, {"seed": 0})
     torch.manual_seed(99)
     module = vg_model.build_model(meta, meta["architecture"]).eval()
     meta = vg_model.save(d / "model.pt", module, meta)
-    layers = {n: __import__("vectorgeo.layers", fromlist=["Layer"]).Layer.open(s, layer_paths[n])
-              for n, s in specs.items()}
+    layers = {
+        n: __import__("vectorgeo.layers", fromlist=["Layer"]).Layer.open(s, layer_paths[n]) for n, s in specs.items()
+    }
     cells = cells_in_bbox(5, (1.0, 41.0, 9.0, 49.0))
     lat, lng = centroids(cells)
     with torch.inference_mode():
@@ -468,8 +501,16 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "pca_components_99": 9,
     }
     (d / "train_metrics.json").write_text(json.dumps(training))
-    return {"dir": d, "paths": paths, "model": d / "model.pt", "layer_paths": layer_paths, "tasks": tasks,
-            "label_paths": label_paths, "n_ok": len(cells) - 1, "meta": meta}
+    return {
+        "dir": d,
+        "paths": paths,
+        "model": d / "model.pt",
+        "layer_paths": layer_paths,
+        "tasks": tasks,
+        "label_paths": label_paths,
+        "n_ok": len(cells) - 1,
+        "meta": meta,
+    }
 
 
 def run_world(world: dict, out: Path, **kw: object) -> dict:
@@ -477,8 +518,15 @@ def run_world(world: dict, out: Path, **kw: object) -> dict:
         **{"max_cells": 2000, "map_cells": 5000, "folds": 3, "fold_resolution": 2, "pca_fit_cells": 500, **kw}
     )
     return ev.run_evaluation(
-        world["paths"], world["model"], world["layer_paths"], world["tasks"], world["label_paths"], params,
-        out / "metrics.json", out / "report.html", world["dir"] / "train_metrics.json",
+        world["paths"],
+        world["model"],
+        world["layer_paths"],
+        world["tasks"],
+        world["label_paths"],
+        params,
+        out / "metrics.json",
+        out / "report.html",
+        world["dir"] / "train_metrics.json",
     )
 
 
@@ -519,8 +567,14 @@ def test_run_evaluation_refuses_other_model(world: dict, tmp_path: Path) -> None
     assert other["model_version"] != meta["model_version"]
     with pytest.raises(DataError, match="model_version"):
         ev.run_evaluation(
-            world["paths"], tmp_path / "other.pt", world["layer_paths"], world["tasks"], world["label_paths"],
-            ev.EvalParams(max_cells=100, map_cells=100), tmp_path / "m.json", tmp_path / "r.html",
+            world["paths"],
+            tmp_path / "other.pt",
+            world["layer_paths"],
+            world["tasks"],
+            world["label_paths"],
+            ev.EvalParams(max_cells=100, map_cells=100),
+            tmp_path / "m.json",
+            tmp_path / "r.html",
         )
     assert not (tmp_path / "m.json").exists()
 
@@ -539,8 +593,10 @@ def test_report_opens_offline_in_chromium(world: dict, tmp_path: Path) -> None:
         page = browser.new_page()
         requests: list[str] = []
         page.on("request", lambda r: requests.append(r.url))
-        page.route("**/*", lambda route: route.abort() if not route.request.url.startswith(("file:", "data:"))
-                   else route.continue_())
+        page.route(
+            "**/*",
+            lambda route: route.abort() if not route.request.url.startswith(("file:", "data:")) else route.continue_(),
+        )
         page.goto((tmp_path / "report.html").as_uri())
         widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
         assert len(widths) == 3 and min(widths) > 100
