@@ -1,0 +1,170 @@
+"""Benchmark stage 3: end-to-end embedding throughput against the bare model.
+
+* ``cells_per_s``: stencil rows read from the region parquet files → patches → model →
+  GeoParquet region file written (:func:`vectorgeo.embed.embed_region`), wall clock.
+* ``model_only_cells_per_s``: the same model, batch size and device on the same cells'
+  encoded inputs already in memory (on the device), forward pass only.
+* ``ratio`` = cells_per_s / model_only_cells_per_s (goal ≥ 0.7).
+* ``projected_res7_world_hours``: 28,067,759 land cells at H3 res 7 (measured by
+  benchmarks/stencil.py) / cells_per_s / 3600.
+
+Uses results/model/model.pt when it exists, else a randomly initialised model of the
+config's architecture (same cost). Layers and stencil come from results/ (run the
+workflow up to the stencil first).
+
+    .venv/bin/python benchmarks/embed.py [--cells 40000] [--batch-size N] [--device auto|cpu|cuda]
+
+Prints one JSON object on its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from vectorgeo import embed as vg_embed
+from vectorgeo import model as vg_model
+from vectorgeo.config import load_config
+from vectorgeo.layers import layer_specs, open_layers
+
+RES7_LAND_CELLS = 28_067_759
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="config/config.yaml")
+    ap.add_argument("--cells", type=int, default=40000, help="cells to embed (whole regions, largest first)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: embed.batch_size of the config")
+    ap.add_argument("--device", default=None, help="default: embed.device of the config")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU")
+    ap.add_argument("--repeats", type=int, default=2, help="best of this many timed runs of each")
+    args = ap.parse_args()
+
+    cfg = load_config(args.config)
+    params = vg_embed.embed_params(cfg.get("embed"))
+    batch_size = args.batch_size or params["batch_size"]
+    device = vg_embed.device_name(args.device or params["device"])
+    torch.set_num_threads(args.threads)
+    results = Path(cfg["results"])
+    specs = layer_specs(cfg)
+    layers = open_layers(specs, {n: results / "layers" / f"{n}.npy" for n in specs})
+
+    model_path = results / "model" / "model.pt"
+    if model_path.exists():
+        module, meta = vg_model.load(model_path, device)
+        model_src = str(model_path)
+    else:
+        torch.manual_seed(0)
+        module = vg_model.build_model(specs, cfg.get("model"))
+        sample = cfg.get("sample", {})
+        meta = vg_model.make_metadata(specs, sample.get("patch_px", 16), sample.get("patch_km", 80), cfg.get("model"))
+        meta["model_version"] = vg_model.model_version(module.state_dict(), meta)
+        model_src = "random init (no results/model/model.pt)"
+    embedder = vg_embed.Embedder(module, meta, layers, torch.device(device), batch_size, params["max_nodata_frac"])
+
+    files = sorted(
+        (results / "stencil" / "regions").glob("*.parquet"), key=lambda p: -pq.ParquetFile(p).metadata.num_rows
+    )
+    chosen, n = [], 0
+    for f in files:  # the largest regions first, as many as fit --cells (at least one)
+        rows = pq.ParquetFile(f).metadata.num_rows
+        if chosen and n + rows > args.cells:
+            continue
+        chosen.append(f)
+        n += rows
+
+    def end_to_end(out_dir: str) -> float:
+        t0 = time.perf_counter()
+        for f in chosen:
+            table = pq.read_table(f)
+            vg_embed.embed_region(embedder, None, layers, table, Path(out_dir) / f"{f.stem}_000000000000.parquet")
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    # encoded inputs of the same cells (ok ones, which are all the model sees), resident on the device
+    lat = np.concatenate([pq.read_table(f, columns=["lat"]).column("lat").to_numpy() for f in chosen])
+    lng = np.concatenate([pq.read_table(f, columns=["lng"]).column("lng").to_numpy() for f in chosen])
+    from vectorgeo.sampling import gather_patches
+
+    values, frac, pole = gather_patches(embedder.model_layers, lat, lng, embedder.patch_px, embedder.patch_km)
+    ok = vg_embed.cell_status(frac, pole, embedder.max_nodata_frac) == 0
+    n_ok = int(ok.sum())
+    limit = min(n_ok, 8 * batch_size)  # enough batches for a steady rate without holding every cell's tensor
+    idx = np.flatnonzero(ok)[:limit]
+    x_all = vg_model.encode({k: v[idx] for k, v in values.items()}, embedder.specs, device)
+    del values
+    if embedder.cuda:
+        x_all = x_all.contiguous(memory_format=torch.channels_last)
+    chunks = list(torch.split(x_all, batch_size))
+
+    def model_only() -> float:
+        """Seconds per ok cell of the bare forward pass."""
+        with torch.inference_mode():
+            ctx = (
+                torch.autocast(device, dtype=embedder.amp_dtype)
+                if embedder.amp_dtype is not None
+                else torch.autocast("cpu", enabled=False)
+            )
+            with ctx:
+                embedder.module(chunks[0])  # warm-up
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for c in chunks:
+                    z = embedder.module(c)
+                    z.float().cpu()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / limit
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # interleave so that load from other processes hits both measurements alike
+        e2e_s, per_cell = [], []
+        for _ in range(args.repeats):
+            per_cell.append(model_only())
+            e2e_s.append(end_to_end(tmp))
+        out_bytes = sum(p.stat().st_size for p in Path(tmp).glob("*.parquet"))
+        written = pa.concat_tables(
+            [pq.read_table(p, columns=["status"]) for p in sorted(Path(tmp).glob("*.parquet"))]
+        ).num_rows
+
+    cells_per_s = n / min(e2e_s)
+    # model-only time of this same set of cells: the model runs on the ok cells only
+    model_only_cells_per_s = n / (min(per_cell) * n_ok) if n_ok else float("nan")
+    result = {
+        "benchmark": "embed",
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "model": model_src,
+        "model_version": embedder.model_version,
+        "embedding_dim": embedder.dim,
+        "in_channels": vg_model.input_channels(embedder.specs),
+        "patch_px": embedder.patch_px,
+        "batch_size": batch_size,
+        "regions": len(chosen),
+        "cells": n,
+        "ok_cells": n_ok,
+        "rows_written": written,
+        "output_mb": round(out_bytes / 2**20, 2),
+        "end_to_end_s": [round(s, 3) for s in e2e_s],
+        "cells_per_s": round(cells_per_s, 1),
+        "model_only_cells_per_s": round(model_only_cells_per_s, 1),
+        "model_only_ok_cells_per_s": round(1 / min(per_cell), 1),
+        "ratio": round(cells_per_s / model_only_cells_per_s, 3),
+        "res7_land_cells": RES7_LAND_CELLS,
+        "projected_res7_world_hours": round(RES7_LAND_CELLS / cells_per_s / 3600, 2),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,577 @@
+"""Stage 3: embed every stencil cell, one GeoParquet file per region, and roll embeddings up.
+
+Per cell
+--------
+The patch is centred on the cell centroid with the *model's* patch spec
+(``patch_px``, ``patch_km`` from the model file, never from the config), gathered
+with :func:`vectorgeo.sampling.gather_patches` and encoded with
+:func:`vectorgeo.model.encode`: exactly what training saw. A cell's status is
+
+* ``pole``: the patch footprint would reach a pole (no patch exists);
+* ``nodata``: for some layer, the fraction of nodata / water / off-grid pixels
+  exceeds ``max_nodata_frac`` (``f_l > t`` for any layer ``l``);
+* ``ok`` otherwise; homogeneous patches (a desert, an ice sheet) are valid.
+
+Only ``ok`` cells go through the model; the others are written with a null
+embedding. Every stencil cell appears exactly once, in stencil order.
+
+Streaming
+---------
+A region is cut into batches of ``batch_size`` cells. A background thread
+gathers (and on CPU also encodes) batch ``k + 1`` while the model runs batch
+``k``; at most two batches are in flight, so memory is bounded by
+``O(batch_size · C · P²)`` for the patches plus ``O(n · d)`` for the region's
+embeddings (d floats per cell). On CUDA the raw patches (uint8 / float32) are
+copied from pinned memory and one-hot encoded on the GPU, the model runs in
+``channels_last`` under autocast (bfloat16 where supported, else float16), and
+outputs are cast back to float32 and re-normalised.
+
+Rollup
+------
+For a parent resolution ``p`` the rollup embedding of a parent cell ``q`` is the
+mean of its ``ok`` children's embeddings, re-normalised:
+
+.. math::
+
+    e_q = \\frac{\\sum_{c \\in ok(q)} e_c}{\\lVert \\sum_{c \\in ok(q)} e_c \\rVert}
+
+(the mean and the sum point the same way), with ``children = |ok(q)|``. Parents
+without an ``ok`` child are left out. Region files are reduced one at a time to
+partial sums per parent, then the partials are reduced again, so memory is
+bounded by the number of parents, not of cells.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from vectorgeo import geoparquet
+from vectorgeo import model as vg_model
+from vectorgeo.errors import ConfigError, DataError
+from vectorgeo.layers import Layer, LayerSpec
+from vectorgeo.sampling import gather_patches
+from vectorgeo.stencil import centroids, change_resolution, digest_cells, region_hex
+
+log = logging.getLogger(__name__)
+
+STATUS_OK = "ok"
+STATUS_NODATA = "nodata"
+STATUS_POLE = "pole"
+STATUSES = (STATUS_OK, STATUS_NODATA, STATUS_POLE)
+"""Status values, indexed by the int8 status codes used internally."""
+
+REGION_FILE = re.compile(r"^(?P<region>[0-9a-f]{15})_(?P<digest>[0-9a-f]{12})\.parquet$")
+"""Name of a region embedding file: ``{region}_{digest}.parquet``."""
+
+DEFAULTS: dict[str, Any] = {"batch_size": 2048, "max_nodata_frac": 0.9, "device": "auto", "rollup_resolutions": [2, 3]}
+"""Defaults of ``config['embed']`` (kept equal to config/schema.yaml)."""
+
+ModelLike = str | Path | tuple[torch.nn.Module, Mapping[str, Any]]
+ProgressFn = Callable[[int, int], None]
+
+
+# --- set-up -------------------------------------------------------------------------------------
+
+
+def device_name(name: str = "auto") -> str:
+    """Resolve ``embed.device``: ``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``.
+
+    Raises:
+        ConfigError: an unknown name, or ``cuda`` without a CUDA device.
+    """
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise ConfigError("embed.device", f"expected auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("embed.device", "'cuda' requested but this torch build sees no CUDA device")
+    return name
+
+
+def embed_params(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``embed`` config section with defaults filled in and ranges checked.
+
+    Raises:
+        ConfigError: naming the key at fault.
+    """
+    p = {**DEFAULTS, **(cfg or {})}
+    bs = p["batch_size"]
+    if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1:
+        raise ConfigError("embed.batch_size", f"expected a positive integer, got {bs!r}")
+    t = p["max_nodata_frac"]
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0.0 <= t <= 1.0:
+        raise ConfigError("embed.max_nodata_frac", f"expected a number in [0, 1], got {t!r}")
+    res = p["rollup_resolutions"]
+    if not isinstance(res, list) or not all(isinstance(r, int) and 0 <= r <= 15 for r in res):
+        raise ConfigError("embed.rollup_resolutions", f"expected a list of H3 resolutions 0..15, got {res!r}")
+    if p["device"] not in ("auto", "cpu", "cuda"):  # cuda itself is checked where the job runs
+        raise ConfigError("embed.device", f"expected auto, cpu or cuda, got {p['device']!r}")
+    return p
+
+
+def load_model(model: ModelLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A model file path, or an already loaded ``(module, metadata)`` pair, as ``(module, metadata)``.
+
+    Raises:
+        DataError: the file is missing, corrupt or not a vectorgeo model.
+    """
+    if isinstance(model, tuple):
+        module, meta = model
+        return module.to(device).eval(), dict(meta)
+    return vg_model.load(model, map_location=device)
+
+
+def check_layers(metadata: Mapping[str, Any], layers: Mapping[str, Layer]) -> dict[str, LayerSpec]:
+    """Check that the opened layers provide every model input layer, encoded as the model expects.
+
+    Returns:
+        The model's layer specs, in channel order.
+
+    Raises:
+        ConfigError: naming the first missing or differently encoded layer.
+    """
+    version = metadata.get("model_version", "?")
+    specs = vg_model.specs_of(metadata)
+    for name, spec in specs.items():
+        if name not in layers:
+            raise ConfigError(
+                f"layers.{name}", f"model {version} needs layer '{name}'; the given layers are {sorted(layers)}"
+            )
+        a, b = spec.encoding_dict(), layers[name].spec.encoding_dict()
+        diff = sorted(k for k in a if a.get(k) != b.get(k))
+        if diff:
+            raise ConfigError(
+                f"layers.{name}", f"model {version} encodes layer '{name}' differently (fields {', '.join(diff)})"
+            )
+    return specs
+
+
+def cell_status(invalid_frac: Mapping[str, np.ndarray], pole: np.ndarray, max_nodata_frac: float) -> np.ndarray:
+    """Status codes (index into :data:`STATUSES`) of patches from :func:`~vectorgeo.sampling.gather_patches`."""
+    code = np.zeros(pole.shape[0], dtype=np.int8)
+    for frac in invalid_frac.values():
+        code[frac > max_nodata_frac] = 1
+    code[pole] = 2
+    return code
+
+
+# --- the batch pipeline -------------------------------------------------------------------------
+
+
+@dataclass
+class _Batch:
+    start: int
+    stop: int
+    code: np.ndarray  # (B,) int8 status codes
+    ok: np.ndarray  # (M,) row indices (within the batch) of ok cells
+    x: torch.Tensor | dict[str, torch.Tensor] | None  # encoded (CPU) or raw patches (CUDA); None when M == 0
+
+
+@dataclass
+class Embedder:
+    """Runs a model over patch centres in streaming batches with gather / compute overlap.
+
+    Attributes:
+        module: The encoder (moved to ``device``, eval mode).
+        metadata: Model metadata (layers, patch spec, model_version).
+        layers: Prepared layers by name (the model's layers must be among them).
+        device: ``cpu`` or ``cuda`` (or a torch device).
+        batch_size: Cells per model batch.
+        max_nodata_frac: Threshold of the ``nodata`` status.
+        amp: Mixed precision on CUDA.
+    """
+
+    module: torch.nn.Module
+    metadata: dict[str, Any]
+    layers: Mapping[str, Layer]
+    device: torch.device
+    batch_size: int = DEFAULTS["batch_size"]
+    max_nodata_frac: float = DEFAULTS["max_nodata_frac"]
+    amp: bool = True
+    specs: dict[str, LayerSpec] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.device = torch.device(self.device)
+        self.specs = check_layers(self.metadata, self.layers)
+        self.model_layers = {name: self.layers[name] for name in self.specs}
+        self.patch_px = int(self.metadata["patch_px"])
+        if self.metadata.get("patch_km") is None:
+            raise DataError("model", "model metadata lacks 'patch_km'; cannot place patches on the ground")
+        self.patch_km = float(self.metadata["patch_km"])
+        self.dim = int(self.metadata.get("embedding_dim") or self.metadata["architecture"]["embedding_dim"])
+        self.cuda = self.device.type == "cuda"
+        self.module = self.module.to(self.device).eval()
+        self.amp_dtype: torch.dtype | None = None
+        if self.cuda:
+            self.module = self.module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            if self.amp:
+                self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    @classmethod
+    def create(
+        cls,
+        model: ModelLike,
+        layers: Mapping[str, Layer],
+        device: str = "auto",
+        batch_size: int = DEFAULTS["batch_size"],
+        max_nodata_frac: float = DEFAULTS["max_nodata_frac"],
+    ) -> Embedder:
+        """Load a model (path or ``(module, metadata)``) and check it against the layers."""
+        dev = torch.device(device_name(device))
+        module, meta = load_model(model, dev)
+        return cls(module, meta, layers, dev, batch_size, max_nodata_frac)
+
+    @property
+    def model_version(self) -> str:
+        return str(self.metadata.get("model_version", ""))
+
+    def _prepare(self, lat: np.ndarray, lng: np.ndarray, start: int, stop: int) -> _Batch:
+        """Gather the patches of rows [start, stop) and (on CPU) encode the ok ones. Runs in the worker."""
+        values, frac, pole = gather_patches(
+            self.model_layers, lat[start:stop], lng[start:stop], self.patch_px, self.patch_km
+        )
+        code = cell_status(frac, pole, self.max_nodata_frac)
+        ok = np.flatnonzero(code == 0)
+        if ok.size == 0:
+            return _Batch(start, stop, code, ok, None)
+        sel = {name: v[ok] if ok.size < code.size else v for name, v in values.items()}
+        if self.cuda:
+            return _Batch(start, stop, code, ok, {k: torch.from_numpy(v).pin_memory() for k, v in sel.items()})
+        return _Batch(start, stop, code, ok, vg_model.encode(sel, self.specs))
+
+    def _run(self, x: torch.Tensor | dict[str, torch.Tensor]) -> np.ndarray:
+        """Model forward on one prepared batch → (M, d) float32 unit vectors."""
+        if isinstance(x, dict):
+            x = vg_model.encode(x, self.specs, self.device)
+        else:
+            x = x.to(self.device, non_blocking=True)
+        if self.cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ctx = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
+        with ctx:
+            z = self.module(x)
+        z = torch.nn.functional.normalize(z.float(), dim=1)
+        return z.cpu().numpy()
+
+    def batches(
+        self, lat: np.ndarray, lng: np.ndarray
+    ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
+        """Embed centres batch by batch, preparing batch k+1 in a background thread while batch k runs.
+
+        Yields:
+            (start, stop, status codes (B,), ok row indices within the batch (M,), embeddings (M, d)).
+        """
+        lat = np.asarray(lat, dtype=np.float64)
+        lng = np.asarray(lng, dtype=np.float64)
+        n = lat.shape[0]
+        bounds = [(s, min(s + self.batch_size, n)) for s in range(0, n, self.batch_size)]  # the last one partial
+        if not bounds:
+            return
+        with torch.inference_mode(), ThreadPoolExecutor(1, thread_name_prefix="vectorgeo-gather") as pool:
+            fut: Future[_Batch] = pool.submit(self._prepare, lat, lng, *bounds[0])
+            for k in range(len(bounds)):
+                b = fut.result()
+                if k + 1 < len(bounds):
+                    fut = pool.submit(self._prepare, lat, lng, *bounds[k + 1])
+                z = self._run(b.x) if b.x is not None else np.zeros((0, self.dim), np.float32)
+                yield b.start, b.stop, b.code, b.ok, z
+
+    def embed(
+        self, lat: np.ndarray, lng: np.ndarray, progress: ProgressFn | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Embed centres: ``(embedding (N, d) float32, zero where not ok; status codes (N,) int8)``."""
+        n = len(lat)
+        emb = np.zeros((n, self.dim), dtype=np.float32)
+        code = np.zeros(n, dtype=np.int8)
+        for start, stop, c, ok, z in self.batches(lat, lng):
+            code[start:stop] = c
+            emb[start + ok] = z
+            if progress is not None:
+                progress(stop, n)
+        return emb, code
+
+
+# --- public API ---------------------------------------------------------------------------------
+
+
+def embed_points(
+    model: ModelLike,
+    layers: Mapping[str, Layer],
+    lat: np.ndarray | Sequence[float],
+    lng: np.ndarray | Sequence[float],
+    *,
+    batch_size: int = DEFAULTS["batch_size"],
+    device: str = "auto",
+    max_nodata_frac: float = DEFAULTS["max_nodata_frac"],
+) -> np.ndarray:
+    """Embeddings of any points (not only cell centroids), as the workflow computes them for cells.
+
+    Args:
+        model: A model file path, or a loaded ``(module, metadata)`` pair.
+        layers: Prepared layers by name (``vectorgeo.layers.open_layers``); must include the model's layers.
+        lat: Latitudes in degrees (N,).
+        lng: Longitudes in degrees (N,).
+        batch_size: Points per model batch.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        max_nodata_frac: Points whose patch is more unusable than this (see the module docstring) get NaN.
+
+    Returns:
+        float32 (N, d): unit vectors; rows of NaN where the patch is unusable (``nodata``) or would reach a pole.
+
+    Raises:
+        ConfigError: the layers lack one of the model's layers, or encode it differently.
+        DataError: the model file is missing or corrupt.
+    """
+    lat_a = np.atleast_1d(np.asarray(lat, dtype=np.float64))
+    lng_a = np.atleast_1d(np.asarray(lng, dtype=np.float64))
+    if lat_a.shape != lng_a.shape or lat_a.ndim != 1:
+        raise ConfigError("lat/lng", f"expected two 1-d arrays of the same length, got {lat_a.shape} and {lng_a.shape}")
+    emb = Embedder.create(model, layers, device, batch_size, max_nodata_frac)
+    out, code = emb.embed(lat_a, lng_a)
+    out[code != 0] = np.nan
+    return out
+
+
+@dataclass
+class RegionResult:
+    """What :func:`embed_region` did."""
+
+    path: str
+    cells: int
+    counts: dict[str, int]
+    model_version: str
+    seconds: float
+
+    @property
+    def cells_per_s(self) -> float:
+        return self.cells / self.seconds if self.seconds > 0 else float("nan")
+
+
+def embed_region(
+    model: ModelLike | Embedder,
+    metadata: Mapping[str, Any] | None,
+    layers: Mapping[str, Layer],
+    stencil_table: pa.Table,
+    out_path: str | Path,
+    *,
+    batch_size: int = DEFAULTS["batch_size"],
+    device: str = "auto",
+    max_nodata_frac: float = DEFAULTS["max_nodata_frac"],
+    region: str | None = None,
+    digest: str | None = None,
+    progress: ProgressFn | None = None,
+) -> RegionResult:
+    """Embed every cell of a region's stencil table and write the region's GeoParquet file atomically.
+
+    Args:
+        model: A model file path, an encoder module (with ``metadata``), a ``(module, metadata)`` pair,
+            or a ready :class:`Embedder` (then batch_size, device and max_nodata_frac are its own).
+        metadata: Model metadata when ``model`` is a bare module; else None.
+        layers: Prepared layers by name.
+        stencil_table: The region's stencil rows (``h3`` uint64, ``lat``, ``lng``), in the order to write.
+        out_path: The ``{region}_{digest}.parquet`` to write.
+        batch_size: Cells per model batch.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        max_nodata_frac: Threshold of the ``nodata`` status.
+        region: Region hex, recorded in the file metadata (default: from the ``region`` column).
+        digest: When given, the stencil digest the cells must have (guards against a stale file name).
+        progress: Called with (cells done, cells) after every batch.
+
+    Raises:
+        DataError: the stencil table lacks columns or does not match ``digest``.
+        ConfigError: the layers do not provide the model's layers.
+    """
+    t0 = time.perf_counter()
+    for col in ("h3", "lat", "lng"):
+        if col not in stencil_table.column_names:
+            raise DataError(str(out_path), f"stencil table lacks column '{col}' (has {stencil_table.column_names})")
+    h3 = np.asarray(stencil_table.column("h3").to_numpy(), dtype=np.uint64)
+    lat = np.asarray(stencil_table.column("lat").to_numpy(), dtype=np.float64)
+    lng = np.asarray(stencil_table.column("lng").to_numpy(), dtype=np.float64)
+    if digest is not None and digest_cells(h3) != digest:
+        raise DataError(
+            str(out_path), f"stencil cells have digest {digest_cells(h3)}, expected {digest} (stale stencil?)"
+        )
+    if region is None and "region" in stencil_table.column_names and stencil_table.num_rows:
+        region = region_hex(stencil_table.column("region")[0].as_py())
+    if isinstance(model, Embedder):
+        emb = model
+    else:
+        pair: ModelLike = (model, metadata or {}) if isinstance(model, torch.nn.Module) else model
+        emb = Embedder.create(pair, layers, device, batch_size, max_nodata_frac)
+    vectors, code = emb.embed(lat, lng, progress)
+    status = pa.DictionaryArray.from_arrays(pa.array(code), pa.array(STATUSES)).cast(pa.string())
+    counts = {s: int((code == i).sum()) for i, s in enumerate(STATUSES)}
+    geoparquet.write_region(
+        out_path,
+        h3,
+        lat,
+        lng,
+        vectors,
+        status,
+        emb.model_version,
+        valid=code == 0,
+        region=region,
+        metadata={
+            "digest": digest,
+            "patch_px": emb.patch_px,
+            "patch_km": emb.patch_km,
+            "max_nodata_frac": emb.max_nodata_frac,
+            "status_counts": counts,
+        },
+    )
+    return RegionResult(str(out_path), int(h3.shape[0]), counts, emb.model_version, time.perf_counter() - t0)
+
+
+# --- rollup -------------------------------------------------------------------------------------
+
+
+def _reduce(parents: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Group rows by parent: (unique parents, summed vectors, summed counts). Vectorised."""
+    uniq, inv = np.unique(parents, return_inverse=True)
+    out = np.zeros((uniq.shape[0], sums.shape[1]), dtype=np.float64)
+    np.add.at(out, inv, sums)
+    return uniq, out, np.bincount(inv, weights=counts, minlength=uniq.shape[0]).astype(np.int64)
+
+
+def rollup(
+    region_files: Sequence[str | Path], resolutions: Sequence[int], out_paths: Sequence[str | Path]
+) -> dict[int, int]:
+    """Write one rollup file per parent resolution from region embedding files (see the module docstring).
+
+    Output columns: ``h3`` uint64, ``lat``, ``lng`` float64 (parent centroid), ``embedding``
+    fixed_size_list<float32>[d] (unit vectors), ``children`` int32 (ok children averaged); sorted by h3.
+
+    Returns:
+        Rows written per resolution.
+
+    Raises:
+        DataError: a region file is unreadable, or the files disagree on the dimension or model version.
+    """
+    if len(resolutions) != len(out_paths):
+        raise ConfigError("embed.rollup_resolutions", f"{len(resolutions)} resolutions but {len(out_paths)} outputs")
+    partial: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {int(p): [] for p in resolutions}
+    dim: int | None = None
+    version: str | None = None
+    for f in region_files:
+        data = geoparquet.read_region(f, expected_dim=dim)
+        dim = data.dim
+        if version is not None and data.model_version != version and len(data):
+            raise DataError(str(f), f"model_version {data.model_version} differs from the other files' {version}")
+        version = data.model_version if len(data) else version
+        ok = data.valid
+        cells = data.h3[ok]
+        vec = data.embedding[ok].astype(np.float64)
+        res = _resolution(cells)
+        for p in partial:
+            if cells.size == 0:
+                continue
+            if p > res:
+                raise ConfigError("embed.rollup_resolutions", f"rollup resolution {p} is finer than the cells' {res}")
+            partial[p].append(_reduce(change_resolution(cells, p), vec, np.ones(cells.shape[0])))
+    written: dict[int, int] = {}
+    for p, out in zip(resolutions, out_paths, strict=True):
+        parts = partial[int(p)]
+        d = dim or 0
+        if parts:
+            q, s, c = _reduce(
+                np.concatenate([x[0] for x in parts]),
+                np.concatenate([x[1] for x in parts]),
+                np.concatenate([x[2] for x in parts]),
+            )
+        else:
+            q, s, c = np.zeros(0, np.uint64), np.zeros((0, d)), np.zeros(0, np.int64)
+        norm = np.linalg.norm(s, axis=1, keepdims=True)
+        keep = norm[:, 0] > 1e-9  # opposite children can cancel out exactly; such a parent has no direction
+        q, s, c, norm = q[keep], s[keep], c[keep], norm[keep]
+        e = (s / norm).astype(np.float32)
+        lat, lng = centroids(q)
+        table = pa.table(
+            {
+                "h3": pa.array(q, pa.uint64()),
+                "lat": pa.array(lat, pa.float64()),
+                "lng": pa.array(lng, pa.float64()),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(e.reshape(-1), pa.float32()), d),
+                "children": pa.array(c.astype(np.int32), pa.int32()),
+            }
+        )
+        meta = {"resolution": int(p), "model_version": version, "embedding_dim": d, "region_files": len(region_files)}
+        table = table.replace_schema_metadata({b"vectorgeo": json.dumps(meta).encode()})
+        _write_parquet_atomic(table, Path(out))
+        written[int(p)] = int(q.shape[0])
+    return written
+
+
+def _resolution(cells: np.ndarray) -> int:
+    """The H3 resolution of uint64 cells (of the first one; a region file holds one resolution)."""
+    if cells.size == 0:
+        return 15
+    return int((int(cells[0]) >> 52) & 0xF)
+
+
+def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def prune_superseded(folder: str | Path, current: Sequence[str | Path]) -> list[Path]:
+    """Delete region files in ``folder`` that are not among ``current`` (older digests, dropped regions).
+
+    Only names matching :data:`REGION_FILE` are touched; temp files and the rollup folder are left alone.
+
+    Returns:
+        The files removed.
+    """
+    keep = {Path(p).name for p in current}
+    removed: list[Path] = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and REGION_FILE.match(f.name) and f.name not in keep:
+            f.unlink(missing_ok=True)
+            removed.append(f)
+    return removed
+
+
+_progress_lock = threading.Lock()
+
+
+def log_progress(every_s: float = 10.0, name: str = "") -> ProgressFn:
+    """A progress callback that logs cells done and the rate at most every ``every_s`` seconds."""
+    t0 = time.perf_counter()
+    last = [t0]
+
+    def report(done: int, total: int) -> None:
+        now = time.perf_counter()
+        with _progress_lock:
+            if now - last[0] < every_s and done < total:
+                return
+            last[0] = now
+        log.info("%s%d / %d cells (%.0f cells/s)", f"{name}: " if name else "", done, total, done / max(now - t0, 1e-9))
+
+    return report
