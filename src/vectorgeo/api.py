@@ -605,3 +605,57 @@ def create_app(
     else:
         log.warning("MapLibre GL JS not found (run `bash setup/npm.sh`); the viewer at / will not load")
     return app
+
+
+def serve_settings(config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``serve`` config section with the schema defaults filled in."""
+    import yaml
+
+    from vectorgeo.config import schema_path
+
+    with open(schema_path()) as f:
+        schema = yaml.safe_load(f)
+    out = {k: v.get("default") for k, v in schema["properties"]["serve"]["properties"].items()}
+    if config is not None:
+        out.update(config.get("serve") or {})
+    return out
+
+
+def serve(config: dict[str, Any] | None = None, *, host: str | None = None, port: int | None = None) -> int:
+    """Run the API and viewer with uvicorn until interrupted (``vectorgeo serve``).
+
+    The database is the one of the ``database`` section; the project-local cluster is started when no
+    external database is configured.
+
+    Args:
+        config: Full config (its ``serve`` and ``database`` sections are read), or None for the defaults.
+        host: Address to listen on; default ``serve.host``.
+        port: Port; default ``serve.port``.
+
+    Returns:
+        Exit status 0.
+
+    Raises:
+        DatabaseError: the database cannot be reached or started.
+    """
+    import uvicorn
+
+    from vectorgeo import db
+
+    s = serve_settings(config)
+    url = db.external_url(config)
+    if url is None:
+        url = db.cluster(config).start()
+    host = host or str(s["host"])
+    port = int(port or s["port"])
+    app = create_app(
+        url,
+        pool_size=int(s["pool_size"]),
+        tile_max_features=int(s["tile_max_features"]),
+        default_k=int(s["default_k"]),
+        default_radius_km=float(s["default_radius_km"]),
+    )
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    print(f"vectorgeo viewer: http://{shown}:{port}/  (API docs: http://{shown}:{port}/docs)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")
+    return 0

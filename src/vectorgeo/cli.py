@@ -155,8 +155,21 @@ def _run_query(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- vectorgeo serve (vectorgeo.api) ------------------------------------------------------------------
+def _setup_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="address to listen on (default: serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port (default: serve.port, 8000)")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from vectorgeo.api import serve
+
+    return serve(load_cli_config(args), host=args.host, port=args.port)
+
+
 register("db", "manage the project-local PostgreSQL cluster: start, stop, status, url", _setup_db, _run_db)
 register("query", "the k cells most similar to a cell or a point", _setup_query, _run_query)
+register("serve", "the similarity-search API and map viewer (FastAPI + uvicorn)", _setup_serve, _run_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
