@@ -100,28 +100,11 @@ def smooth_field(shape: tuple[int, int], seed: int, scale: int = 20) -> np.ndarr
 
 
 def write_embeddings(path: Path, cells: np.ndarray, emb: np.ndarray, status: list[str], version: str) -> Path:
-    import shapely
+    """A region file written by the project's GeoParquet writer."""
+    from vectorgeo.geoparquet import write_region
 
     lat, lng = centroids(cells)
-    d = emb.shape[1]
-    flat = pa.array(emb.astype(np.float32).ravel(), pa.float32())
-    arr = pa.FixedSizeListArray.from_arrays(flat, d)
-    mask = pa.array([s != "ok" for s in status])
-    arr = pa.FixedSizeListArray.from_arrays(flat, d, mask=mask)
-    table = pa.table(
-        {
-            "h3": pa.array(cells, pa.uint64()),
-            "h3_str": pa.array([h3.int_to_str(int(c)) for c in cells]),
-            "lat": pa.array(lat),
-            "lng": pa.array(lng),
-            "geometry": pa.array(shapely.to_wkb(shapely.points(lng, lat)), pa.binary()),
-            "embedding": arr,
-            "status": pa.array(status),
-            "model_version": pa.array([version] * len(cells)),
-        }
-    )
-    pq.write_table(table, path)
-    return path
+    return write_region(path, cells, lat, lng, emb, status, version)
 
 
 # --------------------------------------------------------------------------- config
