@@ -69,3 +69,68 @@ def raster_fixtures(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+# --- PostgreSQL (owner: store/db) -------------------------------------------------------------------------
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_test_cluster(prefix: str = "vectorgeo-pg-"):
+    """A fresh project-local cluster in a new folder under /tmp on a free port (caller stops it)."""
+    import tempfile
+
+    from vectorgeo import db
+
+    try:
+        db.pg_bindir()
+    except Exception as e:  # PostgreSQL not installed: `make system` installs it
+        pytest.skip(f"PostgreSQL server not installed: {e}")
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    cluster = db.Cluster(home=home, port=free_port())
+    cluster.start()
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A project-local PostgreSQL cluster (PostGIS + pgvector) for the whole test session."""
+    import shutil
+
+    cluster = start_test_cluster()
+    yield cluster
+    cluster.stop(mode="immediate")
+    shutil.rmtree(cluster.home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_cluster) -> str:
+    """URL of the session cluster's database (postgis and vector extensions created)."""
+    return pg_cluster.url()
+
+
+@pytest.fixture
+def pg_database(pg_cluster):
+    """Factory: a new empty database (with the extensions) in the session cluster; returns its URL."""
+    import uuid
+
+    import psycopg
+
+    from vectorgeo import db
+
+    def make(prefix: str = "t") -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        cluster = db.Cluster(home=pg_cluster.home, port=pg_cluster.port, dbname=name)
+        with psycopg.connect(pg_cluster.url(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        with psycopg.connect(cluster.url(), autocommit=True) as conn:
+            for ext in db.EXTENSIONS:
+                conn.execute(f"CREATE EXTENSION IF NOT EXISTS {ext}")
+        return cluster.url()
+
+    return make
