@@ -1,0 +1,345 @@
+"""The store against a real PostgreSQL + PostGIS + pgvector: idempotent loads, crashes, exact queries."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h3
+import numpy as np
+import psycopg
+import pytest
+from conftest import start_test_cluster
+from test_geoparquet import region_arrays
+
+from vectorgeo import cli, db, store
+from vectorgeo import geoparquet as gp
+from vectorgeo.errors import DatabaseError, DataError, RequestError
+
+pytestmark = pytest.mark.db
+
+MV = "model-a"
+R_US = "8027fffffffffff"  # North America, res 0
+R_CHUKOTKA = h3.latlng_to_cell(66.0, 179.0, 0)  # crosses the antimeridian
+N_R3 = 343  # res-3 children of a res-0 cell (hexagon)
+
+
+def write(tmp_path: Path, region: str = R_US, res: int = 3, dim: int = 16, mv: str = MV, seed: int = 0, **kw) -> Path:
+    a = region_arrays(region, res=res, dim=dim, seed=seed)
+    status = kw.pop("status", a["status"])
+    path = tmp_path / f"{region}_{seed:012x}.parquet"
+    gp.write_region(path, a["h3"], a["lat"], a["lng"], a["embedding"], status, mv, region=region, **kw)
+    return path
+
+
+@pytest.fixture
+def conn(pg_database):
+    with store.connect(pg_database("store")) as c:
+        yield c
+
+
+def distinct_count(conn, mv: str = MV) -> tuple[int, int]:
+    t = store.dataset(conn, mv).ident
+    return tuple(conn.execute(psycopg.sql.SQL("SELECT count(*), count(DISTINCT h3) FROM {}").format(t)).fetchone())
+
+
+def test_load_then_reload_same_region(conn, tmp_path: Path) -> None:
+    path = write(tmp_path)
+    m1 = store.load_region(conn, path)
+    assert m1["rows"] == N_R3 and m1["region"] == R_US and m1["model_version"] == MV and m1["dim"] == 16
+    assert m1["checksum"] == "sha256:" + store.file_sha256(path) and m1["resolution"] == 3
+    m2 = store.load_region(conn, path)
+    assert m2["rows"] == m1["rows"]
+    assert distinct_count(conn) == (N_R3, N_R3)
+    # null embeddings are kept, with their status
+    t = store.dataset(conn).ident
+    nulls = conn.execute(
+        psycopg.sql.SQL("SELECT count(*) FROM {} WHERE embedding IS NULL AND status = 'nodata'").format(t)
+    ).fetchone()[0]
+    assert nulls == int((region_arrays()["status"] != "ok").sum()) > 0
+
+
+def test_reload_replaces_only_that_region(conn, tmp_path: Path) -> None:
+    store.load_region(conn, write(tmp_path, R_US))
+    store.load_region(conn, write(tmp_path, R_CHUKOTKA))
+    a = region_arrays(R_US, res=3, seed=1)
+    keep = slice(0, 100)
+    smaller = tmp_path / f"{R_US}_smaller.parquet"
+    gp.write_region(smaller, a["h3"][keep], a["lat"][keep], a["lng"][keep], a["embedding"][keep], "ok", MV, region=R_US)
+    store.load_region(conn, smaller)
+    assert store.count(conn, R_US) == 100
+    assert store.count(conn, R_CHUKOTKA) == N_R3
+    cell = store.get_cell(conn, int(a["h3"][0]))
+    assert cell is not None
+    np.testing.assert_allclose(cell["embedding"], a["embedding"][0], rtol=1e-6)
+    assert cell["region"] == R_US and cell["model_version"] == MV and cell["status"] == "ok"
+    assert store.get_cell(conn, int(a["h3"][200])) is None  # dropped by the reload
+    regions = dict(conn.execute("SELECT region, rows FROM vectorgeo_regions").fetchall())
+    assert regions == {int(R_US, 16): 100, int(R_CHUKOTKA, 16): N_R3}
+
+
+LOADER = "import sys; from vectorgeo import store; store.load_region(store.connect(sys.argv[1]), sys.argv[2])"
+
+
+def _block_and_start_loader(url: str, path: Path, table: str) -> tuple[psycopg.Connection, subprocess.Popen]:
+    """Hold an exclusive lock on the table, start a loader and wait until it has COPYed and waits to DELETE."""
+    blocker = psycopg.connect(url)
+    blocker.execute(psycopg.sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(psycopg.sql.Identifier(table)))
+    proc = subprocess.Popen([sys.executable, "-c", LOADER, url, str(path)])
+    deadline = time.monotonic() + 60
+    with psycopg.connect(url, autocommit=True) as watcher:
+        while time.monotonic() < deadline:
+            waiting = watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'DELETE FROM%%'"
+            ).fetchone()[0]
+            if waiting:
+                return blocker, proc
+            assert proc.poll() is None, "the loader ended before reaching the DELETE"
+            time.sleep(0.05)
+    raise AssertionError("the loader never reached the DELETE")
+
+
+def test_killed_loader_leaves_no_half_region(pg_database, tmp_path: Path) -> None:
+    url = pg_database("kill")
+    first = write(tmp_path, seed=0)
+    with store.connect(url) as c:
+        store.load_region(c, first)
+        table = store.dataset(c).table
+    second = write(tmp_path, seed=2)  # the same cells with other embeddings
+    blocker, proc = _block_and_start_loader(url, second, table)
+    proc.kill()
+    proc.wait()
+    blocker.rollback()
+    blocker.close()
+    with store.connect(url) as c:
+        # the killed load's transaction is rolled back: the old rows, all of them, only them
+        assert distinct_count(c) == (N_R3, N_R3)
+        q = store.get_cell(c, int(region_arrays()["h3"][1]))
+        np.testing.assert_allclose(q["embedding"], region_arrays(seed=0)["embedding"][1], rtol=1e-6)
+        store.load_region(c, second)
+        assert distinct_count(c) == (N_R3, N_R3)
+        q = store.get_cell(c, int(region_arrays()["h3"][1]))
+        np.testing.assert_allclose(q["embedding"], region_arrays(seed=2)["embedding"][1], rtol=1e-6)
+
+
+def test_killed_server_mid_load_then_rerun(tmp_path: Path) -> None:
+    cluster = start_test_cluster("vectorgeo-crash-")
+    try:
+        url = cluster.url()
+        us, chukotka = write(tmp_path, R_US), write(tmp_path, R_CHUKOTKA)
+        with store.connect(url) as c:
+            store.load_region(c, us)
+            table = store.dataset(c).table
+        blocker, proc = _block_and_start_loader(url, chukotka, table)
+        cluster.kill()
+        assert proc.wait(timeout=60) != 0
+        blocker.close()
+        cluster.start()
+        with store.connect(url) as c:
+            assert store.count(c, R_CHUKOTKA) == 0
+            assert distinct_count(c) == (N_R3, N_R3)
+            store.load_region(c, chukotka)
+            assert store.count(c, R_CHUKOTKA) == N_R3
+            assert distinct_count(c) == (2 * N_R3, 2 * N_R3)
+    finally:
+        cluster.stop(mode="immediate")
+        shutil.rmtree(cluster.home, ignore_errors=True)
+
+
+def geodesic_m(lat0: float, lng0: float, lat: np.ndarray, lng: np.ndarray) -> np.ndarray:
+    from pyproj import Geod
+
+    _, _, d = Geod(ellps="WGS84").inv(np.full_like(lng, lng0), np.full_like(lat, lat0), lng, lat)
+    return np.asarray(d)
+
+
+def brute_force(a: dict, valid: np.ndarray, q: np.ndarray, mask: np.ndarray, k: int) -> list[int]:
+    emb = a["embedding"] / np.linalg.norm(a["embedding"], axis=1, keepdims=True)
+    sim = emb @ (q / np.linalg.norm(q))
+    sim[~(mask & valid)] = -np.inf
+    order = np.argsort(-sim, kind="stable")[:k]
+    return [int(a["h3"][i]) for i in order if np.isfinite(sim[i])]
+
+
+@pytest.fixture
+def small_table(conn, tmp_path: Path):
+    """Two regions at res 4 (2 × 2401 cells), indexed."""
+    arrays = {}
+    for i, region in enumerate((R_US, R_CHUKOTKA)):
+        path = write(tmp_path, region, res=4, seed=10 + i)
+        store.load_region(conn, path)
+        arrays[region] = region_arrays(region, res=4, seed=10 + i)
+    store.build_indexes(conn, hnsw_m=8, hnsw_ef_construction=32)
+    merged = {k: np.concatenate([arrays[r][k] for r in arrays]) for k in arrays[R_US]}
+    return conn, merged
+
+
+@pytest.mark.parametrize("method", ["auto", "exact", "index"])
+def test_radius_query_equals_brute_force(small_table, method: str) -> None:
+    conn, a = small_table
+    valid = a["status"] == "ok"
+    rng = np.random.default_rng(3)
+    checked = 0
+    for i in rng.choice(np.flatnonzero(valid), 6, replace=False):
+        dist = geodesic_m(a["lat"][i], a["lng"][i], a["lat"], a["lng"])
+        for radius in (150e3, 400e3, 1200e3):
+            if np.min(np.abs(dist - radius)) < 1.0:  # too close to call between two geodesic solvers
+                radius += 5.0
+            mask = (dist <= radius) & (np.arange(len(dist)) != i)
+            expected = brute_force(a, valid, a["embedding"][i], mask, 10)
+            got = store.similar(conn, h3=int(a["h3"][i]), k=10, radius_m=radius, method=method)
+            got_h3 = [r["h3"] for r in got]
+            if method == "index":  # approximate by design: near-exact
+                assert len(set(got_h3) & set(expected)) >= 0.9 * len(expected)
+            else:
+                assert got_h3 == expected
+                sims = [r["similarity"] for r in got]
+                assert sims == sorted(sims, reverse=True)
+            got_dist = geodesic_m(
+                a["lat"][i], a["lng"][i], np.array([r["lat"] for r in got]), np.array([r["lng"] for r in got])
+            )
+            assert (got_dist <= radius + 1.0).all()
+            checked += 1
+    assert checked == 18
+
+
+def test_bbox_and_vector_queries_equal_brute_force(small_table) -> None:
+    conn, a = small_table
+    valid = a["status"] == "ok"
+    q = np.random.default_rng(5).normal(size=16).astype(np.float32)
+    for bbox in ((-110.0, 35.0, -90.0, 50.0), (170.0, 55.0, -170.0, 75.0)):
+        w, s, e, n = bbox
+        in_lng = (a["lng"] >= w) & (a["lng"] <= e) if w < e else (a["lng"] >= w) | (a["lng"] <= e)
+        mask = in_lng & (a["lat"] >= s) & (a["lat"] <= n)
+        assert mask.sum() > 20
+        got = store.similar(conn, vector=q, k=15, bbox=bbox)
+        assert [r["h3"] for r in got] == brute_force(a, valid, q, mask, 15)
+    # no filter: the HNSW index, near-exact on 4802 rows
+    got = store.similar(conn, vector=q, k=10)
+    assert len(set(r["h3"] for r in got) & set(brute_force(a, valid, q, np.ones_like(valid), 10))) >= 9
+    # the query cell itself: excluded by default, first with similarity 1 when included
+    i = int(np.flatnonzero(valid)[0])
+    assert int(a["h3"][i]) not in [r["h3"] for r in store.similar(conn, h3=int(a["h3"][i]), k=5)]
+    top = store.similar(conn, h3=h3.int_to_str(int(a["h3"][i])), k=5, exclude_self=False, method="exact")[0]
+    assert top["h3"] == int(a["h3"][i]) and top["similarity"] == pytest.approx(1.0, abs=1e-6)
+    # a point query uses the cell containing the point
+    by_point = store.similar_to_point(conn, a["lat"][i], a["lng"][i], k=5, method="exact")
+    assert by_point == store.similar(conn, h3=int(a["h3"][i]), k=5, method="exact")
+    assert store.resolution(conn) == 4
+
+
+def test_build_indexes_is_idempotent_and_follows_params(small_table) -> None:
+    conn, _ = small_table
+    table = store.dataset(conn).table
+
+    def hnsw() -> list[str]:
+        rows = conn.execute(
+            "SELECT indexname FROM pg_indexes WHERE tablename = %s AND indexdef LIKE '%%hnsw%%'", (table,)
+        )
+        return [r[0] for r in rows]
+
+    assert hnsw() == [f"{table}_hnsw_m8_ef32"]
+    store.build_indexes(conn, hnsw_m=8, hnsw_ef_construction=32)
+    assert hnsw() == [f"{table}_hnsw_m8_ef32"]
+    s = store.build_indexes(conn, hnsw_m=12, hnsw_ef_construction=40)
+    assert hnsw() == [f"{table}_hnsw_m12_ef40"] and s["rows"] == 2 * 2401
+
+
+HOSTILE = [
+    "'; DROP TABLE vectorgeo_datasets; --",
+    'x" OR "1"="1',
+    "\\N",
+    "tab\there\nnewline",
+    "Robert'); DROP TABLE students;--",
+    "%s %(k)s {}",
+    "ünï©ødé ✓",
+]
+
+
+def test_hostile_strings_are_data(conn, tmp_path: Path) -> None:
+    mv = HOSTILE[0]
+    n = N_R3
+    status = np.array([HOSTILE[i % len(HOSTILE)] if i % 5 else "ok" for i in range(n)], dtype=object)
+    path = write(tmp_path, mv=mv, status=status, valid=np.ones(n, bool))
+    store.load_region(conn, path)
+    assert store.dataset(conn).model_version == mv
+    t = store.dataset(conn).ident
+    got = sorted(conn.execute(psycopg.sql.SQL("SELECT DISTINCT status FROM {}").format(t)).fetchall())
+    assert got == sorted((s,) for s in {*HOSTILE, "ok"})
+    cell = int(region_arrays()["h3"][0])
+    for bad in HOSTILE + ["8027fffffffffff' OR 1=1 --", "0x8027fffffffffff"]:
+        with pytest.raises(RequestError, match="h3"):
+            store.similar(conn, h3=bad)
+        with pytest.raises(RequestError, match="h3"):
+            store.get_cell(conn, bad)
+    with pytest.raises(RequestError, match="'k'"):
+        store.similar(conn, h3=cell, k="10; DROP TABLE x")  # type: ignore[arg-type]
+    with pytest.raises(RequestError, match="'bbox'"):
+        store.similar(conn, h3=cell, bbox=("0", "0", "1", "1); DROP TABLE x; --"))
+    with pytest.raises(RequestError, match="radius_m"):
+        store.similar(conn, h3=cell, radius_m="1e3 OR 1=1")
+    with pytest.raises(DatabaseError, match="holds no model_version"):
+        store.similar(conn, h3=cell, model_version="x' OR '1'='1")
+    assert store.similar(conn, h3=cell, k=3, model_version=mv)
+    assert conn.execute("SELECT count(*) FROM vectorgeo_datasets").fetchone()[0] == 1
+
+
+def test_unreachable_url_masks_password() -> None:
+    url = "postgresql://vg:s3cr3t-pw@127.0.0.1:1/vectorgeo"
+    with pytest.raises(DatabaseError) as e:
+        store.connect(url, connect_timeout=3)
+    msg = str(e.value)
+    assert "postgresql://vg:***@127.0.0.1:1/vectorgeo" in msg and "s3cr3t-pw" not in msg
+
+
+def test_wrong_dimension_writes_nothing(conn, tmp_path: Path) -> None:
+    store.load_region(conn, write(tmp_path, R_US, dim=16))
+    before = conn.execute("SELECT region, rows, checksum FROM vectorgeo_regions ORDER BY region").fetchall()
+    for region in (R_US, R_CHUKOTKA):  # replacing a loaded region, or adding one
+        path = write(tmp_path, region, dim=8, seed=7)
+        with pytest.raises(DataError, match=r"embedding dimension 8 does not match .* vector\(16\)"):
+            store.load_region(conn, path)
+    assert distinct_count(conn) == (N_R3, N_R3)
+    assert store.count(conn, R_CHUKOTKA) == 0
+    assert conn.execute("SELECT region, rows, checksum FROM vectorgeo_regions ORDER BY region").fetchall() == before
+
+
+def test_query_errors_are_clear(small_table) -> None:
+    conn, a = small_table
+    null_cell = int(a["h3"][np.flatnonzero(a["status"] != "ok")[0]])
+    with pytest.raises(RequestError, match="has no embedding"):
+        store.similar(conn, h3=null_cell)
+    absent = h3.str_to_int(h3.latlng_to_cell(-30.0, 20.0, 4))
+    with pytest.raises(RequestError, match="not in the database"):
+        store.similar(conn, h3=absent)
+    with pytest.raises(RequestError, match="16 numbers"):
+        store.similar(conn, vector=[1.0, 2.0])
+    with pytest.raises(RequestError, match="center"):
+        store.similar(conn, vector=np.ones(16), radius_m=1000)
+    with pytest.raises(RequestError, match="exactly one"):
+        store.similar(conn)
+
+
+def test_cli_query(small_table, pg_cluster, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    conn, a = small_table
+    monkeypatch.setenv(db.ENV_URL, conn.info.dsn + f" host={pg_cluster.home}")
+    i = int(np.flatnonzero(a["status"] == "ok")[3])
+    cell = h3.int_to_str(int(a["h3"][i]))
+    assert cli.main(["query", "--h3", cell, "-k", "10"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 11 and lines[0].split()[:2] == ["rank", "h3"]
+    assert (
+        cli.main(
+            ["query", "--lat", str(a["lat"][i]), "--lng", str(a["lng"][i]), "-k", "3", "--radius-km", "500", "--json"]
+        )
+        == 0
+    )
+    import json
+
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 3 and all(isinstance(r["h3"], str) for r in rows)
+    assert cli.main(["query", "--h3", "nonsense"]) == 2
+    assert "parameter 'h3'" in capsys.readouterr().err
