@@ -390,8 +390,12 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # the body is not even text (Starlette's parser gave up)
+            return _error(422, "invalid_request", f"request body: {exc.detail} (expected a JSON object)", "body")
         kinds = {404: "not_found", 405: "method_not_allowed"}
-        return _error(exc.status_code, kinds.get(exc.status_code, "http_error"), str(exc.detail))
+        resp = _error(exc.status_code, kinds.get(exc.status_code, "http_error"), str(exc.detail))
+        resp.headers.update(exc.headers or {})
+        return resp
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
