@@ -1,0 +1,36 @@
+"""Snakemake adapter: roll region embeddings up to coarser resolutions; remove superseded region files."""
+
+import json
+from pathlib import Path
+
+from vectorgeo import embed as vg_embed
+from vectorgeo.errors import VectorgeoError
+from vectorgeo.log import setup_logging
+from vectorgeo.training import write_json
+
+log = setup_logging(snakemake.log[0])
+regions = list(snakemake.input.regions)
+resolutions = list(snakemake.params.resolutions)
+try:
+    written = vg_embed.rollup(regions, resolutions, list(snakemake.output.rollups))
+except VectorgeoError as e:
+    log.error("%s", e)
+    raise SystemExit(f"rollup: {e}") from None
+for p, n in written.items():
+    log.info("rollup res %d: %d parent cells from %d region files", p, n, len(regions))
+# The embeddings folder keeps exactly one file per current region: files of older digests
+# (and of regions no longer in the stencil) are deleted here, after every current file exists.
+# Under S3 default storage these are the local storage-cache copies; superseded objects in the
+# bucket are left alone (nothing reads them: every consumer goes through the manifest's digests).
+removed = vg_embed.prune_superseded(Path(regions[0]).parent, regions) if regions else []
+for f in removed:
+    log.info("removed superseded %s", f)
+write_json(
+    snakemake.output.summary,
+    {
+        "regions": len(regions),
+        "rollups": {str(p): n for p, n in written.items()},
+        "removed": [f.name for f in removed],
+    },
+)
+log.info("summary %s", json.dumps({"regions": len(regions), "removed": len(removed)}))
