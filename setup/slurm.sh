@@ -4,13 +4,17 @@
 #   bash setup/slurm.sh install       apt install slurmctld slurmd slurm-client munge (idempotent)
 #   bash setup/slurm.sh start DIR     write DIR/slurm.conf + DIR/gres.conf, start munged, slurmctld and
 #                                     slurmd (all state, logs and sockets under DIR), wait until the
-#                                     node is idle, print `export SLURM_CONF=DIR/slurm.conf`
+#                                     node is idle, print the environment to use it:
+#                                     eval "$(bash setup/slurm.sh start DIR)"
 #   bash setup/slurm.sh stop DIR      stop the daemons started with DIR
 #
 # The cluster: one node "vgnode" on 127.0.0.1 with this machine's CPUs and memory (from `slurmd -C`),
 # one fake GPU on /dev/null (so `sbatch --gpus=1`, which Snakemake emits for `gpu=1`, can be
 # scheduled), no accounting database (use `--slurm-status-command squeue`), free TCP ports, and a
 # job-completion record in DIR/jobcomp.txt (one line per finished job, with its state).
+# Nothing is written outside DIR. Client commands find the config through SLURM_CONF; because the
+# Snakemake SLURM job step drops every SLURM_* variable before its inner `srun`, DIR/bin holds
+# client wrappers that set SLURM_CONF, and the printed environment puts DIR/bin first on PATH.
 set -euo pipefail
 
 NODE=vgnode
@@ -67,10 +71,10 @@ start() {
     done
     if [[ -f $dir/run/slurmctld.pid ]] && kill -0 "$(cat "$dir/run/slurmctld.pid")" 2>/dev/null; then
         echo "slurm: already running in $dir" >&2
-        echo "export SLURM_CONF=$dir/slurm.conf"
+        print_env "$dir"
         return
     fi
-    mkdir -p "$dir"/{munge,state,spool,log,run}
+    mkdir -p "$dir"/{munge,state,spool,log,run,bin}
     chmod 755 "$dir" "$dir/munge"
 
     # munge: own key and socket, so a system munged (if any) is left alone
@@ -125,6 +129,12 @@ EOF
 AutoDetect=off
 NodeName=$NODE Name=gpu File=/dev/null
 EOF
+    local real
+    for cmd in srun sbatch squeue scancel sinfo scontrol sacct; do
+        real=$(PATH=${PATH//$dir\/bin:/} command -v "$cmd")
+        printf '#!/bin/sh\nexport SLURM_CONF=%q\nexec %q "$@"\n' "$dir/slurm.conf" "$real" >"$dir/bin/$cmd"
+        chmod +x "$dir/bin/$cmd"
+    done
     export SLURM_CONF=$dir/slurm.conf
     # on any failure below: show the logs and stop what was started
     trap 'tail -n 20 "$dir"/log/*.log >&2 || true; stop "$dir"' ERR
@@ -133,7 +143,11 @@ EOF
     slurmd -N "$NODE"
     wait_for 60 "node $NODE to be idle" node_idle
     trap - ERR
-    echo "export SLURM_CONF=$dir/slurm.conf"
+    print_env "$dir"
+}
+
+print_env() {
+    printf 'export SLURM_CONF=%q PATH=%q\n' "$1/slurm.conf" "$1/bin:$PATH"
 }
 
 stop_pid() { # pidfile
