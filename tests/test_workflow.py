@@ -119,7 +119,9 @@ def furthest_rule(workdir: Path) -> str:
 # --- tests ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_workdir(tmp_path_factory.mktemp("workflow"), {"cuda": {"train": {"device": "cuda"}, "embed": {"device": "cuda"}}})
+    return make_workdir(
+        tmp_path_factory.mktemp("workflow"), {"cuda": {"train": {"device": "cuda"}, "embed": {"device": "cuda"}}}
+    )
 
 
 def test_dry_run_lists_every_stage(workdir: Path) -> None:
