@@ -270,7 +270,7 @@ def test_hostile_strings_are_data(conn, tmp_path: Path) -> None:
     got = sorted(conn.execute(psycopg.sql.SQL("SELECT DISTINCT status FROM {}").format(t)).fetchall())
     assert got == sorted((s,) for s in {*HOSTILE, "ok"})
     cell = int(region_arrays()["h3"][0])
-    for bad in HOSTILE + ["8027fffffffffff' OR 1=1 --", "0x8027fffffffffff"]:
+    for bad in [*HOSTILE, "8027fffffffffff' OR 1=1 --", "0x8027fffffffffff"]:
         with pytest.raises(RequestError, match="h3"):
             store.similar(conn, h3=bad)
         with pytest.raises(RequestError, match="h3"):
