@@ -13,6 +13,8 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/stencil.smk"
 include: "rules/sample.smk"
+include: "rules/train.smk"
+include: "rules/embed.smk"
 
 
 rule all:
