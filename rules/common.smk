@@ -112,6 +112,31 @@ def region_targets(pattern):
     ]
 
 
+def stencil_region_file(wildcards):
+    """A region's stencil file, once the stencil checkpoint has run.
+
+    ancient(): the checkpoint rewrites every region file when it reruns; the digest in the
+    downstream output name is what says whether a region's cells changed.
+    """
+    checkpoints.stencil.get()
+    return ancient(results("stencil", "regions", f"{wildcards.region}.parquet"))
+
+
+def cuda_requested(device):
+    """Whether a device setting (auto, cpu, cuda) means a GPU job, decided without importing torch.
+
+    auto means CUDA when an NVIDIA driver on the machine running Snakemake lists a GPU (and
+    CUDA_VISIBLE_DEVICES does not hide it); set cuda explicitly when submitting from a host without one.
+    """
+    if device != "auto":
+        return device.startswith("cuda")
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
+        return False
+    # a driver probe, not a workflow path
+    gpus = os.path.join(os.sep, "proc", "driver", "nvidia", "gpus")
+    return os.path.isdir(gpus) and len(os.listdir(gpus)) > 0
+
+
 def final_targets():
     """The default target: each stage appends its final outputs to FINAL_TARGETS."""
     return FINAL_TARGETS

@@ -12,32 +12,11 @@ ROLLUP_TARGETS = expand(
 )
 
 
-def embed_on_cuda():
-    """Whether embed.device resolves to CUDA, decided without importing torch (as for training)."""
-    device = EMBED["device"]
-    if device != "auto":
-        return device == "cuda"
-    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
-        return False
-    gpus = "/proc/driver/nvidia/gpus"
-    return os.path.isdir(gpus) and len(os.listdir(gpus)) > 0
-
-
-def stencil_region(wildcards):
-    """A region's stencil file, once the stencil checkpoint has run.
-
-    ancient(): the checkpoint rewrites every region file when it reruns; the digest in the
-    output name is what decides whether a region's cells changed.
-    """
-    checkpoints.stencil.get()
-    return ancient(results("stencil", "regions", f"{wildcards.region}.parquet"))
-
-
 rule embed_region:
     input:
         unpack(model_layer_npys),
         grids=[layer_grid(name) for name in LAYER_SPECS],
-        stencil=stencil_region,
+        stencil=stencil_region_file,
         model=results("model", "model.pt"),
     output:
         results("embeddings", "{region}_{digest}.parquet"),
@@ -49,7 +28,7 @@ rule embed_region:
         "../envs/torch.yaml"
     threads: 2
     resources:
-        gpu=1 if embed_on_cuda() else 0,
+        gpu=1 if cuda_requested(EMBED["device"]) else 0,
         mem_mb=4000,
         runtime=120,
     params:
