@@ -52,6 +52,7 @@ function style() {
       cells: {
         type: 'vector',
         tiles: [location.origin + '/tiles/{z}/{x}/{y}.pbf'],
+        tileSize: 256, // the server sizes its cells for 256-px tiles (finer cells sooner than 512)
         minzoom: 0,
         maxzoom: meta.tile_maxzoom,
       },
@@ -84,7 +85,9 @@ let map;
 
 function drawCircle() {
   const q = state.query;
-  map.getSource('circle').setData(q ? { type: 'FeatureCollection', features: [circlePolygon(q.lat, q.lng, state.radiusKm * 1000)] } : EMPTY);
+  const source = map && map.getSource('circle');
+  if (!source) return; // style not loaded yet
+  source.setData(q ? { type: 'FeatureCollection', features: [circlePolygon(q.lat, q.lng, state.radiusKm * 1000)] } : EMPTY);
 }
 
 function renderResults() {
