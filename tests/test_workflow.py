@@ -7,6 +7,7 @@ so that tests never touch the repository's results/ or its Snakemake lock.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -23,9 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SNAKEMAKE = BIN / "snakemake"
 TEST_CONFIG = "config/test.yaml"
-# the stages' final per-job rules, furthest first: tests run the workflow up to the first that exists
-# (load and evaluate need a database and more time; they have their own tests)
-STAGE_RULES = ("embed_region", "train_model", "sample_triplets", "stencil")
+# Stages in order, each with the rule that marks it and the targets that build it. Tests build the
+# workflow up to the furthest stage that exists (load and evaluate need a database and more time;
+# they have their own tests). Targets are rules or files, never `--until`: it cannot see past the
+# stencil checkpoint.
+STAGES = ("stencil", "sample", "train", "embed")
+STAGE_RULE = {"stencil": "stencil", "sample": "sample_triplets", "train": "train_model", "embed": "rollup"}
 GPU_RULES = ("train_model", "embed_region")
 
 
@@ -107,13 +111,25 @@ def workflow_rules(workdir: Path) -> list[str]:
     return [line.strip() for line in out.splitlines() if re.fullmatch(r"\s*\w+\s*", line)]
 
 
-def furthest_rule(workdir: Path) -> str:
-    """The last stage rule that exists in the workflow right now (see STAGE_RULES)."""
+def furthest_stage(workdir: Path) -> str:
+    """The last of STAGES whose rule exists in the workflow right now."""
     rules = set(workflow_rules(workdir))
-    for rule in STAGE_RULES:
-        if rule in rules:
-            return rule
-    raise AssertionError(f"none of {STAGE_RULES} in the workflow's rules {sorted(rules)}")
+    present = [stage for stage in STAGES if STAGE_RULE[stage] in rules]
+    assert present, f"none of {sorted(STAGE_RULE.values())} in the workflow's rules {sorted(rules)}"
+    return present[-1]
+
+
+def stage_targets(workdir: Path, stage: str) -> list[str]:
+    """Snakemake targets that build the workflow up to and including ``stage``."""
+    if stage == "sample":
+        config = yaml.safe_load((workdir / TEST_CONFIG).read_text())
+        return [f"results/samples/shard-{i}.npz" for i in range(config["sample"]["shards"])]
+    return [STAGE_RULE[stage]]
+
+
+def reached(stage: str, furthest: str) -> bool:
+    """Whether a run up to ``furthest`` includes ``stage``."""
+    return STAGES.index(stage) <= STAGES.index(furthest)
 
 
 # --- tests ------------------------------------------------------------------------------------------------
@@ -125,7 +141,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_dry_run_lists_every_stage(workdir: Path) -> None:
-    until = furthest_rule(workdir)
+    furthest = furthest_stage(workdir)
     out = run_snakemake(workdir, *configfiles(), "-n").stdout
     counts = job_stats(out)
     assert counts["prepare_layer"] == 3, out  # landcover, elevation, land_mask
@@ -133,11 +149,11 @@ def test_dry_run_lists_every_stage(workdir: Path) -> None:
     assert layers == {"landcover", "elevation", "land_mask"}
     assert counts["stencil"] == 1
     test_config = yaml.safe_load((workdir / TEST_CONFIG).read_text())
-    if until != "stencil":
+    if reached("sample", furthest):
         assert counts["sample_triplets"] == test_config["sample"]["shards"]
-    if until in ("train_model", "embed_region"):
+    if reached("train", furthest):
         assert counts["train_model"] == 1
-    # a dry run cannot see past the stencil checkpoint: per-region jobs appear after it ran
+    # a dry run cannot see past the stencil checkpoint: per-region jobs appear once it ran
     assert "embed_region" not in counts
 
 
@@ -170,13 +186,20 @@ def test_snakefmt_is_clean() -> None:
 
 
 def test_gpu_rules_declare_gpu_when_cuda_is_configured(workdir: Path) -> None:
-    """With train.device: cuda, train/embed jobs ask for gpu=1 (and only they do)."""
-    until = furthest_rule(workdir)
-    if until not in GPU_RULES:
-        pytest.skip(f"no GPU rule in the workflow yet (furthest stage rule: {until})")
-    out = run_snakemake(workdir, *configfiles("cuda"), "-n", "--until", until, "--resources", "gpu=1").stdout
+    """With train.device and embed.device cuda, train/embed jobs ask for gpu=1 (and only they do)."""
+    furthest = furthest_stage(workdir)
+    if not reached("train", furthest):
+        pytest.skip(f"no GPU rule in the workflow yet (furthest stage: {furthest})")
+    # per-region jobs only show in a dry run once the stencil checkpoint has run (a few seconds)
+    run_snakemake(workdir, *configfiles("cuda"), "--cores", "2", "stencil")
+    targets = stage_targets(workdir, furthest)
+    out = run_snakemake(workdir, *configfiles("cuda"), "-n", "--resources", "gpu=1", *targets).stdout
     jobs = planned_jobs(out)
-    assert any(rule == "train_model" for rule, _ in jobs), out[-4000:]
+    rules = Counter(rule for rule, _ in jobs)
+    assert rules["train_model"] == 1, out[-4000:]
+    if reached("embed", furthest):
+        manifest = json.loads((workdir / "results" / "stencil" / "manifest.json").read_text())
+        assert rules["embed_region"] == len(manifest["regions"]) >= 2
     for rule, w in jobs:
         asks_gpu = re.search(r"\bgpu=1\b", w.get("__resources__", "")) is not None
         assert asks_gpu == (rule in GPU_RULES), (rule, w.get("__resources__"))
@@ -184,8 +207,9 @@ def test_gpu_rules_declare_gpu_when_cuda_is_configured(workdir: Path) -> None:
 
 def test_without_cuda_no_job_asks_for_a_gpu(workdir: Path) -> None:
     if os.path.isdir("/proc/driver/nvidia/gpus") and os.listdir("/proc/driver/nvidia/gpus"):
-        pytest.skip("this machine has an NVIDIA GPU, so train.device: auto means CUDA")
-    until = furthest_rule(workdir)
-    out = run_snakemake(workdir, *configfiles(), "-n", "--until", until).stdout
+        pytest.skip("this machine has an NVIDIA GPU, so device: auto means CUDA")
+    furthest = furthest_stage(workdir)
+    out = run_snakemake(workdir, *configfiles(), "-n", *stage_targets(workdir, furthest)).stdout
+    assert planned_jobs(out), out[-3000:]
     for rule, w in planned_jobs(out):
         assert not re.search(r"\bgpu=[1-9]", w.get("__resources__", "")), (rule, w)
