@@ -64,6 +64,7 @@ setup: $(PYENV) $(STAMP)/system-db $(STAMP)/npm
 run: setup
 	$(SNAKEMAKE) --cores $(CORES)
 	@$(PY) -m vectorgeo.cli run-summary
+	@echo "Viewer: run 'make serve' (or .venv/bin/vectorgeo serve), then open http://127.0.0.1:8000/"
 
 dry-run: $(PYENV)
 	$(SNAKEMAKE) -n

@@ -540,6 +540,7 @@ def test_schemathesis_no_server_errors_no_schema_violations(synthetic, tmp_path)
             capture_output=True,
             text=True,
             timeout=500,
+            cwd=tmp_path,  # schemathesis keeps a cache folder in its working directory
         )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
