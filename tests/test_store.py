@@ -84,22 +84,44 @@ def test_reload_replaces_only_that_region(conn, tmp_path: Path) -> None:
 LOADER = "import sys; from vectorgeo import store; store.load_region(store.connect(sys.argv[1]), sys.argv[2])"
 
 
-def _block_and_start_loader(url: str, path: Path, table: str) -> tuple[psycopg.Connection, subprocess.Popen]:
-    """Hold an exclusive lock on the table, start a loader and wait until it has COPYed and waits to DELETE."""
-    blocker = psycopg.connect(url)
-    blocker.execute(psycopg.sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(psycopg.sql.Identifier(table)))
+def _pause_mid_copy(url: str, path: Path, table: str) -> subprocess.Popen:
+    """Start a loader that stops in the middle of its COPY, and return once it is there.
+
+    A row trigger (test only) sleeps on the middle row of the file, after the DELETE of the old rows and
+    half of the new rows went in; pg_stat_progress_copy confirms that rows were copied.
+    """
+    cells = gp.read_region(path).h3
+    ok = np.flatnonzero(gp.read_region(path).valid)
+    middle = int(cells[ok[ok.size // 2]])
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute(
+            "CREATE OR REPLACE FUNCTION vg_test_pause() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF NEW.h3 = {middle} THEN PERFORM pg_sleep(3); END IF; RETURN NEW; END $$"
+        )
+        c.execute(
+            psycopg.sql.SQL(
+                "CREATE TRIGGER vg_test_pause BEFORE INSERT ON {} FOR EACH ROW EXECUTE FUNCTION vg_test_pause()"
+            ).format(psycopg.sql.Identifier(table))
+        )
     proc = subprocess.Popen([sys.executable, "-c", LOADER, url, str(path)])
     deadline = time.monotonic() + 60
     with psycopg.connect(url, autocommit=True) as watcher:
         while time.monotonic() < deadline:
-            waiting = watcher.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'DELETE FROM%%'"
-            ).fetchone()[0]
-            if waiting:
-                return blocker, proc
-            assert proc.poll() is None, "the loader ended before reaching the DELETE"
+            copied = watcher.execute(
+                "SELECT p.tuples_processed FROM pg_stat_activity a JOIN pg_stat_progress_copy p USING (pid) "
+                "WHERE a.wait_event = 'PgSleep' AND a.query LIKE 'COPY%%'"
+            ).fetchone()
+            if copied:
+                assert copied[0] > 0
+                return proc
+            assert proc.poll() is None, "the loader ended before pausing in its COPY"
             time.sleep(0.05)
-    raise AssertionError("the loader never reached the DELETE")
+    raise AssertionError("the loader never paused in its COPY")
+
+
+def _drop_pause(url: str, table: str) -> None:
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute(psycopg.sql.SQL("DROP TRIGGER vg_test_pause ON {}").format(psycopg.sql.Identifier(table)))
 
 
 def test_killed_loader_leaves_no_half_region(pg_database, tmp_path: Path) -> None:
@@ -109,11 +131,16 @@ def test_killed_loader_leaves_no_half_region(pg_database, tmp_path: Path) -> Non
         store.load_region(c, first)
         table = store.dataset(c).table
     second = write(tmp_path, seed=2)  # the same cells with other embeddings
-    blocker, proc = _block_and_start_loader(url, second, table)
+    proc = _pause_mid_copy(url, second, table)
     proc.kill()
     proc.wait()
-    blocker.rollback()
-    blocker.close()
+    # after the pause the server reads the rest of the COPY from a closed socket and rolls back
+    with psycopg.connect(url, autocommit=True) as c:
+        deadline = time.monotonic() + 30
+        while c.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY%%'").fetchone()[0]:
+            assert time.monotonic() < deadline, "the loader's backend never ended"
+            time.sleep(0.1)
+    _drop_pause(url, table)
     with store.connect(url) as c:
         # the killed load's transaction is rolled back: the old rows, all of them, only them
         assert distinct_count(c) == (N_R3, N_R3)
@@ -133,11 +160,11 @@ def test_killed_server_mid_load_then_rerun(tmp_path: Path) -> None:
         with store.connect(url) as c:
             store.load_region(c, us)
             table = store.dataset(c).table
-        blocker, proc = _block_and_start_loader(url, chukotka, table)
+        proc = _pause_mid_copy(url, chukotka, table)
         cluster.kill()
         assert proc.wait(timeout=60) != 0
-        blocker.close()
         cluster.start()
+        _drop_pause(url, table)
         with store.connect(url) as c:
             assert store.count(c, R_CHUKOTKA) == 0
             assert distinct_count(c) == (N_R3, N_R3)

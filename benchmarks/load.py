@@ -1,0 +1,265 @@
+"""Database benchmark: bulk load (binary COPY vs multi-row INSERT), HNSW build, filtered kNN latency/recall.
+
+Synthetic data: N points uniform on land (uniform on the sphere, kept where the GLOBE land mask says
+land), each the H3 cell (res 12) containing it, sorted by h3 and grouped into res-0 regions like the
+workflow's region files, with random unit vectors (d = 16).
+
+- ``copy_rows_per_s``: :func:`vectorgeo.store.load_arrays` per region (DELETE of the region's key
+  range + numpy-built binary COPY, one transaction per region) into a table with its primary key.
+- ``insert_rows_per_s``: the old way, same data, same run, same table definition: multi-row INSERT
+  statements of 10,000 rows with literal values (SQL text built beforehand and not timed, which
+  favours INSERT); ``insert_rows_per_s_incl_sql_building`` counts the string building too.
+- ``hnsw_build_s``: :func:`vectorgeo.store.build_indexes` HNSW step (m, ef_construction from config).
+- ``query_p50_ms``, ``query_p95_ms``: :func:`vectorgeo.store.similar` (method auto, k = 10) from random
+  cells, unfiltered and at every radius, client-side wall time over a socket.
+- ``recall_at_10``: radius km → mean |auto ∩ exact| / |exact| over the query cells, where exact is the
+  exact scan over the radius-filtered rows (``method="exact"``).
+
+Runs its own temporary cluster (removed afterwards) unless ``--url`` names a database.
+Usage: ``.venv/bin/python benchmarks/load.py --rows 1000000``. Prints one JSON object on its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from psycopg import sql
+
+from vectorgeo import db, store
+from vectorgeo.config import load_config
+from vectorgeo.layers import Layer, land_mask_spec, layer_source_files, prepare_layer
+
+ROOT = Path(__file__).resolve().parents[1]
+RADII_KM = (20, 50, 100, 200, 500, 1000, 2000)
+DIM = 16
+CELL_RES = 12
+INSERT_BATCH = 10_000
+
+
+def land_mask() -> Layer:
+    """The default config's land mask, prepared once into .vectorgeo/bench-layers."""
+    spec = land_mask_spec(load_config(ROOT / "config" / "config.yaml"))
+    npy = ROOT / ".vectorgeo" / "bench-layers" / f"{spec.name}.npy"
+    if not npy.exists():
+        npy.parent.mkdir(parents=True, exist_ok=True)
+        prepare_layer(spec, layer_source_files(spec)[0], npy, npy.with_suffix(".grid.json"))
+    return Layer.open(spec, npy)
+
+
+def land_points(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n distinct res-12 cells at points uniform on land, sorted by h3: (h3, lat, lng)."""
+    import h3ronpy.vector as h3v
+
+    mask = land_mask()
+    cells: list[np.ndarray] = []
+    lats: list[np.ndarray] = []
+    lngs: list[np.ndarray] = []
+    have = 0
+    while have < n:
+        m = 4 * (n - have) + 1000
+        lat = np.degrees(np.arcsin(rng.uniform(-1, 1, m)))
+        lng = rng.uniform(-180, 180, m)
+        keep = np.asarray(mask.values_at(lat, lng), dtype=bool)
+        lat, lng = lat[keep], lng[keep]
+        c = np.asarray(h3v.coordinates_to_cells(lat, lng, CELL_RES)).astype(np.uint64)
+        cells.append(c)
+        lats.append(lat)
+        lngs.append(lng)
+        all_cells = np.concatenate(cells)
+        have = np.unique(all_cells).shape[0]
+    h3 = np.concatenate(cells)
+    lat, lng = np.concatenate(lats), np.concatenate(lngs)
+    _, first = np.unique(h3, return_index=True)
+    first = np.sort(first)[:n]
+    order = np.argsort(h3[first])
+    idx = first[order]
+    return h3[idx], lat[idx], lng[idx]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def regions_of(h3: np.ndarray) -> np.ndarray:
+    """Res-0 parent of each cell: base cell bits kept, resolution 0, all digits 7."""
+    base = (h3 >> np.uint64(45)) & np.uint64(0x7F)
+    return (np.uint64(0x0800000000000000) | (base << np.uint64(45)) | np.uint64((1 << 45) - 1)).astype(np.uint64)
+
+
+def run_insert_baseline(
+    conn: Any, h3: np.ndarray, lat: np.ndarray, lng: np.ndarray, emb: np.ndarray, region: np.ndarray
+) -> tuple[float, float]:
+    """The old way: literal multi-row INSERTs of 10k rows. Returns (execute seconds, building seconds)."""
+    conn.execute("DROP TABLE IF EXISTS bench_insert")
+    conn.execute(
+        f"""CREATE TABLE bench_insert (h3 bigint PRIMARY KEY, geom geometry(Point, 4326) NOT NULL,
+            embedding vector({DIM}), status text NOT NULL, region bigint NOT NULL)"""
+    )
+    t_build = time.perf_counter()
+    statements = []
+    h3i = h3.view(np.int64)
+    regi = region.view(np.int64)
+    for start in range(0, h3.shape[0], INSERT_BATCH):
+        sl = slice(start, start + INSERT_BATCH)
+        values = ",".join(
+            f"({a},'SRID=4326;POINT({x!r} {y!r})','[{','.join(map(repr, e.tolist()))}]','ok',{r})"
+            for a, x, y, e, r in zip(
+                h3i[sl].tolist(), lng[sl].tolist(), lat[sl].tolist(), emb[sl], regi[sl].tolist(), strict=True
+            )
+        )
+        statements.append("INSERT INTO bench_insert (h3, geom, embedding, status, region) VALUES " + values)
+    build_s = time.perf_counter() - t_build
+    t0 = time.perf_counter()
+    for s in statements:
+        conn.execute(s)
+    exec_s = time.perf_counter() - t0
+    conn.execute("DROP TABLE bench_insert")
+    return exec_s, build_s
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--queries", type=int, default=50, help="query cells per radius")
+    ap.add_argument("--url", help="use this database instead of a temporary cluster (tables are added)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-insert", action="store_true", help="skip the INSERT baseline")
+    args = ap.parse_args(argv)
+    settings = db.settings(load_config(ROOT / "config" / "config.yaml"))
+    rng = np.random.default_rng(args.seed)
+
+    t0 = time.perf_counter()
+    h3, lat, lng = land_points(args.rows, rng)
+    emb = rng.normal(size=(h3.shape[0], DIM)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    region = regions_of(h3)
+    print(f"generated {h3.shape[0]} land cells in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+    cluster = None
+    url = args.url
+    if url is None:
+        cluster = db.Cluster(home=Path(tempfile.mkdtemp(prefix="vectorgeo-bench-")), port=free_port())
+        url = cluster.start()
+    out: dict[str, Any] = {"rows": int(h3.shape[0]), "dim": DIM}
+    try:
+        with store.connect(url) as conn:
+            mv = f"bench-{args.rows}-{args.seed}-{time.time_ns()}"
+            # binary COPY, one transaction per region
+            bounds = np.flatnonzero(np.diff(region)) + 1
+            starts, ends = np.r_[0, bounds], np.r_[bounds, h3.shape[0]]
+            valid = np.ones(h3.shape[0], dtype=bool)
+            t0 = time.perf_counter()
+            for s, e in zip(starts, ends, strict=True):
+                store.load_arrays(
+                    conn,
+                    h3=h3[s:e],
+                    lat=lat[s:e],
+                    lng=lng[s:e],
+                    embedding=emb[s:e],
+                    valid=valid[s:e],
+                    status=["ok"] * int(e - s),
+                    model_version=mv,
+                    region=int(region[s]),
+                )
+            copy_s = time.perf_counter() - t0
+            out["regions"] = int(starts.shape[0])
+            out["copy_s"] = round(copy_s, 2)
+            out["copy_rows_per_s"] = round(h3.shape[0] / copy_s)
+            print(f"copy: {out['copy_rows_per_s']} rows/s", file=sys.stderr)
+            if not args.skip_insert:
+                exec_s, build_s = run_insert_baseline(conn, h3, lat, lng, emb, region)
+                out["insert_s"] = round(exec_s, 2)
+                out["insert_rows_per_s"] = round(h3.shape[0] / exec_s)
+                out["insert_rows_per_s_incl_sql_building"] = round(h3.shape[0] / (exec_s + build_s))
+                out["copy_over_insert"] = round(out["copy_rows_per_s"] / out["insert_rows_per_s"], 2)
+                print(f"insert: {out['insert_rows_per_s']} rows/s", file=sys.stderr)
+
+            summary = store.build_indexes(
+                conn,
+                hnsw_m=settings["hnsw_m"],
+                hnsw_ef_construction=settings["hnsw_ef_construction"],
+                maintenance_work_mem=settings["maintenance_work_mem"],
+                model_version=mv,
+            )
+            out["hnsw_build_s"] = summary["hnsw_s"]
+            out["gist_build_s"] = summary["gist_s"]
+            out["hnsw_m"], out["hnsw_ef_construction"] = summary["hnsw_m"], summary["hnsw_ef_construction"]
+            print(f"indexes: {summary}", file=sys.stderr)
+
+            qkw = {
+                "ef_search": settings["ef_search"],
+                "max_scan_tuples": settings["max_scan_tuples"],
+                "exact_scan_max_rows": settings["exact_scan_max_rows"],
+                "model_version": mv,
+            }
+            cells = rng.choice(h3, size=args.queries, replace=False)
+            for c in cells[:5]:  # warm-up
+                store.similar(conn, h3=int(c), k=10, **qkw)
+            times: list[float] = []
+            per_radius: dict[str, Any] = {}
+            recall: dict[str, float] = {}
+            t_unf: list[float] = []
+            for c in cells:
+                t = time.perf_counter()
+                store.similar(conn, h3=int(c), k=10, **qkw)
+                t_unf.append(time.perf_counter() - t)
+            times += t_unf
+            per_radius["none"] = {"p95_ms": round(1000 * float(np.percentile(t_unf, 95)), 2)}
+            for r_km in RADII_KM:
+                ts, recalls, sizes = [], [], []
+                for c in cells:
+                    t = time.perf_counter()
+                    got = store.similar(conn, h3=int(c), k=10, radius_m=r_km * 1000.0, **qkw)
+                    ts.append(time.perf_counter() - t)
+                    truth = store.similar(conn, h3=int(c), k=10, radius_m=r_km * 1000.0, method="exact", **qkw)
+                    sizes.append(len(truth))
+                    if truth:
+                        recalls.append(len({g["h3"] for g in got} & {x["h3"] for x in truth}) / len(truth))
+                times += ts
+                recall[str(r_km)] = round(float(np.mean(recalls)), 4) if recalls else float("nan")
+                per_radius[str(r_km)] = {
+                    "p50_ms": round(1000 * float(np.median(ts)), 2),
+                    "p95_ms": round(1000 * float(np.percentile(ts, 95)), 2),
+                    "mean_results": round(float(np.mean(sizes)), 1),
+                }
+                print(f"radius {r_km} km: {per_radius[str(r_km)]}, recall {recall[str(r_km)]}", file=sys.stderr)
+            # evidence that the index path uses HNSW: the plan of a large-radius query
+            ds = store.dataset(conn, mv)
+            q = store.get_cell(conn, int(cells[0]), model_version=mv)
+            assert q is not None
+            with conn.transaction():
+                conn.execute("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)")
+                plan = conn.execute(
+                    sql.SQL(
+                        "EXPLAIN SELECT h3 FROM {} WHERE embedding IS NOT NULL AND ST_Distance(geom::geography, "
+                        "ST_SetSRID(ST_MakePoint(%s, %s), 4326)::geography) <= %s ORDER BY embedding <=> %s LIMIT 10"
+                    ).format(ds.ident),
+                    (q["lng"], q["lat"], 2_000_000.0, q["embedding"]),
+                ).fetchall()
+            out["index_path_plan_uses_hnsw"] = any("hnsw" in str(r[0]) for r in plan)
+            out["query_p50_ms"] = round(1000 * float(np.median(times)), 2)
+            out["query_p95_ms"] = round(1000 * float(np.percentile(times, 95)), 2)
+            out["recall_at_10"] = recall
+            out["per_radius"] = per_radius
+            out["queries_per_radius"] = int(args.queries)
+            out["settings"] = {k: settings[k] for k in ("ef_search", "max_scan_tuples", "exact_scan_max_rows")}
+    finally:
+        if cluster is not None:
+            cluster.stop(mode="immediate")
+            shutil.rmtree(cluster.home, ignore_errors=True)
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(main()))
