@@ -172,6 +172,22 @@ register("query", "the k cells most similar to a cell or a point", _setup_query,
 register("serve", "the similarity-search API and map viewer (FastAPI + uvicorn)", _setup_serve, _run_serve)
 
 
+# --- vectorgeo run-summary -------------------------------------------------------------------------------
+def _setup_summary(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results", default="results", help="the workflow's results folder")
+
+
+def _run_summary(args: argparse.Namespace) -> int:
+    from vectorgeo.summary import run_summary
+
+    for line in run_summary(args.results):
+        print(line)
+    return 0
+
+
+register("run-summary", "what a finished workflow run produced, stage by stage", _setup_summary, _run_summary)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered subcommand."""
     parser = argparse.ArgumentParser(prog="vectorgeo", description="vectorgeo: an embedding for every land H3 cell")
