@@ -1,5 +1,11 @@
 """Snakemake adapter: train the Tile2Vec encoder on the sample shards."""
 
+import os
+
+# idle OpenMP threads sleep instead of spinning: on a busy machine spinning threads
+# starve each other and a 2-thread step can run 5-10x slower than a 1-thread one
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from vectorgeo.layers import LayerSpec
 from vectorgeo.log import setup_logging
 from vectorgeo.training import train

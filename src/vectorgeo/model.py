@@ -61,7 +61,7 @@ FORMAT = "vectorgeo-model"
 FORMAT_VERSION = 1
 
 ARCHITECTURE_DEFAULTS: dict[str, int] = {
-    "width": 32,
+    "width": 16,
     "stages": 3,
     "blocks_per_stage": 2,
     "embedding_dim": 16,

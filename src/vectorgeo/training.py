@@ -67,13 +67,13 @@ ROLES = ("anchor", "neighbor", "distant")
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "device": "auto",
-    "epochs": 12,
-    "batch_size": 128,
+    "epochs": 2,
+    "batch_size": 256,
     "lr": 0.002,
     "weight_decay": 0.0001,
     "margin": 0.5,
     "grad_clip": 1.0,
-    "patience": 3,
+    "patience": 2,
     "val_shards": 1,
     "shards_in_memory": 16,
     "amp": True,
