@@ -76,7 +76,7 @@ HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 64
 EF_SEARCH = 100
 MAX_SCAN_TUPLES = 50000
-EXACT_SCAN_MAX_ROWS = 30000
+EXACT_SCAN_MAX_ROWS = 5000
 MAINTENANCE_WORK_MEM = "1GB"
 MAX_K = 1000
 EARTH_HALF_CIRCUMFERENCE_M = 20_037_509.0
@@ -475,7 +475,8 @@ def load_arrays(
     try:
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-            conn.execute(CATALOG_SQL)
+            if not _catalog_exists(conn):
+                conn.execute(CATALOG_SQL)
             ds = _create_dataset(conn, model_version, dim, res, path)
             # the region's rows are one primary-key range: no region index needed
             conn.execute(sql.SQL("DELETE FROM {} WHERE h3 BETWEEN %s AND %s").format(ds.ident), (lo, hi))
