@@ -21,23 +21,23 @@ rule train_model:
         model=results("model", "model.pt"),
         metrics=results("model", "metrics.json"),
         plot=results("model", "training.png"),
-    params:
-        layers={name: spec.to_dict() for name, spec in LAYER_SPECS.items()},
-        patch_px=config["sample"]["patch_px"],
-        patch_km=config["sample"]["patch_km"],
-        model=config["model"],
-        train=config["train"],
-    threads: 8
     log:
         "logs/train_model/train.log",
     benchmark:
         "benchmarks/train_model/train.tsv"
     conda:
         "../envs/torch.yaml"
+    threads: 8
     resources:
         gpu=1 if train_on_cuda() else 0,
         mem_mb=4000,
         runtime=60,
+    params:
+        layers={name: spec.to_dict() for name, spec in LAYER_SPECS.items()},
+        patch_px=config["sample"]["patch_px"],
+        patch_km=config["sample"]["patch_km"],
+        model=config["model"],
+        train=config["train"],
     script:
         "../scripts/train.py"
 

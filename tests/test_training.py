@@ -208,3 +208,15 @@ def test_pca_components() -> None:
     x[:, :3] = rng.normal(size=(500, 3)) * [10, 5, 3]
     assert T.pca_components(x) == 3
     assert T.pca_components(np.ones((10, 4))) == 0
+
+
+def test_library_defaults_match_the_schema() -> None:
+    import yaml
+
+    from vectorgeo.config import schema_path
+
+    schema = yaml.safe_load(schema_path().read_text())["properties"]
+    train_defaults = {k: v["default"] for k, v in schema["train"]["properties"].items()}
+    model_defaults = {k: v["default"] for k, v in schema["model"]["properties"].items()}
+    assert train_defaults == T.TRAIN_DEFAULTS
+    assert model_defaults == M.ARCHITECTURE_DEFAULTS
