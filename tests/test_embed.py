@@ -340,3 +340,12 @@ def test_workflow_reruns_exactly_what_changed(
     assert list(_embedding_files(workdir)) == list(first)
     log = (workdir / "logs" / "rollup" / "rollup.log").read_text()
     assert "removed superseded" in log and MADRID in log
+
+    # the audit of a finished stage 3 passes, and notices a stray file
+    audit = vg_embed.audit(workdir / "results")
+    assert audit["ok"], audit
+    assert audit["rows"] == audit["stencil_cells"] > 0 and audit["model_version"] == version
+    emb_dir = workdir / "results" / "embeddings"
+    shutil.copy(emb_dir / next(iter(first)), emb_dir / f"{GIBRALTAR}_{'0' * 12}.parquet")
+    audit = vg_embed.audit(workdir / "results")
+    assert not audit["ok"] and audit["extra_files"] == [f"{GIBRALTAR}_{'0' * 12}.parquet"]

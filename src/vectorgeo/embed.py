@@ -575,3 +575,82 @@ def log_progress(every_s: float = 10.0, name: str = "") -> ProgressFn:
         log.info("%s%d / %d cells (%.0f cells/s)", f"{name}: " if name else "", done, total, done / max(now - t0, 1e-9))
 
     return report
+
+
+def audit(results: str | Path, model_path: str | Path | None = None) -> dict[str, Any]:
+    """Check a finished stage 3 against its stencil and model; return the figures.
+
+    Checks that the embeddings folder holds exactly one file per current region (named with
+    its stencil digest), that the files' cells are the stencil's cells (each exactly once),
+    that ok embeddings are finite unit vectors and null ones are not ok, and that every file's
+    ``model_version`` is the model file's.
+
+    Args:
+        results: The results folder (``config['results']``).
+        model_path: The model file; default ``<results>/model/model.pt``.
+
+    Returns:
+        Figures, with ``ok`` True when every check passed.
+    """
+    results = Path(results)
+    with open(results / "stencil" / "manifest.json") as f:
+        manifest = json.load(f)
+    version = vg_model.load(model_path or results / "model" / "model.pt")[1]["model_version"]
+    folder = results / "embeddings"
+    expected = {f"{r}_{v['digest']}.parquet": r for r, v in manifest["regions"].items()}
+    present = {p.name for p in folder.glob("*.parquet") if REGION_FILE.match(p.name)}
+    stencil_cells, rows, mismatched, wrong_version = 0, 0, [], []
+    counts = dict.fromkeys(STATUSES, 0)
+    max_norm_err, nonfinite, all_h3 = 0.0, 0, []
+    for name, region in sorted(expected.items()):
+        cells = pq.read_table(results / "stencil" / "regions" / f"{region}.parquet", columns=["h3"])
+        stencil_h3 = cells.column("h3").to_numpy()
+        stencil_cells += stencil_h3.shape[0]
+        if name not in present:
+            continue
+        data = geoparquet.read_region(folder / name)
+        rows += len(data)
+        all_h3.append(data.h3)
+        if not np.array_equal(np.sort(data.h3), np.sort(stencil_h3)):
+            mismatched.append(name)
+        if len(data) and data.model_version != version:
+            wrong_version.append(name)
+        status = np.asarray(data.status.to_pylist(), dtype=object)
+        for s in STATUSES:
+            counts[s] += int((status == s).sum())
+        if not np.array_equal(data.valid, status == STATUS_OK):
+            mismatched.append(name)
+        ok = data.embedding[data.valid]
+        nonfinite += int((~np.isfinite(ok)).any(axis=1).sum())
+        if ok.size:
+            max_norm_err = max(max_norm_err, float(np.abs(np.linalg.norm(ok.astype(np.float64), axis=1) - 1).max()))
+    h3_all = np.concatenate(all_h3) if all_h3 else np.zeros(0, np.uint64)
+    duplicates = int(h3_all.shape[0] - np.unique(h3_all).shape[0])
+    missing = sorted(set(expected) - present)
+    extra = sorted(present - set(expected))
+    out = {
+        "regions": len(expected),
+        "files": len(present),
+        "missing_files": missing,
+        "extra_files": extra,
+        "stencil_cells": stencil_cells,
+        "rows": rows,
+        "duplicate_h3": duplicates,
+        "files_not_matching_stencil": mismatched,
+        "status_counts": counts,
+        "nonfinite_ok_embeddings": nonfinite,
+        "max_abs_norm_minus_1": max_norm_err,
+        "model_version": version,
+        "files_with_other_model_version": wrong_version,
+    }
+    out["ok"] = bool(
+        not missing
+        and not extra
+        and rows == stencil_cells
+        and duplicates == 0
+        and not mismatched
+        and not wrong_version
+        and nonfinite == 0
+        and max_norm_err < 1e-3
+    )
+    return out
