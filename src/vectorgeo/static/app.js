@@ -52,7 +52,6 @@ function style() {
       cells: {
         type: 'vector',
         tiles: [location.origin + '/tiles/{z}/{x}/{y}.pbf'],
-        tileSize: 256, // the server sizes its cells for 256-px tiles (finer cells sooner than 512)
         minzoom: 0,
         maxzoom: meta.tile_maxzoom,
       },
