@@ -119,7 +119,7 @@ JobCompType=jobcomp/filetxt
 JobCompLoc=$dir/jobcomp.txt
 GresTypes=gpu
 ReturnToService=2
-MinJobAge=300
+MinJobAge=3600
 SlurmdTimeout=30
 InactiveLimit=0
 $hw NodeAddr=127.0.0.1 Gres=gpu:1 State=UNKNOWN

@@ -26,6 +26,7 @@ import pytest
 from test_workflow import (
     BIN,
     configfiles,
+    finished_jobs,
     furthest_stage,
     job_stats,
     make_workdir,
@@ -179,9 +180,7 @@ def s3run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Run]:
         stage = furthest_stage(workdir)
         run = S3Run(client, workdir, env, stage, stage_targets(workdir, stage))
         run.put_elevation(0)
-        run.snakemake()
-        # every job of the run, per-region ones included (a dry run sees them once the stencil exists)
-        run.all_jobs = job_stats(run.snakemake("-n", "--forceall"))
+        run.all_jobs = finished_jobs(run.snakemake())
         yield run
     finally:
         server.terminate()

@@ -87,6 +87,11 @@ def job_stats(output: str) -> Counter[str]:
     return counts
 
 
+def finished_jobs(output: str) -> Counter[str]:
+    """Rule -> number of jobs a real run finished (per-region jobs after a checkpoint included)."""
+    return Counter(re.findall(r"^Finished jobid: \d+ \(Rule: (\w+)\)$", output, flags=re.MULTILINE))
+
+
 JOB_HEADER = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):$")
 
 

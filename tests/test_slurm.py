@@ -1,0 +1,177 @@
+"""The tiny workflow through profiles/slurm on a real single-node SLURM cluster (setup/slurm.sh).
+
+The cluster has this machine's CPUs and memory, one fake GPU (gres on /dev/null) and no accounting
+database, so the run adds the flags such a cluster needs (`--slurm-no-account`, squeue for job
+status) and fast status polling. GPU rules are given gpu=1 (as on a CUDA site) so that the run
+also checks that `gpu=1` jobs are scheduled with a GPU, one at a time.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from test_workflow import (
+    GPU_RULES,
+    ROOT,
+    configfiles,
+    finished_jobs,
+    furthest_stage,
+    make_workdir,
+    reached,
+    run_snakemake,
+    stage_targets,
+)
+
+from vectorgeo.stencil import digest_cells
+
+pytestmark = pytest.mark.slurm
+
+SLURM_FLAGS = (
+    # a cluster without slurmdbd: no accounts, and squeue (not sacct) for job states
+    "--slurm-no-account",
+    "--slurm-status-command",
+    "squeue",
+    # a test cluster answers at once: poll every second instead of waiting 40 s first
+    "--slurm-init-seconds-before-status-checks",
+    "1",
+    "--seconds-between-status-checks",
+    "1",
+    "--slurm-keep-successful-logs",
+    # the node has the machine's cores; rules may ask for more threads than that
+    "--max-threads",
+    "2",
+)
+SUBMITTED = re.compile(r"^Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (.+)\)\.$", re.MULTILINE)
+
+
+@dataclass
+class Cluster:
+    home: Path
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    missing = [c for c in ("munged", "slurmctld", "slurmd", "sbatch") if shutil.which(c) is None]
+    if missing:
+        pytest.skip(f"SLURM is not installed ({', '.join(missing)} missing): run `bash setup/slurm.sh install`")
+    home = tmp_path_factory.mktemp("slurm")
+    script = str(ROOT / "setup" / "slurm.sh")
+    start = subprocess.run(["bash", script, "start", str(home)], capture_output=True, text=True, timeout=120)
+    try:
+        assert start.returncode == 0, start.stdout + start.stderr
+        exports = start.stdout.strip().splitlines()[-1]
+        words = shlex.split(exports)
+        assert words[0] == "export", exports
+        env = dict(w.split("=", 1) for w in words[1:])
+        assert set(env) == {"SLURM_CONF", "PATH"}
+        yield Cluster(home, env)
+    finally:
+        subprocess.run(["bash", script, "stop", str(home)], timeout=60)
+
+
+def _scontrol(cluster: Cluster, jobid: str) -> dict[str, str]:
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", jobid], capture_output=True, text=True, env=cluster.env, check=True
+    ).stdout
+    return dict(item.split("=", 1) for item in out.split() if "=" in item)
+
+
+def _jobcomp(cluster: Cluster) -> dict[str, dict[str, str]]:
+    """SLURM's job-completion record: jobid -> fields."""
+    records = {}
+    for line in (cluster.home / "jobcomp.txt").read_text().splitlines():
+        fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
+        records[fields["JobId"]] = fields
+    return records
+
+
+def test_workflow_runs_every_job_as_a_slurm_job(cluster: Cluster, tmp_path: Path) -> None:
+    workdir = make_workdir(tmp_path)
+    stage = furthest_stage(workdir)
+    gpu = [f"{rule}:gpu=1" for rule in GPU_RULES]
+    out = run_snakemake(
+        workdir,
+        "--profile",
+        str(ROOT / "profiles" / "slurm"),
+        *SLURM_FLAGS,
+        "--set-resources",
+        *gpu,
+        *configfiles(),
+        *stage_targets(workdir, stage),
+        env=cluster.env,
+        timeout=540,
+    ).stdout
+
+    # every job Snakemake finished was submitted to SLURM (none ran in the main process)
+    submitted = SUBMITTED.findall(out)
+    rule_of = {}
+    for _, slurm_id, log in submitted:
+        m = re.search(r"/slurm_logs/rule_(\w+)/", log)
+        assert m, log
+        rule_of[slurm_id] = m.group(1)
+        assert Path(log).is_file(), log  # kept job log
+        assert "(100%) done" in Path(log).read_text(), Path(log).read_text()[-3000:]
+    finished = finished_jobs(out)
+    assert finished and Counter(rule_of.values()) == finished, (finished, rule_of)
+    assert not re.search(r"^local(rule|checkpoint) ", out, flags=re.MULTILINE)
+    assert finished["prepare_layer"] == 3 and finished["stencil"] == 1
+
+    # SLURM's own record: each of those jobs completed, in this working directory
+    record = _jobcomp(cluster)
+    for slurm_id in rule_of:
+        assert record[slurm_id]["JobState"] == "COMPLETED", record[slurm_id]
+        assert Path(record[slurm_id]["WorkDir"]).resolve() == workdir.resolve()
+
+    # gpu=1 jobs got the cluster's one GPU, and so never ran two at once
+    gpu_jobs = [i for i, rule in rule_of.items() if rule in GPU_RULES]
+    for slurm_id, rule in rule_of.items():
+        tres = _scontrol(cluster, slurm_id).get("TresPerJob", "")
+        assert ("gres:gpu:1" in tres) == (rule in GPU_RULES), (rule, tres)
+    spans = sorted(
+        (datetime.fromisoformat(record[i]["StartTime"]), datetime.fromisoformat(record[i]["EndTime"])) for i in gpu_jobs
+    )
+    for (_, end), (start, _) in pairwise(spans):
+        assert start >= end, spans
+    if reached("train", stage):
+        assert "train_model" in rule_of.values()
+
+    # the outputs are right
+    results = workdir / "results"
+    manifest = json.loads((results / "stencil" / "manifest.json").read_text())
+    assert len(manifest["regions"]) >= 2
+    cells = {}
+    for region, entry in manifest["regions"].items():
+        h3 = pq.read_table(results / "stencil" / "regions" / f"{region}.parquet").column("h3").to_numpy()
+        assert len(h3) == entry["cells"] and digest_cells(h3) == entry["digest"]
+        cells[region] = h3
+    if reached("sample", stage):
+        with np.load(results / "samples" / "shard-0.npz") as z:
+            assert z["anchor_landcover"].shape[0] == 512
+    if reached("train", stage):
+        metrics = json.loads((results / "model" / "metrics.json").read_text())
+        assert metrics
+    if reached("embed", stage):
+        assert finished["embed_region"] == len(manifest["regions"])
+        for region, entry in manifest["regions"].items():
+            table = pq.read_table(
+                io.BytesIO((results / "embeddings" / f"{region}_{entry['digest']}.parquet").read_bytes())
+            )
+            assert np.array_equal(np.sort(table.column("h3").to_numpy()), cells[region])
+            ok = [s == "ok" for s in table.column("status").to_pylist()]
+            emb = np.array([v for v, good in zip(table.column("embedding").to_pylist(), ok, strict=True) if good])
+            assert len(emb) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-3)
