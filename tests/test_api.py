@@ -453,6 +453,25 @@ def test_tiles_rebuilt_when_regions_reloaded(pg_cluster, tmp_path):
         assert second.build_id != first.build_id and second.cells > first.cells
 
 
+def test_app_follows_reloaded_regions(pg_cluster, tmp_path, monkeypatch):
+    """A running server re-checks the loaded regions and serves the rebuilt tiles."""
+    from fastapi.testclient import TestClient
+
+    from vectorgeo import api, store
+
+    s = load_synthetic(pg_cluster, tmp_path / "a", bbox=(30.0, 10.0, 31.0, 11.0))
+    monkeypatch.setattr(api, "META_TTL_S", 0.0)
+    with TestClient(api.create_app(s.url)) as c:
+        before = c.get("/meta").json()
+        paths, arrays = make_synthetic(tmp_path / "b", bbox=(30.0, 10.0, 32.0, 11.0))
+        with store.connect(s.url) as conn:
+            for p in paths:
+                store.load_region(conn, p)
+        after = c.get("/meta").json()
+    assert before["cells"] == int(s.valid.sum())
+    assert after["cells"] == int(arrays["valid"].sum()) > before["cells"]
+
+
 # --- countries, viewer assets ----------------------------------------------------------------------------
 def test_countries(client):
     r = client.get("/countries.geojson", headers={"accept-encoding": "gzip"})

