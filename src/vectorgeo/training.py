@@ -374,7 +374,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
 def evaluate(
     model: nn.Module, arrays: Mapping[str, np.ndarray], ctx: StepContext, batch_size: int = 1024
 ) -> tuple[float, float, np.ndarray]:
-    """Validation loss, triplet accuracy and anchor embeddings of a set of triplets."""
+    """Validation loss, triplet accuracy and anchor embeddings of a set of triplets (in eval mode)."""
+    was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=ctx.device)
     correct = torch.zeros((), device=ctx.device)
@@ -388,7 +389,7 @@ def evaluate(
         correct += (d_ap < d_an).sum()
         n += len(d_ap)
         anchors.append(z.float()[: len(d_ap)].cpu())
-    model.train()
+    model.train(was_training)
     return float(loss_sum) / n, float(correct) / n, torch.cat(anchors).numpy()
 
 
@@ -568,6 +569,7 @@ def train(
         ctx = StepContext(specs, device, float(cfg["margin"]), float(cfg["grad_clip"]), amp_dtype, cuda, scaler)
         optimizer = torch.optim.AdamW(module.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         steps_per_epoch = math.ceil(n_train / cfg["batch_size"])  # for the progress bar and LR schedule
+        log_every = max(1, steps_per_epoch // 5)
         total_steps = max(1, steps_per_epoch * cfg["epochs"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
@@ -625,6 +627,15 @@ def train(
                     bar.update(1)
                     if show and n_steps % 20 == 0:
                         bar.set_postfix(loss=f"{float(loss_sum) / n_steps:.4f}")
+                    elif not show and n_steps % log_every == 0:  # a quiet log still shows progress
+                        log.info(
+                            "epoch %d: step %d/%d, train loss %.4f, %.0f triplets/s",
+                            epoch,
+                            n_steps,
+                            steps_per_epoch,
+                            float(loss_sum) / n_steps,
+                            n_seen / (time.perf_counter() - t_train),
+                        )
             finally:
                 bar.close()
                 if prefetch is not None:
