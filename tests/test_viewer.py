@@ -129,6 +129,35 @@ def test_viewer_click_shows_similar_cells(browser, base_url, synthetic):
     page.wait_for_function("() => document.querySelectorAll('#results li').length === 5", timeout=30_000)
     assert page.eval_on_selector_all("#results li", "els => els.map(e => e.dataset.h3)") == listed[:5]
 
+    # the radius control re-runs the search within the new circle
+    page.fill("#radius-num", "60")
+    page.dispatch_event("#radius-num", "change")
+    want60 = [w[0] for w in synthetic.brute_similar(cell, 5, 60_000)]
+    page.wait_for_function(
+        "(want) => [...document.querySelectorAll('#results li')].map(e => e.dataset.h3).join() === want.join()",
+        arg=want60,
+        timeout=30_000,
+    )
+
+    # dragging the circle moves the query to the cell under its new centre
+    target = a_valid_cell(synthetic, (45.5, 12.5))
+    j = synthetic.index(target)
+    tx, ty = page.evaluate(
+        "([lng, lat]) => { const p = window.vectorgeo.map.project([lng, lat]); return [p.x, p.y]; }",
+        [float(synthetic.lng[j]), float(synthetic.lat[j])],
+    )
+    page.mouse.move(box["x"] + x, box["y"] + y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + (x + tx) / 2, box["y"] + (y + ty) / 2, steps=5)
+    page.mouse.move(box["x"] + tx, box["y"] + ty, steps=5)
+    page.mouse.up()
+    page.wait_for_function(
+        "(h3) => document.getElementById('query').textContent.startsWith('query ' + h3)", arg=target, timeout=30_000
+    )
+    page.wait_for_function("() => document.body.dataset.status === 'results'", timeout=30_000)
+    want_drag = [w[0] for w in synthetic.brute_similar(target, 5, 60_000)]
+    assert page.eval_on_selector_all("#results li", "els => els.map(e => e.dataset.h3)") == want_drag
+
     assert page.evaluate("() => window.vectorgeo.errors") == []
     assert problems == []
 
