@@ -101,7 +101,12 @@ def stencil_manifest():
     """The stencil manifest (read through storage when a default storage provider is set)."""
     manifest = checkpoints.stencil.get().output.manifest
     with manifest.open() as f:
-        return json.load(f)
+        content = json.load(f)
+    if manifest.is_storage and os.path.exists(manifest):
+        # Snakemake retrieves it again when needed; a leftover local copy would block the next
+        # rerun of the stencil checkpoint (ProtectedOutputException)
+        os.remove(manifest)
+    return content
 
 
 def region_targets(pattern):
