@@ -145,22 +145,40 @@ def ensure(conn: psycopg.Connection, *, max_features: int = 4000) -> TileMeta:
     return build(conn, max_features=max_features)
 
 
+def _sample_embeddings(conn: psycopg.Connection, ds: store.Dataset, n: int) -> np.ndarray:
+    """Up to :data:`PCA_SAMPLE` embeddings (float64, (m, d)) via a binary COPY parsed by numpy."""
+    pct = min(100.0, 100.0 * 2 * PCA_SAMPLE / max(n, 1))
+    record = np.dtype([("nf", ">i2"), ("len", ">i4"), ("dim", ">i2"), ("unused", ">i2"), ("e", ">f4", (ds.dim,))])
+
+    def fetch(sample: sql.Composable) -> np.ndarray:
+        q = sql.SQL(
+            "COPY (SELECT embedding FROM {} {} WHERE embedding IS NOT NULL LIMIT {}) TO STDOUT (FORMAT BINARY)"
+        ).format(ds.ident, sample, sql.Literal(PCA_SAMPLE))
+        buf = bytearray()
+        with conn.cursor() as cur, cur.copy(q) as cp:
+            for block in cp:
+                buf += block
+        body = bytes(buf[19:-2])  # 19-byte header (signature, flags, extension length), 2-byte trailer
+        return np.frombuffer(body, dtype=record)["e"].astype(np.float64)
+
+    x = fetch(sql.SQL(f"TABLESAMPLE SYSTEM ({pct:.6f})"))
+    if x.shape[0] < min(n, 3):  # a tiny table: the page sample may miss it
+        x = fetch(sql.SQL(""))
+    return x
+
+
 def _fit_pca(conn: psycopg.Connection, ds: store.Dataset, n: int) -> dict[str, Any]:
     """PCA of a sample of the embeddings: mean·c_i, components c_i (3, d), 1st/99th percentiles."""
-    pct = min(100.0, 100.0 * 2 * PCA_SAMPLE / max(n, 1))
-    q = sql.SQL("SELECT embedding FROM {} {} WHERE embedding IS NOT NULL LIMIT %s")
-    rows = conn.execute(q.format(ds.ident, sql.SQL(f"TABLESAMPLE SYSTEM ({pct:.6f})")), (PCA_SAMPLE,)).fetchall()
-    if len(rows) < min(n, 3):
-        rows = conn.execute(q.format(ds.ident, sql.SQL("")), (PCA_SAMPLE,)).fetchall()
-    if not rows:
+    x = _sample_embeddings(conn, ds, n)
+    if x.shape[0] == 0:
         return {"mean_dot": [0.0] * 3, "components": [], "lo": [0.0] * 3, "hi": [1.0] * 3}
-    x = np.stack([store._to_numpy(r[0]).astype(np.float64) for r in rows])
     mean = x.mean(axis=0)
     centred = x - mean
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    # the top eigenvectors of the d x d scatter matrix are the top right singular vectors of `centred`
+    _, vecs = np.linalg.eigh(centred.T @ centred)
     comps = np.zeros((3, x.shape[1]))
-    k = min(3, vt.shape[0])
-    comps[:k] = vt[:k]
+    k = min(3, vecs.shape[1])
+    comps[:k] = vecs[:, ::-1][:, :k].T
     # deterministic signs: the largest loading of each component is positive
     idx = np.argmax(np.abs(comps), axis=1)
     signs = np.where(comps[np.arange(3), idx] < 0, -1.0, 1.0)
