@@ -49,7 +49,7 @@ from vectorgeo.errors import DatabaseError, RequestError
 
 META_TABLE = "vectorgeo_tiles"
 _LOCK_KEY = 0x7469_6C65_7321  # advisory lock serialising tile builds ("tiles!")
-PCA_SAMPLE = 50_000
+PCA_SAMPLE = 20_000
 TILE_FILL = 0.6
 EXTENT = 4096
 BUFFER = 64
