@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="default: embed.batch_size of the config")
     ap.add_argument("--device", default=None, help="default: embed.device of the config")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU")
-    ap.add_argument("--repeats", type=int, default=2, help="best of this many timed runs of each")
+    ap.add_argument("--repeats", type=int, default=3, help="best of this many timed runs of each")
     args = ap.parse_args()
 
     cfg = load_config(args.config)

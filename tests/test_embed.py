@@ -349,3 +349,12 @@ def test_workflow_reruns_exactly_what_changed(
     shutil.copy(emb_dir / next(iter(first)), emb_dir / f"{GIBRALTAR}_{'0' * 12}.parquet")
     audit = vg_embed.audit(workdir / "results")
     assert not audit["ok"] and audit["extra_files"] == [f"{GIBRALTAR}_{'0' * 12}.parquet"]
+
+    # a corrupt model file: the job fails with a message naming the file, and leaves no output behind
+    model.write_bytes(b"PK\x03\x04 truncated")
+    args = ["--configfile", "config/one.yaml", "--cores", "1", *RULES, "--", "rollup"]
+    proc = run_snakemake(workdir, *args, check=False)
+    assert proc.returncode != 0
+    log_text = next((workdir / "logs" / "embed_region").glob(f"{GIBRALTAR}_*.log")).read_text()
+    assert "model.pt" in log_text and "not a readable model file" in log_text, log_text[-2000:]
+    assert not any(p.name.startswith(".") for p in emb_dir.iterdir())  # no temp files left
