@@ -467,7 +467,10 @@ def test_app_follows_reloaded_regions(pg_cluster, tmp_path, monkeypatch):
         with store.connect(s.url) as conn:
             for p in paths:
                 store.load_region(conn, p)
-        after = c.get("/meta").json()
+        deadline = time.monotonic() + 60
+        while (after := c.get("/meta").json())["cells"] == before["cells"] and time.monotonic() < deadline:
+            time.sleep(0.2)  # rebuilt in the background, the old tiles are served meanwhile
+        assert c.get("/tiles/0/0/0.pbf").status_code == 200
     assert before["cells"] == int(s.valid.sum())
     assert after["cells"] == int(arrays["valid"].sum()) > before["cells"]
 

@@ -339,19 +339,42 @@ def create_app(
     lock = threading.Lock()
     cache: OrderedDict[tuple[str, int, int, int], bytes] = OrderedDict()
     build_lock = threading.Lock()
-    state: dict[str, Any] = {"meta": None, "checked": 0.0, "countries": None}
+    state: dict[str, Any] = {"meta": None, "checked": 0.0, "building": False, "countries": None}
+
+    def rebuild() -> None:
+        """Build the tiles in the background while the old ones are served."""
+        try:
+            with store.connect(url) as conn:
+                meta = tiles.ensure(conn, max_features=tile_max_features)
+            state.update(meta=meta, checked=time.monotonic())
+            log.info("tiles of %s rebuilt: %d cells", meta.model_version, meta.cells)
+        except VectorgeoError as e:
+            log.warning("tile rebuild failed: %s", e)
+        finally:
+            state["building"] = False
 
     def tile_meta(conn: Any) -> tiles.TileMeta:
-        """The tiles in force, re-checked against the loaded regions every META_TTL_S seconds."""
+        """The tiles in force, re-checked against the loaded regions every META_TTL_S seconds.
+
+        The first time they are built here (start-up); later, stale tiles are rebuilt in a background
+        thread and served until the new ones are ready.
+        """
         meta: tiles.TileMeta | None = state["meta"]
         if meta is not None and time.monotonic() - state["checked"] < META_TTL_S:
             return meta
-        with build_lock:  # one build at a time; tile requests from the cache go on meanwhile
-            if state["meta"] is None or time.monotonic() - state["checked"] >= META_TTL_S:
-                state["meta"] = tiles.ensure(conn, max_features=tile_max_features)
-                state["checked"] = time.monotonic()
+        with build_lock:
             meta = state["meta"]
-            assert meta is not None
+            if meta is None:
+                meta = tiles.ensure(conn, max_features=tile_max_features)
+                state.update(meta=meta, checked=time.monotonic())
+            elif time.monotonic() - state["checked"] >= META_TTL_S and not state["building"]:
+                fresh = tiles.current(conn, max_features=tile_max_features)
+                if fresh is not None:
+                    state.update(meta=fresh, checked=time.monotonic())
+                    meta = fresh
+                else:
+                    state["building"] = True
+                    threading.Thread(target=rebuild, name="vectorgeo-tiles", daemon=True).start()
             return meta
 
     def current_meta() -> tiles.TileMeta:

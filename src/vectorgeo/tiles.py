@@ -24,7 +24,7 @@ Everything lives in tables of this module, one per model version (dataset) of :m
 (model version, table, a signature of the loaded regions, PCA, bounds). :func:`ensure` builds the tiles of
 the active dataset when they are missing or its regions changed since.
 
-Public API: :func:`ensure`, :func:`build`, :func:`read_meta`, :func:`level_for_zoom`, :func:`max_zoom`,
+Public API: :func:`ensure`, :func:`current`, :func:`build`, :func:`read_meta`, :func:`level_for_zoom`, :func:`max_zoom`,
 :func:`tile`, :class:`TileMeta`.
 """
 
@@ -120,15 +120,9 @@ def read_meta(conn: psycopg.Connection, model_version: str) -> TileMeta | None:
     return TileMeta(**d)
 
 
-def ensure(conn: psycopg.Connection, *, max_features: int = 4000) -> TileMeta:
-    """The tiles of the active dataset, built first when missing or stale (regions reloaded since).
-
-    Args:
-        conn: A store connection.
-        max_features: Feature cap per tile.
-
-    Returns:
-        The tile metadata in force.
+def current(conn: psycopg.Connection, *, max_features: int = 4000) -> TileMeta | None:
+    """The recorded tiles of the active dataset when they match its loaded regions, else None (cheap:
+    catalog queries only).
 
     Raises:
         DatabaseError: nothing loaded.
@@ -142,7 +136,23 @@ def ensure(conn: psycopg.Connection, *, max_features: int = 4000) -> TileMeta:
         and _table_exists(conn, meta.table)
     ):
         return meta
-    return build(conn, max_features=max_features)
+    return None
+
+
+def ensure(conn: psycopg.Connection, *, max_features: int = 4000) -> TileMeta:
+    """The tiles of the active dataset, built first when missing or stale (regions reloaded since).
+
+    Args:
+        conn: A store connection.
+        max_features: Feature cap per tile.
+
+    Returns:
+        The tile metadata in force.
+
+    Raises:
+        DatabaseError: nothing loaded.
+    """
+    return current(conn, max_features=max_features) or build(conn, max_features=max_features)
 
 
 def _sample_embeddings(conn: psycopg.Connection, ds: store.Dataset, n: int) -> np.ndarray:
