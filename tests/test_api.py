@@ -475,6 +475,26 @@ def test_app_follows_reloaded_regions(pg_cluster, tmp_path, monkeypatch):
     assert after["cells"] == int(arrays["valid"].sum()) > before["cells"]
 
 
+def test_database_down_is_503():
+    """No database: the server still starts; data endpoints answer 503 with a message, never a 500."""
+    import socket
+
+    from fastapi.testclient import TestClient
+
+    from vectorgeo.api import create_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens here once the socket is closed
+    with TestClient(create_app(f"postgresql://nobody:secret@127.0.0.1:{port}/none")) as c:
+        for url in ("/healthz", "/meta", f"/similar?h3={CELL}", "/point?lat=1&lng=2", "/tiles/0/0/0.pbf"):
+            r = c.get(url)
+            assert r.status_code == 503, (url, r.text)
+            assert r.json()["error"] == "unavailable" and "cannot connect" in r.json()["message"]
+            assert "secret" not in r.text
+        assert c.get("/point?lat=100&lng=2").status_code == 422  # bad input is still bad input
+
+
 # --- countries, viewer assets ----------------------------------------------------------------------------
 def test_countries(client):
     r = client.get("/countries.geojson", headers={"accept-encoding": "gzip"})

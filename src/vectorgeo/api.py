@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vectorgeo import store, tiles
-from vectorgeo.errors import DatabaseError, RequestError, VectorgeoError
+from vectorgeo.errors import DatabaseError, DataError, RequestError, VectorgeoError
 
 log = logging.getLogger(__name__)
 
@@ -276,8 +276,6 @@ def countries_geojson(tolerance: float = COUNTRIES_TOLERANCE_DEG) -> bytes:
     import pyogrio
     import shapely
 
-    from vectorgeo.errors import DataError
-
     spec = importlib.util.find_spec(COUNTRIES_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise DataError(COUNTRIES_PACKAGE, "package not installed; run `make setup` (DATA_PKGS in the Makefile)")
@@ -424,8 +422,8 @@ def create_app(
     async def bad_request(request: Request, exc: RequestError) -> JSONResponse:
         return _error(422, "invalid_request", str(exc), exc.param)
 
-    @app.exception_handler(DatabaseError)
-    async def unavailable(request: Request, exc: DatabaseError) -> JSONResponse:
+    @app.exception_handler(VectorgeoError)  # DatabaseError, or missing data (e.g. the countries package)
+    async def unavailable(request: Request, exc: VectorgeoError) -> JSONResponse:
         return _error(503, "unavailable", str(exc))
 
     @app.exception_handler(StarletteHTTPException)
