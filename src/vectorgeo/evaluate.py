@@ -718,41 +718,57 @@ def probe_scores(
     Returns:
         metric -> one score per scored fold.
     """
+    from threadpoolctl import threadpool_limits
+
+    scores: dict[str, list[float]] = {}
+    x = np.asarray(x, dtype=np.float64)
+    # One BLAS/OpenMP thread: the problems are small, and multi-threaded BLAS on a loaded machine
+    # waits for descheduled threads (logistic regression measured 60x slower on 2 busy cores).
+    with threadpool_limits(limits=1):
+        for f in np.unique(folds):
+            got = _score_fold(x, y, kind, folds == f, knn_k, logistic_c, logistic_max_iter, ridge_alpha)
+            for k, v in got.items():
+                scores.setdefault(k, []).append(v)
+    return scores
+
+
+def _score_fold(
+    x: np.ndarray,
+    y: np.ndarray,
+    kind: TaskKind,
+    test: np.ndarray,
+    knn_k: int,
+    logistic_c: float,
+    logistic_max_iter: int,
+    ridge_alpha: float,
+) -> dict[str, float]:
+    """Fit the probes on the cells outside ``test`` and score them on ``test`` ({} if not scorable)."""
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.metrics import accuracy_score, f1_score, r2_score
     from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
     from sklearn.preprocessing import StandardScaler
 
-    scores: dict[str, list[float]] = {}
-    x = np.asarray(x, dtype=np.float64)
-    for f in np.unique(folds):
-        test = folds == f
-        train = ~test
-        if test.sum() == 0 or train.sum() < knn_k:
-            continue
-        if kind == "classification" and len(np.unique(y[train])) < 2:
-            continue
-        scaler = StandardScaler().fit(x[train])
-        xtr, xte = scaler.transform(x[train]), scaler.transform(x[test])
-        ytr, yte = y[train], y[test]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # convergence and ill-conditioning notes, kept out of logs
-            if kind == "classification":
-                lin = LogisticRegression(C=logistic_c, max_iter=logistic_max_iter).fit(xtr, ytr)
-                pred = lin.predict(xte)
-                knn_pred = KNeighborsClassifier(n_neighbors=knn_k).fit(xtr, ytr).predict(xte)
-                got = {
-                    "linear_macro_f1": f1_score(yte, pred, average="macro", zero_division=0),
-                    "linear_accuracy": accuracy_score(yte, pred),
-                    "knn_macro_f1": f1_score(yte, knn_pred, average="macro", zero_division=0),
-                }
-            else:
-                pred = Ridge(alpha=ridge_alpha).fit(xtr, ytr).predict(xte)
-                knn_pred = KNeighborsRegressor(n_neighbors=knn_k).fit(xtr, ytr).predict(xte)
-                got = {"linear_r2": r2_score(yte, pred), "knn_r2": r2_score(yte, knn_pred)}
-        for k, v in got.items():
-            scores.setdefault(k, []).append(float(v))
-    return scores
+    train = ~test
+    if test.sum() == 0 or train.sum() < knn_k:
+        return {}
+    if kind == "classification" and len(np.unique(y[train])) < 2:
+        return {}
+    scaler = StandardScaler().fit(x[train])
+    xtr, xte = scaler.transform(x[train]), scaler.transform(x[test])
+    ytr, yte = y[train], y[test]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence and ill-conditioning notes, kept out of logs
+        if kind == "classification":
+            pred = LogisticRegression(C=logistic_c, max_iter=logistic_max_iter).fit(xtr, ytr).predict(xte)
+            knn_pred = KNeighborsClassifier(n_neighbors=knn_k).fit(xtr, ytr).predict(xte)
+            return {
+                "linear_macro_f1": float(f1_score(yte, pred, average="macro", zero_division=0)),
+                "linear_accuracy": float(accuracy_score(yte, pred)),
+                "knn_macro_f1": float(f1_score(yte, knn_pred, average="macro", zero_division=0)),
+            }
+        pred = Ridge(alpha=ridge_alpha).fit(xtr, ytr).predict(xte)
+        knn_pred = KNeighborsRegressor(n_neighbors=knn_k).fit(xtr, ytr).predict(xte)
+        return {"linear_r2": float(r2_score(yte, pred)), "knn_r2": float(r2_score(yte, knn_pred))}
 
 
 def summarise(scores: Mapping[str, Sequence[float]], metrics: Sequence[str]) -> dict[str, dict[str, float]]:
