@@ -337,6 +337,7 @@ def create_app(
     lock = threading.Lock()
     cache: OrderedDict[tuple[str, int, int, int], bytes] = OrderedDict()
     build_lock = threading.Lock()
+    countries_lock = threading.Lock()
     state: dict[str, Any] = {"meta": None, "checked": 0.0, "building": False, "countries": None}
 
     def rebuild() -> None:
@@ -587,7 +588,7 @@ def create_app(
     )
     def countries(request: Request) -> Response:
         """Natural Earth admin-0 country outlines (generalised), for the viewer's land layer."""
-        with lock:
+        with countries_lock:
             if state["countries"] is None:
                 state["countries"] = gzip.compress(countries_geojson(), compresslevel=6, mtime=0)
             data: bytes = state["countries"]
