@@ -76,6 +76,15 @@ start() {
     fi
     mkdir -p "$dir"/{munge,state,spool,log,run,bin}
     chmod 755 "$dir" "$dir/munge"
+    # munged refuses a socket below a folder that others cannot search
+    local up=$dir
+    while [[ $up != / ]]; do
+        up=$(dirname "$up")
+        if [[ $(stat -c %A "$up") != ?????????[xt] ]]; then
+            echo "slurm: $up is not searchable by others (munged needs that for its socket); use another DIR" >&2
+            exit 1
+        fi
+    done
 
     # munge: own key and socket, so a system munged (if any) is left alone
     if [[ ! -f $dir/munge/munge.key ]]; then

@@ -99,11 +99,11 @@ class S3Run:
             self.workdir,
             "--profile",
             str(Path(__file__).resolve().parents[1] / "profiles" / "s3"),
+            *self.targets,  # before the options that take several values
             *configfiles("s3", *overlays),
             "--cores",
             "2",
             *args,
-            *self.targets,
             env=self.env,
         ).stdout
 

@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -65,11 +66,13 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster() -> Iterator[Cluster]:
     missing = [c for c in ("munged", "slurmctld", "slurmd", "sbatch") if shutil.which(c) is None]
     if missing:
         pytest.skip(f"SLURM is not installed ({', '.join(missing)} missing): run `bash setup/slurm.sh install`")
-    home = tmp_path_factory.mktemp("slurm")
+    # not below pytest's private (0700) temporary folder: munged wants a socket path others can search
+    home = Path(tempfile.mkdtemp(prefix="vectorgeo-slurm-"))
+    home.chmod(0o755)
     script = str(ROOT / "setup" / "slurm.sh")
     start = subprocess.run(["bash", script, "start", str(home)], capture_output=True, text=True, timeout=120)
     try:
@@ -82,6 +85,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield Cluster(home, env)
     finally:
         subprocess.run(["bash", script, "stop", str(home)], timeout=60)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _scontrol(cluster: Cluster, jobid: str) -> dict[str, str]:
@@ -106,13 +110,13 @@ def test_workflow_runs_every_job_as_a_slurm_job(cluster: Cluster, tmp_path: Path
     gpu = [f"{rule}:gpu=1" for rule in GPU_RULES]
     out = run_snakemake(
         workdir,
+        *stage_targets(workdir, stage),  # first: the options below take several values
         "--profile",
         str(ROOT / "profiles" / "slurm"),
         *SLURM_FLAGS,
         "--set-resources",
         *gpu,
         *configfiles(),
-        *stage_targets(workdir, stage),
         env=cluster.env,
         timeout=540,
     ).stdout

@@ -198,7 +198,7 @@ def test_gpu_rules_declare_gpu_when_cuda_is_configured(workdir: Path) -> None:
     # per-region jobs only show in a dry run once the stencil checkpoint has run (a few seconds)
     run_snakemake(workdir, *configfiles("cuda"), "--cores", "2", "stencil")
     targets = stage_targets(workdir, furthest)
-    out = run_snakemake(workdir, *configfiles("cuda"), "-n", "--resources", "gpu=1", *targets).stdout
+    out = run_snakemake(workdir, *targets, *configfiles("cuda"), "-n", "--resources", "gpu=1").stdout
     jobs = planned_jobs(out)
     rules = Counter(rule for rule, _ in jobs)
     assert rules["train_model"] == 1, out[-4000:]
