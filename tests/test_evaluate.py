@@ -178,6 +178,8 @@ def test_spatial_folds_never_split_a_block() -> None:
         assert not test_blocks & train_blocks
         # a test cell's own parent block is never in training
         assert not np.isin(parents[folds == f], parents[folds != f]).any()
+    with pytest.raises(ConfigError, match=r"only \d blocks"):
+        ev.spatial_folds(cells_in_bbox(5, (2.0, 45.0, 3.0, 46.0)), 1, 5, seed=0)
     sizes = np.bincount(folds, minlength=k)
     assert sizes.min() > 0.5 * len(cells) / k
     np.testing.assert_array_equal(folds, ev.spatial_folds(cells, 2, k, seed=3))
@@ -295,6 +297,13 @@ def test_country_labels_from_natural_earth(default_config: dict) -> None:
     lab = ev.task_labels(task, ev.vector_source_path(task), lat, lng)
     names = [lab.class_names[i] if v else None for i, v in zip(lab.y, lab.valid, strict=True)]
     assert names == ["France", "Germany", "Australia", None, "Japan"]
+
+
+def test_unscored_folds_give_null_not_nan() -> None:
+    x = np.random.default_rng(0).normal(size=(20, 3))
+    y = np.zeros(20, np.int64)  # a single class: no fold can be scored
+    sc = ev.summarise(ev.probe_scores(x, y, "classification", np.arange(20) % 2), ev.CLASSIFICATION_METRICS)
+    assert sc["linear_macro_f1"] == {"mean": None, "std": None}
 
 
 def test_drop_rare_classes() -> None:

@@ -548,9 +548,18 @@ def spatial_folds(h3: np.ndarray, resolution: int, n_folds: int, seed: int) -> n
 
     Returns:
         int64 fold index (0..n_folds-1) per cell.
+
+    Raises:
+        ConfigError: fewer blocks than folds.
     """
     parents = h3_parent(h3, resolution)
     blocks, inverse, sizes = np.unique(parents, return_inverse=True, return_counts=True)
+    if len(blocks) < n_folds:
+        raise ConfigError(
+            "evaluate.fold_resolution",
+            f"the cells fall in only {len(blocks)} blocks at resolution {resolution}, fewer than "
+            f"evaluate.folds ({n_folds}); choose a finer fold_resolution or fewer folds",
+        )
     order = np.random.default_rng(seed).permutation(len(blocks))
     start = np.cumsum(sizes[order]) - sizes[order]
     fold_of_ordered = np.minimum((start * n_folds) // max(len(h3), 1), n_folds - 1)
@@ -771,14 +780,14 @@ def _score_fold(
         return {"linear_r2": float(r2_score(yte, pred)), "knn_r2": float(r2_score(yte, knn_pred))}
 
 
-def summarise(scores: Mapping[str, Sequence[float]], metrics: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Mean and (population) standard deviation over folds; NaN where no fold was scored."""
-    out = {}
+def summarise(scores: Mapping[str, Sequence[float]], metrics: Sequence[str]) -> dict[str, dict[str, float | None]]:
+    """Mean and (population) standard deviation over folds; None where no fold was scored."""
+    out: dict[str, dict[str, float | None]] = {}
     for m in metrics:
         v = np.asarray(scores.get(m, []), dtype=np.float64)
         out[m] = {
-            "mean": float(v.mean()) if len(v) else math.nan,
-            "std": float(v.std()) if len(v) else math.nan,
+            "mean": float(v.mean()) if len(v) else None,
+            "std": float(v.std()) if len(v) else None,
         }
     return out
 
@@ -871,7 +880,8 @@ def goal_check(metrics: Mapping[str, Any]) -> dict[str, Any]:
         for base, res in ms.items():
             if base == "embedding":
                 continue
-            beats.setdefault(base, {})[task] = bool(e > res[main]["mean"])
+            b = res[main]["mean"]
+            beats.setdefault(base, {})[task] = e is not None and (b is None or bool(e > b))
     passed = all(all(beats.get(b, {}).values()) for b in ("random_init", "pca_raw"))
     ch = beats.get("class_histogram", {})
     if ch:
@@ -961,7 +971,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, allow_nan=True)
+            json.dump(obj, f, indent=2, allow_nan=False)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

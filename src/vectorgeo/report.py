@@ -64,6 +64,10 @@ def map_figure(lat: np.ndarray, lng: np.ndarray, rgb: np.ndarray) -> str:
     return _png(fig)
 
 
+def _num(v: float | None) -> float:
+    return math.nan if v is None else float(v)
+
+
 def bar_figure(metrics: Mapping[str, Any]) -> str:
     """Per task: the main metric and the kNN metric of each method (mean ± std over folds)."""
     import matplotlib
@@ -79,8 +83,8 @@ def bar_figure(metrics: Mapping[str, Any]) -> str:
         methods = list(t["methods"])
         x = np.arange(len(methods))
         for off, metric, alpha in ((-0.2, main, 1.0), (0.2, knn, 0.45)):
-            means = [t["methods"][m][metric]["mean"] for m in methods]
-            stds = [t["methods"][m][metric]["std"] for m in methods]
+            means = [_num(t["methods"][m][metric]["mean"]) for m in methods]
+            stds = [_num(t["methods"][m][metric]["std"]) for m in methods]
             ax.bar(
                 x + off,
                 means,
