@@ -11,7 +11,8 @@ Endpoints (OpenAPI at ``/docs`` and ``/openapi.json``):
 - ``GET /tiles/{z}/{x}/{y}.pbf``: gzipped Mapbox Vector Tiles of hexagons coloured by embedding
   (:mod:`vectorgeo.tiles`).
 - ``GET /countries.geojson``: Natural Earth country outlines (generalised), ``GET /meta``, ``GET /healthz``.
-- ``/``: the viewer (``static/``), with MapLibre GL JS served from ``node_modules`` (``setup/npm.sh``).
+- ``/``: the viewer (``static/``), with MapLibre GL JS served from ``node_modules`` (``setup/npm.sh``), and
+  ``/docs`` with Swagger UI from there too: both work offline.
 
 Limits: k ≤ 1000, radius ≤ 5,000 km, bbox within [-180, 180] × [-90, 90] with south < north. Every bad
 input is answered 4xx with JSON ``{error, message, param}``, the message naming the parameter; a database
@@ -41,7 +42,8 @@ import psycopg
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -291,18 +293,21 @@ def countries_geojson(tolerance: float = COUNTRIES_TOLERANCE_DEG) -> bytes:
     return ('{"type":"FeatureCollection","features":[' + ",".join(features) + "]}").encode()
 
 
-def maplibre_dir() -> Path | None:
-    """MapLibre GL JS ``dist`` folder: ``VECTORGEO_MAPLIBRE_DIR``, else ``node_modules`` of the project."""
-    env = os.environ.get("VECTORGEO_MAPLIBRE_DIR")
-    candidates = [Path(env)] if env else []
-    candidates += [
-        Path(__file__).resolve().parents[2] / "node_modules" / "maplibre-gl" / "dist",
-        Path.cwd() / "node_modules" / "maplibre-gl" / "dist",
-    ]
-    for c in candidates:
-        if (c / "maplibre-gl.mjs").exists():
-            return c
+def npm_dir(package: str, subdir: str, marker: str) -> Path | None:
+    """Folder of an npm package's browser files: ``VECTORGEO_NODE_MODULES/<package>/<subdir>``, else the
+    project's ``node_modules`` (``setup/npm.sh``), else ``./node_modules``; None when ``marker`` is absent."""
+    roots = [Path(os.environ["VECTORGEO_NODE_MODULES"])] if os.environ.get("VECTORGEO_NODE_MODULES") else []
+    roots += [Path(__file__).resolve().parents[2] / "node_modules", Path.cwd() / "node_modules"]
+    for root in roots:
+        d = root / package / subdir
+        if (d / marker).exists():
+            return d
     return None
+
+
+def maplibre_dir() -> Path | None:
+    """MapLibre GL JS ``dist`` folder, or None when ``setup/npm.sh`` has not run."""
+    return npm_dir("maplibre-gl", "dist", "maplibre-gl.mjs")
 
 
 def _error(status: int, error: str, message: str, param: str | None = None) -> JSONResponse:
@@ -403,7 +408,23 @@ def create_app(
         version="1.0",
         summary="Similarity search over embeddings of H3 land cells, and a map viewer.",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
+    swagger = npm_dir("swagger-ui-dist", "", "swagger-ui-bundle.js")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        """Swagger UI, from node_modules when installed (offline), else from its CDN."""
+        if swagger is None:
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="vectorgeo API")
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="vectorgeo API",
+            swagger_js_url="/vendor/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url="/vendor/swagger-ui/swagger-ui.css",
+            swagger_favicon_url="data:,",
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -640,6 +661,8 @@ def create_app(
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    if swagger is not None:
+        app.mount("/vendor/swagger-ui", StaticFiles(directory=swagger), name="swagger-ui")
     dist = maplibre_dir()
     if dist is not None:
         app.mount("/vendor/maplibre-gl", StaticFiles(directory=dist), name="maplibre")
