@@ -7,8 +7,9 @@ workflow's region files, with random unit vectors (d = 16).
 - ``copy_rows_per_s``: :func:`vectorgeo.store.load_arrays` per region (DELETE of the region's key
   range + numpy-built binary COPY, one transaction per region) into a table with its primary key.
 - ``insert_rows_per_s``: the old way, same data, same run, same table definition: multi-row INSERT
-  statements of 10,000 rows with literal values (SQL text built beforehand and not timed, which
-  favours INSERT); ``insert_rows_per_s_incl_sql_building`` counts the string building too.
+  statements of 10,000 rows with literal values (SQL text building not timed, which favours INSERT;
+  ``insert_rows_per_s_incl_sql_building`` counts it), interleaved with the COPY region by region so
+  that both see the same load of the shared machine; one transaction per statement.
 - ``hnsw_build_s``: :func:`vectorgeo.store.build_indexes` HNSW step (m, ef_construction from config).
 - ``query_p50_ms``, ``query_p95_ms``: :func:`vectorgeo.store.similar` (method auto, k = 10) from random
   cells, unfiltered and at every radius, client-side wall time over a socket.
@@ -97,17 +98,11 @@ def regions_of(h3: np.ndarray) -> np.ndarray:
     return (np.uint64(0x0800000000000000) | (base << np.uint64(45)) | np.uint64((1 << 45) - 1)).astype(np.uint64)
 
 
-def run_insert_baseline(
-    conn: Any, h3: np.ndarray, lat: np.ndarray, lng: np.ndarray, emb: np.ndarray, region: np.ndarray
-) -> tuple[float, float]:
-    """The old way: literal multi-row INSERTs of 10k rows. Returns (execute seconds, building seconds)."""
-    conn.execute("DROP TABLE IF EXISTS bench_insert")
-    conn.execute(
-        f"""CREATE TABLE bench_insert (h3 bigint PRIMARY KEY, geom geometry(Point, 4326) NOT NULL,
-            embedding vector({DIM}), status text NOT NULL, region bigint NOT NULL)"""
-    )
-    t_build = time.perf_counter()
-    statements = []
+def insert_statements(
+    h3: np.ndarray, lat: np.ndarray, lng: np.ndarray, emb: np.ndarray, region: np.ndarray, table: str
+) -> list[str]:
+    """The old way: multi-row INSERT statements of (up to) 10,000 rows with literal values."""
+    out = []
     h3i = h3.view(np.int64)
     regi = region.view(np.int64)
     for start in range(0, h3.shape[0], INSERT_BATCH):
@@ -118,14 +113,78 @@ def run_insert_baseline(
                 h3i[sl].tolist(), lng[sl].tolist(), lat[sl].tolist(), emb[sl], regi[sl].tolist(), strict=True
             )
         )
-        statements.append("INSERT INTO bench_insert (h3, geom, embedding, status, region) VALUES " + values)
-    build_s = time.perf_counter() - t_build
-    t0 = time.perf_counter()
-    for s in statements:
-        conn.execute(s)
-    exec_s = time.perf_counter() - t0
+        out.append(f"INSERT INTO {table} (h3, geom, embedding, status, region) VALUES " + values)
+    return out
+
+
+def load_both(
+    conn: Any,
+    mv: str,
+    h3: np.ndarray,
+    lat: np.ndarray,
+    lng: np.ndarray,
+    emb: np.ndarray,
+    region: np.ndarray,
+    insert: bool,
+) -> dict[str, Any]:
+    """Load every region with binary COPY and, interleaved, the same rows with 10k-row INSERTs.
+
+    Interleaving (region i by COPY, then the INSERT statements that end within region i) exposes both
+    methods to the same load of the shared machine at the same time.
+    """
+    conn.execute("DROP TABLE IF EXISTS bench_insert")
+    conn.execute(
+        f"""CREATE TABLE bench_insert (h3 bigint PRIMARY KEY, geom geometry(Point, 4326) NOT NULL,
+            embedding vector({DIM}), status text NOT NULL, region bigint NOT NULL)"""
+    )
+    bounds = np.flatnonzero(np.diff(region)) + 1
+    starts, ends = np.r_[0, bounds], np.r_[bounds, h3.shape[0]]
+    valid = np.ones(h3.shape[0], dtype=bool)
+    copy_s = insert_s = build_s = 0.0
+    done = 0  # rows inserted the old way
+    for s, e in zip(starts, ends, strict=True):
+        t0 = time.perf_counter()
+        store.load_arrays(
+            conn,
+            h3=h3[s:e],
+            lat=lat[s:e],
+            lng=lng[s:e],
+            embedding=emb[s:e],
+            valid=valid[s:e],
+            status=["ok"] * int(e - s),
+            model_version=mv,
+            region=int(region[s]),
+        )
+        copy_s += time.perf_counter() - t0
+        if not insert:
+            continue
+        upto = e if e == h3.shape[0] else done + (e - done) // INSERT_BATCH * INSERT_BATCH
+        if upto > done:
+            t0 = time.perf_counter()
+            sl = slice(done, upto)
+            statements = insert_statements(h3[sl], lat[sl], lng[sl], emb[sl], region[sl], "bench_insert")
+            build_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for st in statements:
+                conn.execute(st)
+            insert_s += time.perf_counter() - t0
+            done = upto
+    n = h3.shape[0]
+    out: dict[str, Any] = {
+        "regions": int(starts.shape[0]),
+        "copy_s": round(copy_s, 2),
+        "copy_rows_per_s": round(n / copy_s),
+    }
+    if insert:
+        assert conn.execute("SELECT count(*) FROM bench_insert").fetchone()[0] == n
+        out.update(
+            insert_s=round(insert_s, 2),
+            insert_rows_per_s=round(n / insert_s),
+            insert_rows_per_s_incl_sql_building=round(n / (insert_s + build_s)),
+            copy_over_insert=round(insert_s / copy_s, 2),
+        )
     conn.execute("DROP TABLE bench_insert")
-    return exec_s, build_s
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -155,36 +214,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         with store.connect(url) as conn:
             mv = f"bench-{args.rows}-{args.seed}-{time.time_ns()}"
-            # binary COPY, one transaction per region
-            bounds = np.flatnonzero(np.diff(region)) + 1
-            starts, ends = np.r_[0, bounds], np.r_[bounds, h3.shape[0]]
-            valid = np.ones(h3.shape[0], dtype=bool)
-            t0 = time.perf_counter()
-            for s, e in zip(starts, ends, strict=True):
-                store.load_arrays(
-                    conn,
-                    h3=h3[s:e],
-                    lat=lat[s:e],
-                    lng=lng[s:e],
-                    embedding=emb[s:e],
-                    valid=valid[s:e],
-                    status=["ok"] * int(e - s),
-                    model_version=mv,
-                    region=int(region[s]),
-                )
-            copy_s = time.perf_counter() - t0
-            out["regions"] = int(starts.shape[0])
-            out["copy_s"] = round(copy_s, 2)
-            out["copy_rows_per_s"] = round(h3.shape[0] / copy_s)
-            print(f"copy: {out['copy_rows_per_s']} rows/s", file=sys.stderr)
-            if not args.skip_insert:
-                exec_s, build_s = run_insert_baseline(conn, h3, lat, lng, emb, region)
-                out["insert_s"] = round(exec_s, 2)
-                out["insert_rows_per_s"] = round(h3.shape[0] / exec_s)
-                out["insert_rows_per_s_incl_sql_building"] = round(h3.shape[0] / (exec_s + build_s))
-                out["copy_over_insert"] = round(out["copy_rows_per_s"] / out["insert_rows_per_s"], 2)
-                print(f"insert: {out['insert_rows_per_s']} rows/s", file=sys.stderr)
-
+            out.update(load_both(conn, mv, h3, lat, lng, emb, region, insert=not args.skip_insert))
+            print(f"load: {out}", file=sys.stderr)
             summary = store.build_indexes(
                 conn,
                 hnsw_m=settings["hnsw_m"],

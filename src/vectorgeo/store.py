@@ -894,8 +894,18 @@ def similar(
         params["clat"], params["clng"] = clat, clng
         point = "ST_SetSRID(ST_MakePoint(%(clng)s, %(clat)s), 4326)::geography"
         exact_f.append(sql.SQL(f"ST_DWithin(geom::geography, {point}, %(radius)s)"))
+        # boxes around the circle (1% wider: they are computed on a sphere) reject most HNSW candidates
+        # with two float comparisons before the geodesic distance is computed
+        boxes = circle_envelopes(clat, clng, params["radius"] * 1.01)
+        pre: list[sql.Composable] = []
+        for j, (bw, bs, be, bn) in enumerate(boxes):
+            params.update({f"bw{j}": bw, f"bs{j}": bs, f"be{j}": be, f"bn{j}": bn})
+            pre.append(
+                sql.SQL(f"(ST_X(geom) BETWEEN %(bw{j})s AND %(be{j})s AND ST_Y(geom) BETWEEN %(bs{j})s AND %(bn{j})s)")
+            )
+        index_f.append(sql.SQL("(") + sql.SQL(" OR ").join(pre) + sql.SQL(")"))
         index_f.append(sql.SQL(f"ST_Distance(geom::geography, {point}) <= %(radius)s"))
-        envelopes.append(circle_envelopes(clat, clng, params["radius"]))
+        envelopes.append(boxes)
     if bbox is not None:
         w, s, e, n = _check_bbox(bbox)
         params.update(w=w, s=s, e=e, n=n)
@@ -923,27 +933,37 @@ def similar(
             use_exact = est <= float(threshold)
         cond = sql.SQL(" AND ").join(where + (exact_f if use_exact else index_f))
         if use_exact:
+            # "+ 0": an ORDER BY expression the HNSW index cannot serve, so every filtered row is ranked
             query = sql.SQL(
-                "WITH c AS MATERIALIZED (SELECT h3, geom, embedding FROM {t} WHERE {cond}) "
-                "SELECT h3, ST_Y(geom), ST_X(geom), 1 - (embedding <=> %(q)s) FROM c "
-                "ORDER BY embedding <=> %(q)s, h3 LIMIT %(k)s"
+                "SELECT h3, ST_Y(geom), ST_X(geom), 1 - (embedding <=> %(q)s) FROM {t} WHERE {cond} "
+                "ORDER BY (embedding <=> %(q)s) + 0, h3 LIMIT %(k)s"
             ).format(t=ds.ident, cond=cond)
-            rows = conn.execute(query, params).fetchall()
+            gucs: tuple[str, ...] = ()
         else:
             ef = max(int(ef_search or EF_SEARCH), k)
             mst = int(max_scan_tuples or MAX_SCAN_TUPLES)
+            # relaxed order + re-sort: candidates may come slightly out of order from an iterative scan
             query = sql.SQL(
                 "WITH c AS MATERIALIZED (SELECT h3, geom, embedding <=> %(q)s AS dist FROM {t} WHERE {cond} "
                 "ORDER BY embedding <=> %(q)s LIMIT %(k)s) "
                 "SELECT h3, ST_Y(geom), ST_X(geom), 1 - dist FROM c ORDER BY dist, h3"
             ).format(t=ds.ident, cond=cond)
-            with conn.transaction():
-                conn.execute(
-                    "SELECT set_config('hnsw.ef_search', %s, true), set_config('hnsw.iterative_scan', %s, true), "
-                    "set_config('hnsw.max_scan_tuples', %s, true)",
-                    (str(ef), "relaxed_order" if spatial or exclude_self else "off", str(mst)),
-                )
-                rows = conn.execute(query, params).fetchall()
+            gucs = (
+                "hnsw.ef_search",
+                str(ef),
+                "hnsw.iterative_scan",
+                "relaxed_order" if spatial or exclude_self else "off",
+                "hnsw.max_scan_tuples",
+                str(mst),
+            )
+        with conn.transaction():
+            # parallel workers cost more than they save on queries of a few milliseconds
+            conn.execute(
+                "SELECT set_config('max_parallel_workers_per_gather', '0', true)"
+                + ", set_config(%s, %s, true)" * (len(gucs) // 2),
+                gucs,
+            )
+            rows = conn.execute(query, params).fetchall()
     except psycopg.Error as e:
         raise DatabaseError(f"similarity query failed: {e}") from None
     return [{"h3": int(r[0]), "lat": float(r[1]), "lng": float(r[2]), "similarity": float(r[3])} for r in rows]
