@@ -433,6 +433,27 @@ def test_tile_feature_cap(synthetic):
         assert tiles.level_for_zoom(6, RES, 150) < tiles.level_for_zoom(6, RES, 4000)
 
 
+def test_hexagons_across_the_antimeridian_and_poles():
+    """Cells crossing ±180° are drawn on both sides; cells beyond the Mercator limit are left out."""
+    import shapely
+
+    from vectorgeo import tiles
+    from vectorgeo.api import boundary
+
+    east = h3.str_to_int(h3.latlng_to_cell(0.0, 179.99, 3))
+    plain = h3.str_to_int(h3.latlng_to_cell(47.0, 10.0, 3))
+    polar = h3.str_to_int(h3.latlng_to_cell(-89.9, 0.0, 3))
+    index, geoms = tiles.hexagons_3857(np.array([east, plain, polar], dtype=np.uint64))
+    assert sorted(index.tolist()) == [0, 0, 1]
+    half = math.pi * tiles.EARTH_RADIUS_M  # x of ±180°
+    b = shapely.bounds(geoms[index == 0])
+    assert (b[:, 2] - b[:, 0] < 2e5).all()  # compact hexagons, not a band around the world
+    assert sorted(np.sign(b[:, 0] + b[:, 2]).tolist()) == [-1, 1]  # one copy each side
+    assert b[:, 0].min() < -half < b[:, 2].min() and b[:, 0].max() < half < b[:, 2].max()
+    ring = np.array(boundary(east))
+    assert ring[:, 0].max() - ring[:, 0].min() < 2  # continuous longitudes for the viewer
+
+
 def test_empty_tile(client):
     r = client.get("/tiles/3/0/0.pbf")  # the far north-west Pacific: nothing loaded
     assert r.status_code == 200 and decode(r.content) == []
