@@ -343,7 +343,14 @@ def create_app(
     cache: OrderedDict[tuple[str, int, int, int], bytes] = OrderedDict()
     build_lock = threading.Lock()
     countries_lock = threading.Lock()
-    state: dict[str, Any] = {"meta": None, "checked": 0.0, "building": False, "countries": None}
+    state: dict[str, Any] = {
+        "meta": None,
+        "checked": 0.0,
+        "building": False,
+        "countries": None,
+        "resolution": None,
+        "resolution_at": 0.0,
+    }
 
     def rebuild() -> None:
         """Build the tiles in the background while the old ones are served."""
@@ -380,6 +387,14 @@ def create_app(
                     state["building"] = True
                     threading.Thread(target=rebuild, name="vectorgeo-tiles", daemon=True).start()
             return meta
+
+    def loaded_resolution(conn: Any) -> int:
+        """H3 resolution of the active dataset, re-read every META_TTL_S seconds (one query saved per request)."""
+        now = time.monotonic()
+        if state["resolution"] is None or now - state["resolution_at"] >= META_TTL_S:
+            state.update(resolution=store.resolution(conn), resolution_at=now)
+        res: int = state["resolution"]
+        return res
 
     def current_meta() -> tiles.TileMeta:
         """:func:`tile_meta`, taking a connection only when the re-check is due."""
@@ -494,7 +509,7 @@ def create_app(
     def search(body: SearchRequest) -> Any:
         """Old Lambda shape: cells most similar to ``h3`` (or the cell at lat/lon) within the circle."""
         with pool.connection() as conn:
-            res = store.resolution(conn)
+            res = loaded_resolution(conn)
             if body.h3 is not None:
                 cell = parse_cell(body.h3, "h3", res)
             else:
@@ -516,7 +531,7 @@ def create_app(
     def get_cell(h3: Annotated[str, PathParam(pattern=H3_PATTERN, description="H3 cell, 15 hex digits.")]) -> Any:
         """One cell: embedding (null when unusable), centre, status, region and hexagon."""
         with pool.connection() as conn:
-            res = store.resolution(conn)
+            res = loaded_resolution(conn)
             cell = parse_cell(h3, "h3", res)
             body = cell_body(conn, cell, res)
         if body is None:
@@ -530,7 +545,7 @@ def create_app(
     ) -> Any:
         """The loaded cell containing a point, with its embedding."""
         with pool.connection() as conn:
-            res = store.resolution(conn)
+            res = loaded_resolution(conn)
             cell = int(h3lib.str_to_int(h3lib.latlng_to_cell(lat, lng, res)))
             body = cell_body(conn, cell, res)
         if body is None:
@@ -554,7 +569,7 @@ def create_app(
         """The k cells most similar (cosine) to a cell, within a radius of it and/or inside a bbox."""
         box = parse_bbox(bbox) if bbox is not None else None
         with pool.connection() as conn:
-            res = store.resolution(conn)
+            res = loaded_resolution(conn)
             cell = parse_cell(h3, "h3", res)
             row = store.get_cell(conn, cell)
             if row is None or row["embedding"] is None:
