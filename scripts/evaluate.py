@@ -34,5 +34,7 @@ metrics = run_evaluation(
     out_report=snakemake.output.report,
     model_metrics_path=snakemake.input.model_metrics,
 )
+main = {"classification": "linear_macro_f1", "regression": "linear_r2"}
 for name, t in metrics["tasks"].items():
-    log.info("%s: %s", name, {m: r for m, r in t["methods"].items()})
+    metric = main[t["kind"]]
+    log.info("%s %s: %s", name, metric, {m: r[metric]["mean"] for m, r in t["methods"].items()})

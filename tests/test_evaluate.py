@@ -595,3 +595,32 @@ def test_report_opens_offline_in_chromium(world: dict, tmp_path: Path) -> None:
         assert page.locator("table").count() >= 2
         assert not [u for u in requests if not u.startswith(("file:", "data:"))]
         browser.close()
+
+
+# --------------------------------------------------------------------------- workflow
+
+
+@pytest.mark.slow
+def test_workflow_evaluate_rule(tmp_path: Path) -> None:
+    """The tiny test config through the real workflow up to the report; a hyperparameter reruns only evaluate."""
+    from test_workflow import ROOT, configfiles, make_workdir, run_snakemake
+
+    if "rules/evaluate.smk" not in (ROOT / "Snakefile").read_text():
+        pytest.skip("the Snakefile does not include rules/evaluate.smk yet")
+    workdir = make_workdir(tmp_path / "wd", {"knn": {"evaluate": {"knn_k": 3}}})
+    run_snakemake(workdir, *configfiles(), "--cores", "2", "evaluate", timeout=900)
+    metrics = json.loads((workdir / "results" / "eval" / "metrics.json").read_text())
+    assert set(metrics) == {"tasks", "n_cells", "folds"} and metrics["folds"] == 3
+    assert set(metrics["tasks"]) == {"koppen", "elevation", "country"}
+    for t in metrics["tasks"].values():
+        assert set(t["methods"]) == set(ev.METHODS)
+    report = (workdir / "results" / "eval" / "report.html").read_text()
+    assert report.count("data:image/png;base64,") == 3  # scores, map, training curves
+    assert "https://" not in report
+    assert (workdir / "logs" / "evaluate" / "evaluate.log").stat().st_size > 0
+    assert (workdir / "benchmarks" / "evaluate" / "evaluate.tsv").exists()
+    assert "Nothing to be done" in run_snakemake(workdir, *configfiles(), "--cores", "2", "evaluate").stdout
+    dry = run_snakemake(workdir, *configfiles("knn"), "-n", "evaluate").stdout
+    from test_workflow import job_stats
+
+    assert dict(job_stats(dry)) == {"evaluate": 1}
