@@ -203,6 +203,18 @@ def test_stale_digest_is_refused(tmp_path: Path, layers: dict, model_file: Path)
         )
 
 
+def test_bad_settings_name_the_key(layers: dict, model_file: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        vg_embed.embed_points(model_file, layers, [40.0], [-3.5], batch_size=0, device="cpu")
+    assert e.value.key == "embed.batch_size"
+    with pytest.raises(ConfigError) as e:
+        vg_embed.embed_points(model_file, layers, [40.0], [-3.5], max_nodata_frac=1.5, device="cpu")
+    assert e.value.key == "embed.max_nodata_frac"
+    with pytest.raises(ConfigError) as e:
+        vg_embed.embed_params({"device": "tpu"})
+    assert e.value.key == "embed.device"
+
+
 def test_embed_points_accepts_a_loaded_model(layers: dict, model_file: Path) -> None:
     pair = vg_model.load(model_file)
     a = vg_embed.embed_points(pair, layers, [40.0, 37.0], [-3.5, -4.5], device="cpu")

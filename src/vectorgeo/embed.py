@@ -209,6 +209,10 @@ class Embedder:
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
+        if self.batch_size < 1:
+            raise ConfigError("embed.batch_size", f"expected a positive integer, got {self.batch_size!r}")
+        if not 0.0 <= self.max_nodata_frac <= 1.0:
+            raise ConfigError("embed.max_nodata_frac", f"expected a number in [0, 1], got {self.max_nodata_frac!r}")
         self.specs = check_layers(self.metadata, self.layers)
         self.model_layers = {name: self.layers[name] for name in self.specs}
         self.patch_px = int(self.metadata["patch_px"])
