@@ -71,6 +71,8 @@ def test_viewer_click_shows_similar_cells(browser, base_url, synthetic):
     page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
     page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url} {r.failure}"))
     page.on("response", lambda r: problems.append(f"HTTP {r.status}: {r.url}") if r.status >= 400 else None)
+    outside: list[str] = []  # the viewer must work offline: every request goes to this server
+    page.on("request", lambda r: None if r.url.startswith((base_url, "data:", "blob:")) else outside.append(r.url))
 
     page.goto(base_url + "/")
     page.wait_for_function("() => document.body.dataset.status === 'ready'", timeout=60_000)
@@ -160,6 +162,7 @@ def test_viewer_click_shows_similar_cells(browser, base_url, synthetic):
 
     assert page.evaluate("() => window.vectorgeo.errors") == []
     assert problems == []
+    assert outside == []
 
     # a click outside the loaded cells says so instead of failing (the only problem: /point's 404)
     page.mouse.click(box["x"] + box["width"] - 8, box["y"] + 8)  # top-right corner: beyond the loaded box
