@@ -961,6 +961,30 @@ def elevation_note(tasks: Mapping[str, TaskSpec], model_layers: Mapping[str, Lay
     return notes
 
 
+def method_notes(tasks: Mapping[str, TaskSpec], params: EvalParams) -> list[str]:
+    """How to read the scores: what the baselines see, and what spatial blocking does to rare classes."""
+    notes = []
+    if "pca_raw" in params.methods:
+        notes.append(
+            f"pca_raw is fitted without labels on {params.pca_fit_cells} of the evaluated cells (all folds), "
+            "as the model is trained without labels on cells from everywhere."
+        )
+    for t in tasks.values():
+        if t.type == "vector":
+            notes.append(
+                f"Task '{t.name}': labels from polygons ({t.source}, attribute {t.field}); classes with fewer "
+                f"than {t.min_class_cells} evaluated cells are dropped. Under spatial blocks a class whose cells "
+                "all fall in the test blocks is never seen in training and scores F1 = 0 for every method alike, "
+                "which keeps macro-F1 low; compare methods, not absolute values."
+            )
+    if "latlng" in params.methods:
+        notes.append(
+            "latlng with kNN can interpolate labels across block borders from nearby training cells; "
+            "the linear probe on latlng cannot, so it is a weak baseline for the main metric."
+        )
+    return notes
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -1075,7 +1099,7 @@ def run_evaluation(
     if model_metrics_path is not None and Path(model_metrics_path).exists():
         with open(model_metrics_path) as f:
             training = json.load(f)
-    notes = elevation_note(tasks, specs)
+    notes = elevation_note(tasks, specs) + method_notes(tasks, params)
     write_report(
         out_report,
         metrics,
