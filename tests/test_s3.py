@@ -298,3 +298,24 @@ def test_stencil_rerun_with_same_cells_keeps_every_region_output(s3run: S3Run) -
     assert embeddings and all(before[k] == after[k] for k in embeddings)
     # and the leftover local copy of the manifest did not block the checkpoint rerun
     assert "ProtectedOutputException" not in out
+
+
+def test_lost_region_output_is_rebuilt_alone(s3run: S3Run) -> None:
+    """Deleting one region's embeddings object reruns that region's job only (and what reads it)."""
+    if not reached("embed", s3run.stage):
+        pytest.skip("no per-region rule in the workflow yet")
+    regions = sorted(s3run.manifest()["regions"].items())
+    region, entry = regions[len(regions) // 2]
+    key = f"results/embeddings/{region}_{entry['digest']}.parquet"
+    s3run.client.delete_object(Bucket=BUCKET, Key=f"{PREFIX}/{key}")
+    before = s3run.objects()
+    dry = s3run.snakemake("-n")
+    planned = [(w["region"], w["digest"]) for rule, w in planned_jobs(dry) if rule == "embed_region"]
+    assert planned == [(region, entry["digest"])], dry[-4000:]
+    assert set(job_stats(dry)) <= {"embed_region", "rollup"}
+    s3run.snakemake()
+    after = s3run.objects()
+    changed = {k for k in after if before.get(k) is None or before[k][1] != after[k][1]}
+    assert {k for k in changed if k.startswith("results/")} - {
+        k for k in after if k.startswith("results/embeddings/rollup/")
+    } == {key}
