@@ -36,9 +36,20 @@ install() {
     fi
     local sudo=()
     [[ $(id -u) -eq 0 ]] || sudo=(sudo)
-    "${sudo[@]}" apt-get update -q
-    # the packages' own services are not used (start writes its own config); don't start them
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+    # the packages' own services are not used (start writes its own config): keep apt from starting
+    # them, with a policy-rc.d for the duration of the install unless the machine has one already
+    local policy=/usr/sbin/policy-rc.d own_policy=0
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee "$policy" >/dev/null
+        "${sudo[@]}" chmod 755 "$policy"
+        own_policy=1
+    fi
+    local rc=0
+    "${sudo[@]}" apt-get update -q &&
+        DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}" ||
+        rc=$?
+    ((own_policy == 0)) || "${sudo[@]}" rm -f "$policy"
+    return "$rc"
 }
 
 free_port() {
