@@ -10,32 +10,13 @@ EVAL_PARAMS = vg_evaluate.EvalParams.from_config(config["evaluate"])
 EVAL_RASTER_TASKS = [n for n, t in EVAL_TASKS.items() if t.type == "raster"]
 
 
-def eval_label(name):
-    """The label file of a task: a prepared raster, or the vector file itself."""
-    task = EVAL_TASKS[name]
-    if task.type == "raster":
-        return results("eval", "labels", f"{name}.npy")
-    return local(str(vg_evaluate.vector_source_path(task)))
-
-
-def eval_label_source(wildcards):
-    """The raster a task's labels are prepared from (a built-in, a storage object or a path)."""
-    task = EVAL_TASKS[wildcards.task]
-    bname = vg_layers.builtin_name(task.source)
-    if bname is not None:
-        return local(
-            str(
-                vg_layers.builtin_path(bname, f"evaluate.tasks.{wildcards.task}.source")
-            )
-        )
-    if vg_layers.is_remote(task.source):
-        return storage(task.source)
-    return local(task.source)
-
-
 rule prepare_eval_label:
     input:
-        source=eval_label_source,
+        source=lambda wildcards: (
+            storage(EVAL_TASKS[wildcards.task].source)
+            if vg_layers.is_remote(EVAL_TASKS[wildcards.task].source)
+            else local(vg_evaluate.raster_source(EVAL_TASKS[wildcards.task]))
+        ),
     output:
         npy=results("eval", "labels", "{task}.npy"),
         grid=results("eval", "labels", "{task}.grid.json"),
@@ -66,7 +47,15 @@ rule evaluate:
         model_metrics=results("model", "metrics.json"),
         layers=[layer_npy(name) for name in LAYER_SPECS],
         grids=[layer_grid(name) for name in LAYER_SPECS],
-        labels=[eval_label(name) for name in EVAL_TASKS],
+        # a raster task's prepared labels, or a vector task's file itself
+        labels=[
+            (
+                results("eval", "labels", f"{name}.npy")
+                if task.type == "raster"
+                else local(str(vg_evaluate.vector_source_path(task)))
+            )
+            for name, task in EVAL_TASKS.items()
+        ],
     output:
         metrics=results("eval", "metrics.json"),
         report=results("eval", "report.html"),

@@ -40,7 +40,7 @@ from typing import Any, Literal
 import numpy as np
 
 from vectorgeo.errors import ConfigError, DataError
-from vectorgeo.layers import BUILTINS, NODATA_INDEX, Layer, LayerSpec, builtin_name
+from vectorgeo.layers import BUILTINS, NODATA_INDEX, Layer, LayerSpec, builtin_name, builtin_path
 
 log = logging.getLogger("vectorgeo.evaluate")
 
@@ -291,6 +291,19 @@ def check_config(config: Mapping[str, Any]) -> None:
     res = config.get("stencil", {}).get("resolution", 5)
     if ev.get("fold_resolution", 1) > res:
         raise ConfigError("evaluate.fold_resolution", f"must be <= stencil.resolution ({res})")
+
+
+def raster_source(task: TaskSpec) -> str:
+    """The file or URL a raster task is prepared from (a built-in resolved inside its package).
+
+    Raises:
+        ConfigError: not a raster task, or a built-in whose package is missing.
+    """
+    key = f"evaluate.tasks.{task.name}.source"
+    if task.type != "raster":
+        raise ConfigError(key, "expected a raster task")
+    bname = builtin_name(task.source)
+    return str(builtin_path(bname, key)) if bname is not None else task.source
 
 
 def vector_source_path(task: TaskSpec) -> Path:
