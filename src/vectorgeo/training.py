@@ -437,6 +437,7 @@ def plot_training(metrics: Mapping[str, Any], path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     ep = [e["epoch"] for e in metrics["epochs"]]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -451,7 +452,9 @@ def plot_training(metrics: Mapping[str, Any], path: str | Path) -> None:
         ax2.legend(loc="lower right")
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("validation triplet accuracy")
-    ax2.set_ylim(min(0.5, *[e["val_triplet_accuracy"] for e in metrics["epochs"]]), 1.0)
+    ax2.set_ylim(max(0.0, min(e["val_triplet_accuracy"] for e in metrics["epochs"]) - 0.05), 1.0)
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"vectorgeo model {metrics.get('model_version', '')}")
     fig.tight_layout()
 
