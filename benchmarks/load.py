@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import socket
 import sys
@@ -285,6 +286,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             out["per_radius"] = per_radius
             out["queries_per_radius"] = int(args.queries)
             out["settings"] = {k: settings[k] for k in ("ef_search", "max_scan_tuples", "exact_scan_max_rows")}
+            out["exact_scan_limit_rows"] = round(store.exact_scan_limit(conn, ds, 10, settings["exact_scan_max_rows"]))
+            out["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
+            out["cpus"] = os.cpu_count()
     finally:
         if cluster is not None:
             cluster.stop(mode="immediate")

@@ -50,6 +50,7 @@ SERVER_CONF = {
     "max_wal_size": "'4GB'",
     "checkpoint_timeout": "'15min'",
     "random_page_cost": "1.1",
+    "jit": "off",
     "logging_collector": "off",
 }
 

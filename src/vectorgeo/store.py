@@ -42,12 +42,14 @@ until commit, but COPY inserts in batches (heap multi-insert) while ``INSERT ...
 by row, so staging made the load about 2x slower (measured: ~1M rows/s COPY into a temp table, then
 ~0.2M rows/s INSERT ... SELECT, against ~0.4M rows/s COPY into the indexed table).
 
-Filtered kNN: with a radius or bbox the planner's row estimate for the filter decides. At most
-``exact_scan_max_rows`` estimated rows → exact: the filtered rows are materialised (through the GIST
-index) and sorted by cosine distance. More → pgvector's HNSW index with an iterative scan
-(``hnsw.iterative_scan = relaxed_order``, then an exact re-sort of the candidates), which keeps
-fetching candidates until k rows pass the filter; for a filter that keeps a fraction ≥
-exact_scan_max_rows / N of the rows this is near-exact (see benchmarks/load.py for measured recall).
+Filtered kNN: with a radius or bbox, the planner's row estimate R for the filter's bounding boxes
+(geometry statistics) decides. R at most :func:`exact_scan_limit` (sqrt(16 N k) by default) → exact:
+the filtered rows are fetched through the GIST index and all ranked by cosine distance. Larger →
+pgvector's HNSW index with an iterative scan (``hnsw.iterative_scan = relaxed_order``, then an exact
+re-sort of the k found), which keeps fetching candidates in order of distance until k of them pass
+the filter (a cheap lat/lng box test, then the geodesic distance); a filter that keeps at least that
+share of the rows makes this near-exact (recall measured by benchmarks/load.py). Queries run with
+parallel workers and JIT off: both cost more than they save at a few milliseconds per query.
 """
 
 from __future__ import annotations
@@ -76,7 +78,10 @@ HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 64
 EF_SEARCH = 100
 MAX_SCAN_TUPLES = 50000
-EXACT_SCAN_MAX_ROWS = 5000
+# exact vs HNSW for a filter estimated to keep R of N rows: the exact scan costs ~R row visits, the
+# iterative HNSW scan ~N k / R candidates at ~16 times the cost each (measured, benchmarks/load.py):
+# exact when R <= sqrt(16 N k), about 13,000 rows for N = 1M and k = 10
+EXACT_SCAN_COST_RATIO = 16.0
 MAINTENANCE_WORK_MEM = "1GB"
 MAX_K = 1000
 EARTH_HALF_CIRCUMFERENCE_M = 20_037_509.0
@@ -799,6 +804,16 @@ def estimate_envelope_rows(conn: Any, ds: Dataset, boxes: Sequence[tuple[float, 
     return estimate_rows(conn, query, [x for b in boxes for x in b])
 
 
+def exact_scan_limit(conn: Any, ds: Dataset, k: int, exact_scan_max_rows: int | None = None) -> float:
+    """Largest estimated filtered row count answered by an exact scan: the given limit, else
+    sqrt(EXACT_SCAN_COST_RATIO * N * k) with N the table's row estimate (pg_class.reltuples)."""
+    if exact_scan_max_rows is not None:
+        return float(exact_scan_max_rows)
+    row = conn.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass", (ds.table,)).fetchone()
+    n = max(float(row[0]) if row else 0.0, 1.0)
+    return math.sqrt(EXACT_SCAN_COST_RATIO * n * k)
+
+
 def estimate_rows(conn: Any, query: sql.Composable, params: Any) -> float:
     """The planner's row estimate for a query (EXPLAIN, not executed)."""
     plan = conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) ") + query, params).fetchone()[0]
@@ -840,7 +855,7 @@ def similar(
             rows, else HNSW with an iterative scan), ``exact`` or ``index``.
         ef_search: HNSW candidate list size (raised to k).
         max_scan_tuples: Bound of an iterative HNSW scan.
-        exact_scan_max_rows: Threshold of ``auto``.
+        exact_scan_max_rows: Threshold of ``auto``; None = :func:`exact_scan_limit`'s cost model.
 
     Returns:
         Dicts with keys h3 (int), lat, lng, similarity (1 - cosine distance), most similar first.
@@ -925,12 +940,11 @@ def similar(
             )
             envelopes.append([(w, s, 180.0, n), (-180.0, s, e, n)])
     spatial = bool(exact_f)
-    threshold = EXACT_SCAN_MAX_ROWS if exact_scan_max_rows is None else exact_scan_max_rows
     try:
         use_exact = method == "exact"
         if method == "auto" and spatial:
             est = min(estimate_envelope_rows(conn, ds, env) for env in envelopes)
-            use_exact = est <= float(threshold)
+            use_exact = est <= exact_scan_limit(conn, ds, k, exact_scan_max_rows)
         cond = sql.SQL(" AND ").join(where + (exact_f if use_exact else index_f))
         if use_exact:
             # "+ 0": an ORDER BY expression the HNSW index cannot serve, so every filtered row is ranked
@@ -957,9 +971,10 @@ def similar(
                 str(mst),
             )
         with conn.transaction():
-            # parallel workers cost more than they save on queries of a few milliseconds
+            # parallel workers and JIT compilation (triggered by the HNSW scan's huge cost estimate) cost
+            # more than they save on queries of a few milliseconds
             conn.execute(
-                "SELECT set_config('max_parallel_workers_per_gather', '0', true)"
+                "SELECT set_config('max_parallel_workers_per_gather', '0', true), set_config('jit', 'off', true)"
                 + ", set_config(%s, %s, true)" * (len(gucs) // 2),
                 gucs,
             )
