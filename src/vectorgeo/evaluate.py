@@ -334,7 +334,7 @@ def vector_source_path(task: TaskSpec) -> Path:
 
 @dataclass
 class Cells:
-    """The evaluated cells: the first ``n_eval`` rows are the probe cells.
+    """Cells drawn for evaluation, in random order (any prefix is a uniform sample).
 
     Attributes:
         h3: uint64 cell ids.
@@ -419,6 +419,8 @@ def read_cells(paths: Sequence[str | Path], n: int, seed: int) -> Cells:
         d = col.type.list_size if hasattr(col.type, "list_size") else None
         if d is None:
             raise DataError(p, f"column 'embedding' is {col.type}; expected fixed_size_list<float32>")
+        if col.null_count:
+            raise DataError(p, f"{col.null_count} rows have status 'ok' but a null embedding")
         vals = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, d)
         if emb is None:
             emb = np.zeros((k, d), np.float32)
