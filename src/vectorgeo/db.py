@@ -249,7 +249,18 @@ class Cluster:
         return proc.returncode == 0
 
     def start(self) -> str:
-        """Initialise if needed, start if stopped, create the database and extensions; return the URL."""
+        """Initialise if needed, start if stopped, create the database and extensions; return the URL.
+
+        Concurrent calls (e.g. two workflow jobs) are serialised by the lock file ``<home>/start.lock``.
+        """
+        import fcntl
+
+        self.home.mkdir(parents=True, exist_ok=True)
+        with open(self.home / "start.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._start()
+
+    def _start(self) -> str:
         self.init()
         if not self.status():
             self._prepare_home()
