@@ -151,20 +151,33 @@ def encode(
         DataError: a layer is missing from the batch or has the wrong shape.
     """
     specs = specs_of(specs_or_metadata)
-    parts: list[torch.Tensor] = []
+    if not specs:
+        raise ConfigError("layers", "no model input layers")
+    xs: dict[str, torch.Tensor] = {}
     shape: tuple[int, ...] | None = None
-    for name, spec in specs.items():
+    for name in specs:
         if name not in batch:
             raise DataError("batch", f"layer '{name}' is missing; got {sorted(batch)}")
         x = _as_tensor(batch[name], device)
         if x.ndim != 3 or (shape is not None and tuple(x.shape) != shape):
             raise DataError("batch", f"layer '{name}' has shape {tuple(x.shape)}; expected (N, P, P) like the others")
         shape = tuple(x.shape)
+        xs[name] = x
+    assert shape is not None
+    first = next(iter(xs.values()))
+    # one output buffer, filled channel group by channel group (no concatenation copies)
+    out = torch.empty((shape[0], input_channels(specs), shape[1], shape[2]), dtype=torch.float32, device=first.device)
+    c = 0
+    for name, spec in specs.items():
+        x = xs[name]
         if spec.kind == "categorical":
             k = spec.n_classes
-            classes = torch.arange(k, device=x.device, dtype=torch.int16).view(1, k, 1, 1)
-            # nodata (255) and out-of-range values match no class: an all-zero pixel
-            parts.append((x.to(torch.int16).unsqueeze(1) == classes).to(torch.float32))
+            idx = x.to(torch.int64)
+            known = idx < k  # nodata (255) and out-of-range values: an all-zero pixel
+            one_hot = out[:, c : c + k]
+            one_hot.zero_()
+            one_hot.scatter_(1, torch.where(known, idx, 0).unsqueeze(1), known.unsqueeze(1).to(torch.float32))
+            c += k
         else:
             v = x.to(torch.float32)
             valid = torch.isfinite(v)
@@ -177,11 +190,10 @@ def encode(
                 span = hi - lo
                 ok = torch.isfinite(span) & (span > 0)
                 v = torch.where(ok, (v - lo) / torch.where(ok, span, torch.ones_like(span)), torch.zeros_like(v))
-            v = torch.where(valid, v, torch.zeros_like(v))
-            parts.append(torch.stack([v, valid.to(torch.float32)], dim=1))
-    if not parts:
-        raise ConfigError("layers", "no model input layers")
-    return torch.cat(parts, dim=1)
+            out[:, c] = torch.where(valid, v, torch.zeros_like(v))
+            out[:, c + 1] = valid
+            c += 2
+    return out
 
 
 class ResidualBlock(nn.Module):

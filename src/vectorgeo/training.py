@@ -335,10 +335,12 @@ class StepContext:
 
 def encode_triplets(batch: Mapping[str, np.ndarray | torch.Tensor], ctx: StepContext) -> torch.Tensor:
     """Encode a triplet batch into one (3B, C, P, P) tensor: anchors, then neighbors, then distants."""
-    parts = [
-        vg_model.encode({name: batch[f"{role}_{name}"] for name in ctx.specs}, ctx.specs, ctx.device) for role in ROLES
-    ]
-    x = torch.cat(parts)
+    raw: dict[str, Any] = {}
+    for name in ctx.specs:
+        arrs = [batch[f"{role}_{name}"] for role in ROLES]
+        # stack the raw uint8 / float32 patches first: one encode into one output buffer
+        raw[name] = torch.cat(arrs) if isinstance(arrs[0], torch.Tensor) else np.concatenate(arrs)  # type: ignore[arg-type]
+    x = vg_model.encode(raw, ctx.specs, ctx.device)
     if ctx.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
