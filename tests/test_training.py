@@ -220,3 +220,22 @@ def test_library_defaults_match_the_schema() -> None:
     model_defaults = {k: v["default"] for k, v in schema["model"]["properties"].items()}
     assert train_defaults == T.TRAIN_DEFAULTS
     assert model_defaults == M.ARCHITECTURE_DEFAULTS
+
+
+def test_background_loader_keeps_order_and_reraises_errors() -> None:
+    pre = T._Prefetcher(iter(range(50)), depth=3, transform=lambda i: i * 2)
+    assert list(pre) == [2 * i for i in range(50)]
+    pre.close()
+
+    def failing() -> Any:
+        yield 1
+        raise DataError("shard-3.npz", "broken")
+
+    pre = T._Prefetcher(failing(), depth=2)
+    with pytest.raises(DataError, match="shard-3"):
+        list(pre)
+    pre.close()
+    stopped = T._Prefetcher(iter(range(10**6)), depth=2)
+    next(iter(stopped))
+    stopped.close()  # a consumer that stops early does not leave the thread blocked
+    assert not stopped._thread.is_alive()
