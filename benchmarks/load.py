@@ -195,6 +195,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--url", help="use this database instead of a temporary cluster (tables are added)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-insert", action="store_true", help="skip the INSERT baseline")
+    ap.add_argument(
+        "--queries-only",
+        metavar="MODEL_VERSION",
+        help="with --url: only the query measurements, on a dataset an earlier run with the same --rows and "
+        "--seed left there (e.g. to repeat them when the shared machine is quieter)",
+    )
     args = ap.parse_args(argv)
     settings = db.settings(load_config(ROOT / "config" / "config.yaml"))
     rng = np.random.default_rng(args.seed)
@@ -214,20 +220,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"rows": int(h3.shape[0]), "dim": DIM}
     try:
         with store.connect(url) as conn:
-            mv = f"bench-{args.rows}-{args.seed}-{time.time_ns()}"
-            out.update(load_both(conn, mv, h3, lat, lng, emb, region, insert=not args.skip_insert))
-            print(f"load: {out}", file=sys.stderr)
-            summary = store.build_indexes(
-                conn,
-                hnsw_m=settings["hnsw_m"],
-                hnsw_ef_construction=settings["hnsw_ef_construction"],
-                maintenance_work_mem=settings["maintenance_work_mem"],
-                model_version=mv,
-            )
-            out["hnsw_build_s"] = summary["hnsw_s"]
-            out["gist_build_s"] = summary["gist_s"]
-            out["hnsw_m"], out["hnsw_ef_construction"] = summary["hnsw_m"], summary["hnsw_ef_construction"]
-            print(f"indexes: {summary}", file=sys.stderr)
+            mv = args.queries_only or f"bench-{args.rows}-{args.seed}-{time.time_ns()}"
+            if args.queries_only:
+                if args.url is None:
+                    ap.error("--queries-only needs --url")
+                out["queries_only"] = True
+                out["load_average_1min_at_start"] = round(os.getloadavg()[0], 2)
+            else:
+                out.update(load_both(conn, mv, h3, lat, lng, emb, region, insert=not args.skip_insert))
+                print(f"load: {out}", file=sys.stderr)
+                summary = store.build_indexes(
+                    conn,
+                    hnsw_m=settings["hnsw_m"],
+                    hnsw_ef_construction=settings["hnsw_ef_construction"],
+                    maintenance_work_mem=settings["maintenance_work_mem"],
+                    model_version=mv,
+                )
+                out["hnsw_build_s"] = summary["hnsw_s"]
+                out["gist_build_s"] = summary["gist_s"]
+                out["hnsw_m"], out["hnsw_ef_construction"] = summary["hnsw_m"], summary["hnsw_ef_construction"]
+                print(f"indexes: {summary}", file=sys.stderr)
 
             qkw = {
                 "ef_search": settings["ef_search"],
