@@ -87,14 +87,14 @@ def main() -> None:
         t0 = time.perf_counter()
         arrays = T.concat_shards([T.read_shard(shard_path, specs, px, config["sample"]["patch_km"])])
         t_read = time.perf_counter() - t0
-        batches = T.iterate_batches(arrays, bs, np.random.default_rng(0))
+        batches = (T.stack_roles(b, specs) for b in T.iterate_batches(arrays, bs, np.random.default_rng(0)))
         pre = T._Prefetcher(batches, 6, T._pin) if cuda else None
         it = iter(pre) if pre is not None else batches
         n = 0
         for step, batch in enumerate(it):
             if step == args.steps:
                 break
-            x = T.encode_triplets(batch, ctx)
+            x = T.encode_stacked(batch, ctx)
             T.train_step(model, opt, x, ctx)
             n += x.shape[0] // 3
         _sync(device)

@@ -46,7 +46,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,17 +333,22 @@ class StepContext:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
-def encode_triplets(batch: Mapping[str, np.ndarray | torch.Tensor], ctx: StepContext) -> torch.Tensor:
-    """Encode a triplet batch into one (3B, C, P, P) tensor: anchors, then neighbors, then distants."""
-    raw: dict[str, Any] = {}
-    for name in ctx.specs:
-        arrs = [batch[f"{role}_{name}"] for role in ROLES]
-        # stack the raw uint8 / float32 patches first: one encode into one output buffer
-        raw[name] = torch.cat(arrs) if isinstance(arrs[0], torch.Tensor) else np.concatenate(arrs)  # type: ignore[arg-type]
-    x = vg_model.encode(raw, ctx.specs, ctx.device)
+def stack_roles(batch: Mapping[str, np.ndarray], names: Iterable[str]) -> dict[str, np.ndarray]:
+    """Per layer, the anchor, neighbor and distant patches stacked into one (3B, P, P) array (dtype kept)."""
+    return {name: np.concatenate([batch[f"{role}_{name}"] for role in ROLES]) for name in names}
+
+
+def encode_stacked(stacked: Mapping[str, np.ndarray | torch.Tensor], ctx: StepContext) -> torch.Tensor:
+    """Encode role-stacked patches (see :func:`stack_roles`) into model input (3B, C, P, P) on the device."""
+    x = vg_model.encode(stacked, ctx.specs, ctx.device)
     if ctx.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
+
+
+def encode_triplets(batch: Mapping[str, np.ndarray], ctx: StepContext) -> torch.Tensor:
+    """Encode a triplet batch into one (3B, C, P, P) tensor: anchors, then neighbors, then distants."""
+    return encode_stacked(stack_roles(batch, ctx.specs), ctx)
 
 
 def triplet_distances(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -600,8 +605,10 @@ def train(
                 )
 
         def epoch_batches() -> Iterator[dict[str, np.ndarray]]:
+            # uint8 / float32 patches, roles stacked; pinned by the loader thread on CUDA
             for arrays in epoch_groups():
-                yield from iterate_batches(arrays, cfg["batch_size"], rng)
+                for batch in iterate_batches(arrays, cfg["batch_size"], rng):
+                    yield stack_roles(batch, specs)
 
         epochs: list[dict[str, Any]] = []
         best: tuple[float, float] | None = None
@@ -624,7 +631,7 @@ def train(
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg['epochs']}", disable=not show, leave=False)
             try:
                 for batch in batches:
-                    x = encode_triplets(batch, ctx)
+                    x = encode_stacked(batch, ctx)
                     loss_sum += train_step(module, optimizer, x, ctx)
                     scheduler.step()
                     n_steps += 1
