@@ -16,6 +16,7 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,11 +110,7 @@ class S3Run:
 
     def objects(self) -> dict[str, tuple[str, Any]]:
         """key (below the run prefix) -> (ETag, LastModified) of every object the workflow wrote."""
-        out: dict[str, tuple[str, Any]] = {}
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"{PREFIX}/"):
-            for o in page.get("Contents", []):
-                out[o["Key"][len(PREFIX) + 1 :]] = (o["ETag"], o["LastModified"])
-        return out
+        return list_objects(self.client)
 
     def get(self, key: str) -> bytes:
         return bytes(self.client.get_object(Bucket=BUCKET, Key=f"{PREFIX}/{key}")["Body"].read())
@@ -128,41 +125,66 @@ class S3Run:
         return dict(json.loads(self.get("results/stencil/manifest.json")))
 
 
-@pytest.fixture(scope="module")
-def s3run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Run]:
+@contextmanager
+def moto_s3(log_dir: Path, bucket: str = BUCKET, prefix: str = PREFIX) -> Iterator[tuple[Any, dict[str, str]]]:
+    """A moto S3 server on a free 127.0.0.1 port with an empty bucket.
+
+    Yields a boto3 client and the environment that points Snakemake (and profiles/s3) at
+    ``s3://<bucket>/<prefix>``.
+    """
     import boto3
 
     port = _free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")  # closed in the finally below
-    server = subprocess.Popen(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
-    )
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    pytest.fail(f"moto_server did not start on {endpoint}")
-                time.sleep(0.2)
-        keys = {"access": "testing", "secret": "testing"}
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id=keys["access"],
-            aws_secret_access_key=keys["secret"],
-            region_name="us-east-1",
+    with open(log_dir / "moto.log", "w") as log:
+        server = subprocess.Popen(
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
         )
-        client.create_bucket(Bucket=BUCKET)
-        env = {
-            "SNAKEMAKE_STORAGE_S3_ENDPOINT_URL": endpoint,
-            "SNAKEMAKE_STORAGE_S3_ACCESS_KEY": keys["access"],
-            "SNAKEMAKE_STORAGE_S3_SECRET_KEY": keys["secret"],
-            "VECTORGEO_S3_PREFIX": f"s3://{BUCKET}/{PREFIX}",
-        }
+        try:
+            endpoint = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or server.poll() is not None:
+                        pytest.fail(f"moto_server did not start on {endpoint}")
+                    time.sleep(0.2)
+            keys = {"access": "testing", "secret": "testing"}
+            client = boto3.client(
+                "s3",
+                endpoint_url=endpoint,
+                aws_access_key_id=keys["access"],
+                aws_secret_access_key=keys["secret"],
+                region_name="us-east-1",
+            )
+            client.create_bucket(Bucket=bucket)
+            yield (
+                client,
+                {
+                    "SNAKEMAKE_STORAGE_S3_ENDPOINT_URL": endpoint,
+                    "SNAKEMAKE_STORAGE_S3_ACCESS_KEY": keys["access"],
+                    "SNAKEMAKE_STORAGE_S3_SECRET_KEY": keys["secret"],
+                    "VECTORGEO_S3_PREFIX": f"s3://{bucket}/{prefix}",
+                },
+            )
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def list_objects(client: Any, bucket: str = BUCKET, prefix: str = PREFIX) -> dict[str, tuple[str, Any]]:
+    """key (below the prefix) -> (ETag, LastModified) of every object under ``prefix``."""
+    out: dict[str, tuple[str, Any]] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
+        for o in page.get("Contents", []):
+            out[o["Key"][len(prefix) + 1 :]] = (o["ETag"], o["LastModified"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def s3run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Run]:
+    with moto_s3(tmp_path_factory.mktemp("moto")) as (client, env):
         overlays = {
             "s3": {
                 "layers": {
@@ -182,10 +204,6 @@ def s3run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Run]:
         run.put_elevation(0)
         run.all_jobs = finished_jobs(run.snakemake())
         yield run
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
 
 
 def test_outputs_are_objects_in_the_bucket(s3run: S3Run) -> None:

@@ -179,3 +179,39 @@ def test_workflow_runs_every_job_as_a_slurm_job(cluster: Cluster, tmp_path: Path
             ok = [s == "ok" for s in table.column("status").to_pylist()]
             emb = np.array([v for v, good in zip(table.column("embedding").to_pylist(), ok, strict=True) if good])
             assert len(emb) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-3)
+
+
+@pytest.mark.s3
+def test_slurm_jobs_read_and_write_s3(cluster: Cluster, tmp_path: Path) -> None:
+    """Both profiles at once: SLURM jobs find S3 through the environment they inherit.
+
+    Up to the stencil only (two jobs: the land mask and the stencil): the point is the storage
+    settings in the jobs, which get none of the main process's --storage-s3-* flags.
+    """
+    from test_s3 import BUCKET, PREFIX, list_objects, moto_s3
+
+    workdir = make_workdir(tmp_path / "workdir")
+    with moto_s3(tmp_path) as (client, s3_env):
+        out = run_snakemake(
+            workdir,
+            "stencil",
+            "--profile",
+            str(ROOT / "profiles" / "slurm"),
+            "--profile",
+            str(ROOT / "profiles" / "s3"),
+            *SLURM_FLAGS,
+            *configfiles(),
+            env={**cluster.env, **s3_env},
+            timeout=300,
+        ).stdout
+        objects = list_objects(client)
+        body = client.get_object(Bucket=BUCKET, Key=f"{PREFIX}/results/stencil/manifest.json")["Body"]
+        manifest = json.loads(body.read())
+    submitted = SUBMITTED.findall(out)
+    assert len(submitted) == 2 and finished_jobs(out) == {"prepare_layer": 1, "stencil": 1}, out[-4000:]
+    record = _jobcomp(cluster)
+    assert all(record[slurm_id]["JobState"] == "COMPLETED" for _, slurm_id, _ in submitted)
+    assert {"results/layers/land_mask.npy", "results/layers/land_mask.grid.json"} <= set(objects)
+    assert {f"results/stencil/regions/{r}.parquet" for r in manifest["regions"]} <= set(objects)
+    assert "logs/stencil/stencil.log" in objects
+    assert not (workdir / "results").exists()
