@@ -15,6 +15,8 @@ include: "rules/stencil.smk"
 include: "rules/sample.smk"
 include: "rules/train.smk"
 include: "rules/embed.smk"
+include: "rules/load.smk"
+include: "rules/evaluate.smk"
 
 
 rule all:
