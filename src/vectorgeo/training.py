@@ -67,7 +67,7 @@ ROLES = ("anchor", "neighbor", "distant")
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "device": "auto",
-    "epochs": 2,
+    "epochs": 1,
     "batch_size": 256,
     "lr": 0.002,
     "weight_decay": 0.0001,
