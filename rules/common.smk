@@ -14,6 +14,14 @@ try:
 except VectorgeoError as e:
     raise WorkflowError(f"invalid configuration: {e}") from None
 
+# Rule scripts import the library from this checkout, also inside --sdm conda envs (which carry only
+# third-party packages): environment variables reach every job, locally and on cluster nodes.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p
+    for p in (os.path.join(workflow.basedir, "src"), os.environ.get("PYTHONPATH"))
+    if p
+)
+
 RESULTS = config["results"]
 LAYER_SPECS = vg_layers.layer_specs(config)
 MASK_SPEC = vg_layers.land_mask_spec(config)

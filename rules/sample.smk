@@ -2,6 +2,7 @@ rule sample_triplets:
     input:
         unpack(model_layer_npys),
         land_mask=layer_npy("land_mask"),
+        grids=[layer_grid(name) for name in ALL_LAYERS],
     output:
         results("samples", "shard-{i}.npz"),
     log:
