@@ -26,7 +26,9 @@ rule embed_region:
         "benchmarks/embed_region/{region}_{digest}.tsv"
     conda:
         "../envs/torch.yaml"
-    threads: 2
+    # CPU: one model thread per job (measured faster than two on a shared machine: run
+    # regions in parallel instead); CUDA: the other cores gather patches for the GPU
+    threads: 4 if cuda_requested(EMBED["device"]) else 1
     resources:
         gpu=1 if cuda_requested(EMBED["device"]) else 0,
         mem_mb=4000,

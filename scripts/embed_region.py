@@ -17,6 +17,8 @@ try:
     settings = vg_embed.embed_params(snakemake.config.get("embed"))
     device = vg_embed.device_name(settings["device"])
     torch.set_num_threads(max(1, snakemake.threads))
+    # on CPU one gather thread keeps the model busy; a GPU gets the job's other cores for gathering
+    workers = max(1, snakemake.threads - 1) if device == "cuda" else 1
     module, meta = vg_model.load(snakemake.input.model, map_location=device)
     # the model's layers must be the config's, encoded the same way: names the layer at fault
     vg_model.check_layers(meta, {"layers": snakemake.params.layers})
@@ -46,6 +48,7 @@ try:
         region=region,
         digest=digest,
         progress=vg_embed.log_progress(name=region),
+        workers=workers,
     )
 except VectorgeoError as e:
     log.error("%s", e)

@@ -92,6 +92,19 @@ def test_every_cell_once_and_equal_to_embed_points(region_file: Path, layers: di
     assert data.metadata["status_counts"] == {"ok": int(ok.sum()), "nodata": int((~ok).sum()), "pole": 0}
 
 
+def test_several_gather_workers_keep_stencil_order(
+    tmp_path: Path, region_file: Path, layers: dict, model_file: Path
+) -> None:
+    out = tmp_path / "w3.parquet"
+    vg_embed.embed_region(
+        model_file, None, layers, stencil_table(GIBRALTAR, 5), out, batch_size=16, workers=3, device="cpu"
+    )
+    a, b = geoparquet.read_region(region_file), geoparquet.read_region(out)
+    np.testing.assert_array_equal(a.h3, b.h3)
+    np.testing.assert_array_equal(a.valid, b.valid)
+    np.testing.assert_allclose(a.embedding, b.embedding, atol=2e-5)
+
+
 def test_nodata_threshold_decides_status(layers: dict, model_file: Path) -> None:
     table = stencil_table(GIBRALTAR, 5)
     lat, lng = table.column("lat").to_numpy(), table.column("lng").to_numpy()

@@ -50,10 +50,12 @@ import re
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +198,9 @@ class Embedder:
         batch_size: Cells per model batch.
         max_nodata_frac: Threshold of the ``nodata`` status.
         amp: Mixed precision on CUDA.
+        cpu_chunk: Rows per model call on CPU (see :meth:`forward`).
+        workers: Background threads gathering batches ahead of the model (memory: workers + 1
+            batches); one keeps a CPU model busy, a GPU may need several.
     """
 
     module: torch.nn.Module
@@ -205,10 +210,14 @@ class Embedder:
     batch_size: int = DEFAULTS["batch_size"]
     max_nodata_frac: float = DEFAULTS["max_nodata_frac"]
     amp: bool = True
+    cpu_chunk: int = 256
+    workers: int = 1
     specs: dict[str, LayerSpec] = field(init=False)
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
+        if self.workers < 1:
+            raise ConfigError("threads", f"expected at least one gather worker, got {self.workers!r}")
         if self.batch_size < 1:
             raise ConfigError("embed.batch_size", f"expected a positive integer, got {self.batch_size!r}")
         if not 0.0 <= self.max_nodata_frac <= 1.0:
@@ -236,11 +245,12 @@ class Embedder:
         device: str = "auto",
         batch_size: int = DEFAULTS["batch_size"],
         max_nodata_frac: float = DEFAULTS["max_nodata_frac"],
+        workers: int = 1,
     ) -> Embedder:
         """Load a model (path or ``(module, metadata)``) and check it against the layers."""
         dev = torch.device(device_name(device))
         module, meta = load_model(model, dev)
-        return cls(module, meta, layers, dev, batch_size, max_nodata_frac)
+        return cls(module, meta, layers, dev, batch_size, max_nodata_frac, workers=workers)
 
     @property
     def model_version(self) -> str:
@@ -260,19 +270,29 @@ class Embedder:
             return _Batch(start, stop, code, ok, {k: torch.from_numpy(v).pin_memory() for k, v in sel.items()})
         return _Batch(start, stop, code, ok, vg_model.encode(sel, self.specs))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The bare model on encoded input already on the device → (M, d) float32 unit vectors.
+
+        On CPU the batch runs in chunks of :attr:`cpu_chunk` rows: activations of a few hundred
+        16 × 16 patches stay in cache, which measured ~2x faster than one 2048-row call.
+        """
+        ctx = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
+        with ctx:
+            if self.cuda:
+                z = self.module(x)
+            else:
+                z = torch.cat([self.module(c) for c in torch.split(x, self.cpu_chunk)])
+        return torch.nn.functional.normalize(z.float(), dim=1)
+
     def _run(self, x: torch.Tensor | dict[str, torch.Tensor]) -> np.ndarray:
-        """Model forward on one prepared batch → (M, d) float32 unit vectors."""
+        """Encode (on CUDA) and run one prepared batch → (M, d) float32 numpy."""
         if isinstance(x, dict):
             x = vg_model.encode(x, self.specs, self.device)
         else:
             x = x.to(self.device, non_blocking=True)
         if self.cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        ctx = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
-        with ctx:
-            z = self.module(x)
-        z = torch.nn.functional.normalize(z.float(), dim=1)
-        return z.cpu().numpy()
+        return self.forward(x).cpu().numpy()
 
     def batches(
         self, lat: np.ndarray, lng: np.ndarray
@@ -288,12 +308,17 @@ class Embedder:
         bounds = [(s, min(s + self.batch_size, n)) for s in range(0, n, self.batch_size)]  # the last one partial
         if not bounds:
             return
-        with torch.inference_mode(), ThreadPoolExecutor(1, thread_name_prefix="vectorgeo-gather") as pool:
-            fut: Future[_Batch] = pool.submit(self._prepare, lat, lng, *bounds[0])
-            for k in range(len(bounds)):
-                b = fut.result()
-                if k + 1 < len(bounds):
-                    fut = pool.submit(self._prepare, lat, lng, *bounds[k + 1])
+        pending: deque[Future[_Batch]] = deque()
+        todo = iter(bounds)
+        with torch.inference_mode(), ThreadPoolExecutor(self.workers, thread_name_prefix="vectorgeo-gather") as pool:
+            # keep `workers` batches in preparation while the model runs the current one; results
+            # are consumed in submission order, so rows come back in stencil order
+            for start, stop in islice(todo, self.workers):
+                pending.append(pool.submit(self._prepare, lat, lng, start, stop))
+            while pending:
+                b = pending.popleft().result()
+                for start, stop in islice(todo, 1):
+                    pending.append(pool.submit(self._prepare, lat, lng, start, stop))
                 z = self._run(b.x) if b.x is not None else np.zeros((0, self.dim), np.float32)
                 yield b.start, b.stop, b.code, b.ok, z
 
@@ -381,6 +406,7 @@ def embed_region(
     region: str | None = None,
     digest: str | None = None,
     progress: ProgressFn | None = None,
+    workers: int = 1,
 ) -> RegionResult:
     """Embed every cell of a region's stencil table and write the region's GeoParquet file atomically.
 
@@ -397,6 +423,7 @@ def embed_region(
         region: Region hex, recorded in the file metadata (default: from the ``region`` column).
         digest: When given, the stencil digest the cells must have (guards against a stale file name).
         progress: Called with (cells done, cells) after every batch.
+        workers: Background threads gathering patches ahead of the model.
 
     Raises:
         DataError: the stencil table lacks columns or does not match ``digest``.
@@ -419,7 +446,7 @@ def embed_region(
         emb = model
     else:
         pair: ModelLike = (model, metadata or {}) if isinstance(model, torch.nn.Module) else model
-        emb = Embedder.create(pair, layers, device, batch_size, max_nodata_frac)
+        emb = Embedder.create(pair, layers, device, batch_size, max_nodata_frac, workers)
     vectors, code = emb.embed(lat, lng, progress)
     status = pa.DictionaryArray.from_arrays(pa.array(code), pa.array(STATUSES)).cast(pa.string())
     counts = {s: int((code == i).sum()) for i, s in enumerate(STATUSES)}
