@@ -1,20 +1,3 @@
-def train_on_cuda():
-    """Whether train.device resolves to CUDA, decided without importing torch.
-
-    ``auto`` means CUDA when an NVIDIA driver on this machine lists a GPU (and
-    CUDA_VISIBLE_DEVICES does not hide it); set ``train.device: cuda`` when jobs
-    are submitted from a host without a GPU.
-    """
-    device = config["train"]["device"]
-    if device != "auto":
-        return device.startswith("cuda")
-    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
-        return False
-    # the NVIDIA driver lists one folder per GPU here (a system path, not workflow data)
-    gpus = os.path.join(os.sep, "proc", "driver", "nvidia", "gpus")
-    return os.path.isdir(gpus) and len(os.listdir(gpus)) > 0
-
-
 rule train_model:
     input:
         shards=sample_shards(),
@@ -30,7 +13,7 @@ rule train_model:
         "../envs/torch.yaml"
     threads: 8
     resources:
-        gpu=1 if train_on_cuda() else 0,
+        gpu=1 if cuda_requested(config["train"]["device"]) else 0,
         mem_mb=4000,
         runtime=60,
     params:
