@@ -16,10 +16,12 @@ except VectorgeoError as e:
 
 # Rule scripts import the library from this checkout, also inside --sdm conda envs (which carry only
 # third-party packages): environment variables reach every job, locally and on cluster nodes.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p
-    for p in (os.path.join(workflow.basedir, "src"), os.environ.get("PYTHONPATH"))
-    if p
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(
+        p
+        for p in (os.path.join(workflow.basedir, "src"), os.environ.get("PYTHONPATH"))
+        if p
+    )
 )
 
 RESULTS = config["results"]
