@@ -207,7 +207,7 @@ def render_report(
     lines = []
     for base, per_task in goal.get("beats", {}).items():
         won = [t for t, b in per_task.items() if b]
-        won_text = ", ".join(won)
+        won_text = ", ".join(won) or "none"
         lines.append(f"<li>beats <b>{html.escape(base)}</b> on {len(won)}/{len(per_task)} tasks ({won_text})</li>")
     parts.append(
         f"<h2>Goal</h2><p class='{verdict}'>Goal {'met' if goal.get('passed') else 'not met'}: embedding beats "
