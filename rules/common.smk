@@ -79,21 +79,9 @@ def layer_tiles(wildcards):
 
 def crop_bbox():
     """Bbox [w, s, e, n] that prepared layers are cropped to (extent plus a margin), or None."""
-    extent = config["stencil"].get("extent")
-    if not extent or "bbox" not in extent:
-        return None
-    w, s, e, n = extent["bbox"]
-    margin_km = 2 * config.get("sample", {}).get("patch_km", 100) + 2 * config.get(
-        "sample", {}
-    ).get("neighbor_km_max", 50)
-    dlat = margin_km / 111.32
-    coslat = max(math.cos(math.radians(min(89.0, max(abs(s), abs(n)) + dlat))), 0.01)
-    return [
-        max(-180.0, w - dlat / coslat),
-        max(-90.0, s - dlat),
-        min(180.0, e + dlat / coslat),
-        min(90.0, n + dlat),
-    ]
+    return vg_stencil.crop_bbox(
+        config["stencil"].get("extent"), config["stencil"]["extent_margin_km"]
+    )
 
 
 def sample_bbox():

@@ -161,3 +161,19 @@ def test_corrupt_shard(tmp_path) -> None:  # type: ignore[no-untyped-def]
     p.write_bytes(b"not a zip")
     with pytest.raises(DataError, match=r"bad\.npz"):
         read_shard(p)
+
+
+def test_changing_patch_km_makes_only_sampling_and_downstream_stale(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Run the tiny workflow up to the shards, change sample.patch_km: the dry run lists the sample rules
+    and what depends on them, nothing upstream (layers, stencil)."""
+    from test_workflow import configfiles, job_stats, make_workdir, run_snakemake
+
+    wd = make_workdir(tmp_path, {"patch": {"sample": {"patch_km": 60}}})
+    shards = [f"results/samples/shard-{i}.npz" for i in range(2)]
+    run_snakemake(wd, *configfiles(), "--cores", "2", "stencil", *shards)
+    clean = job_stats(run_snakemake(wd, *configfiles(), "-n", "stencil", *shards).stdout)
+    assert sum(clean.values()) == 0, clean
+    stale = job_stats(run_snakemake(wd, *configfiles("patch"), "-n").stdout)
+    assert stale["sample_triplets"] == 2
+    assert stale["train_model"] == 1
+    assert stale["prepare_layer"] == 0 and stale["stencil"] == 0, stale

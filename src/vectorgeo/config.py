@@ -147,7 +147,19 @@ def check(config: Mapping[str, Any], check_files: bool = True) -> None:
     if "sample" in config:
         from vectorgeo.sampling import SampleParams
 
-        SampleParams.from_config(config["sample"])
+        sp = SampleParams.from_config(config["sample"])
+        need = sp.neighbor_km_max + 0.71 * sp.patch_km
+        margin = st.get("extent_margin_km", 300)
+        if extent and margin < need:
+            raise ConfigError(
+                "stencil.extent_margin_km",
+                f"must be >= sample.neighbor_km_max + 0.71 * sample.patch_km = {need:.0f} km "
+                f"so that patches near the extent's edge stay inside the cropped layers, got {margin}",
+            )
+    if "evaluate" in config:
+        from vectorgeo.evaluate import check_config as check_evaluate
+
+        check_evaluate(config)
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -356,3 +357,25 @@ def extent_bbox(extent: Mapping[str, Any] | None) -> list[float] | None:
     if e - w > 180:
         w, e = -180.0, 180.0
     return [w, max(-90.0, min(lats)), e, min(90.0, max(lats))]
+
+
+def crop_bbox(extent: Mapping[str, Any] | None, margin_km: float) -> list[float] | None:
+    """The bbox [w, s, e, n] prepared layers are cropped to: the extent's bbox grown by ``margin_km``.
+
+    None without an extent (the whole world is kept). The east-west margin uses
+    the cosine of the extent's most poleward latitude, so the margin is at
+    least ``margin_km`` everywhere; a bbox with w > e (across the antimeridian)
+    keeps every column.
+    """
+    box = extent_bbox(extent)
+    if box is None:
+        return None
+    w, s, e, n = box
+    dlat = margin_km / (math.pi * 6371.0088 / 180.0)
+    coslat = max(math.cos(math.radians(min(89.0, max(abs(s), abs(n)) + dlat))), 0.01)
+    dlng = dlat / coslat
+    if w <= e and (e - w) + 2 * dlng >= 360.0:
+        w, e = -180.0, 180.0
+    elif w <= e:
+        w, e = max(-180.0, w - dlng), min(180.0, e + dlng)
+    return [w, max(-90.0, s - dlat), e, min(90.0, n + dlat)]
