@@ -36,7 +36,7 @@ def test_default_config_is_valid_and_gets_defaults(cfg) -> None:  # type: ignore
     [
         (("stencil", "resolution"), "five", "stencil.resolution"),
         (("sample", "patch_px"), 2, "sample.patch_px"),
-        (("sample", "neighbor_km_min"), 50, "sample.neighbor_km_min"),
+        (("sample", "neighbor_km_min"), 10000, "sample.neighbor_km_min"),  # above neighbor_km_max
         (("layers", "landcover", "source"), "builtin:nope", "layers.landcover.source"),
         (("layers", "elevation", "source"), "/nonexistent/dem.tif", "layers.elevation.source"),
         (("stencil", "region_resolution"), 6, "stencil.region_resolution"),
