@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from vectorgeo.errors import ConfigError, VectorgeoError
+from vectorgeo.errors import VectorgeoError
 
 SetupFn = Callable[[argparse.ArgumentParser], None]
 RunFn = Callable[[argparse.Namespace], int]
@@ -38,9 +38,8 @@ def load_cli_config(args: argparse.Namespace) -> dict[str, Any] | None:
     Raises:
         ConfigError: unreadable or invalid file.
     """
-    import yaml
 
-    from vectorgeo.config import validate_schema
+    from vectorgeo.config import read_config_file, validate_schema
     from vectorgeo.db import project_dir
 
     path = getattr(args, "config", None)
@@ -49,13 +48,7 @@ def load_cli_config(args: argparse.Namespace) -> dict[str, Any] | None:
         if not default.exists():
             return None
         path = default
-    try:
-        with open(path) as f:
-            cfg = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise ConfigError(str(path), f"cannot read config file: {e.strerror}") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(str(path), "expected a mapping at the top level")
+    cfg = read_config_file(path)
     validate_schema(cfg)
     return cfg
 

@@ -162,6 +162,24 @@ def check(config: Mapping[str, Any], check_files: bool = True) -> None:
         check_evaluate(config)
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file as it is (no validation, no defaults).
+
+    Raises:
+        ConfigError: unreadable file, or not a mapping at the top level.
+    """
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(str(path), f"cannot read config file: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), f"not valid YAML: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(str(path), "expected a mapping at the top level")
+    return cfg
+
+
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Load, validate and complete a config file.
 
@@ -172,14 +190,7 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
     Raises:
         ConfigError: unreadable file or invalid content.
     """
-    path = Path(path) if path else SCHEMA_PATH.with_name("config.yaml")
-    try:
-        with open(path) as f:
-            cfg = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise ConfigError(str(path), f"cannot read config file: {e.strerror}") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(str(path), "expected a mapping at the top level")
+    cfg = read_config_file(Path(path) if path else SCHEMA_PATH.with_name("config.yaml"))
     if overrides:
         cfg.update(overrides)
     validate_schema(cfg)

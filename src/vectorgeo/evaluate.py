@@ -25,7 +25,6 @@ and folds; scores are the mean and standard deviation over folds.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -40,7 +39,7 @@ from typing import Any, Literal
 import numpy as np
 
 from vectorgeo.errors import ConfigError, DataError
-from vectorgeo.layers import BUILTINS, NODATA_INDEX, Layer, LayerSpec, builtin_name, builtin_path
+from vectorgeo.layers import BUILTINS, NODATA_INDEX, Layer, LayerSpec, builtin_name, builtin_path, package_file
 
 log = logging.getLogger("vectorgeo.evaluate")
 
@@ -320,10 +319,10 @@ def vector_source_path(task: TaskSpec) -> Path:
         if bname not in VECTOR_BUILTINS:
             raise ConfigError(key, f"unknown built-in vector data set '{bname}'")
         b = VECTOR_BUILTINS[bname]
-        spec = importlib.util.find_spec(b.package)
-        if spec is None or not spec.submodule_search_locations:
+        found = package_file(b.package, b.relpath)
+        if found is None:
             raise ConfigError(key, f"built-in '{bname}' needs the Python package '{b.package}' ({b.description})")
-        path = Path(next(iter(spec.submodule_search_locations))) / b.relpath
+        path = found
     if not path.exists():
         raise ConfigError(key, f"vector file {path} does not exist")
     return path

@@ -99,6 +99,18 @@ def builtin_name(source: object) -> str | None:
     return None
 
 
+def package_file(package: str, relpath: str) -> Path | None:
+    """A file inside an installed package, located without importing it (None if not installed).
+
+    Data packages are installed without their dependencies, so importing them may fail;
+    :func:`importlib.util.find_spec` on a top-level package does not execute it.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / relpath
+
+
 def builtin_path(name: str, key: str = "source") -> Path:
     """Locate a built-in dataset file inside its installed package.
 
@@ -112,10 +124,9 @@ def builtin_path(name: str, key: str = "source") -> Path:
     if name not in BUILTINS:
         raise ConfigError(key, f"unknown built-in dataset '{name}'; expected one of {', '.join(sorted(BUILTINS))}")
     b = BUILTINS[name]
-    spec = importlib.util.find_spec(b.package)
-    if spec is None or not spec.submodule_search_locations:
+    path = package_file(b.package, b.relpath)
+    if path is None:
         raise ConfigError(key, f"built-in dataset '{name}' needs the Python package '{b.package}' ({b.description})")
-    path = Path(next(iter(spec.submodule_search_locations))) / b.relpath
     if not path.exists():
         raise ConfigError(key, f"built-in dataset '{name}': file {path} is missing from its package")
     return path
