@@ -45,9 +45,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 import threading
 import time
 from collections import deque
@@ -66,6 +64,7 @@ import torch
 
 from vectorgeo import geoparquet
 from vectorgeo import model as vg_model
+from vectorgeo.atomic import atomic_path
 from vectorgeo.errors import ConfigError, DataError
 from vectorgeo.layers import Layer, LayerSpec
 from vectorgeo.sampling import gather_patches
@@ -558,15 +557,8 @@ def _resolution(cells: np.ndarray) -> int:
 
 
 def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def prune_superseded(folder: str | Path, current: Sequence[str | Path]) -> list[Path]:

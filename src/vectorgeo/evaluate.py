@@ -28,8 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +36,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from vectorgeo import atomic
 from vectorgeo.errors import ConfigError, DataError
 from vectorgeo.layers import BUILTINS, NODATA_INDEX, Layer, LayerSpec, builtin_name, builtin_path, package_file
 
@@ -1004,16 +1003,7 @@ def method_notes(tasks: Mapping[str, TaskSpec], params: EvalParams) -> list[str]
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write JSON through a temp file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, allow_nan=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic.write_json_atomic(path, obj, allow_nan=False)
 
 
 def training_seed(metadata: Mapping[str, Any], default: int) -> int:

@@ -27,8 +27,6 @@ Public API: :func:`write_region` (atomic), :func:`read_region` (validating, rais
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vectorgeo.atomic import atomic_path
 from vectorgeo.errors import DataError
 
 FORMAT_VERSION = 1
@@ -217,15 +216,8 @@ def write_region(
     table = table.replace_schema_metadata(
         {b"geo": json.dumps(_geo_metadata(lng, lat)).encode(), b"vectorgeo": json.dumps(vg_meta).encode()}
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -37,13 +37,14 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from vectorgeo.atomic import write_json_atomic
 from vectorgeo.errors import ConfigError, RasterError
 
 Kind = Literal["categorical", "continuous", "mask"]
@@ -390,19 +391,9 @@ class Grid:
             array that is False where the point falls outside the grid (row and
             col are clipped to valid indices there).
         """
-        lat = np.asarray(lat, dtype=np.float64)
-        lng = np.asarray(lng, dtype=np.float64)
-        row = np.floor((lat - self.y0) * (1.0 / self.dy)).astype(np.int64)
-        col = np.floor((lng - self.x0) * (1.0 / self.dx)).astype(np.int64)
-        # closed at the southern edge so that lat = -90 maps to the last row
-        inside = (lat <= self.y0) & (lat >= self.y0 + self.height * self.dy)
-        if self.wraps:
-            col %= self.width
-        else:
-            inside &= (col >= 0) & (col < self.width)
-            np.clip(col, 0, self.width - 1, out=col)
-        np.clip(row, 0, self.height - 1, out=row)
-        return row, col, inside
+        row, r_in = self.rows(lat)
+        col, c_in = self.cols(lng)
+        return row, col, r_in & c_in
 
     def rows(self, lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Row index of each latitude (clipped) and whether it is inside the grid."""
@@ -489,14 +480,6 @@ def _atomic_npy(out: Path, shape: tuple[int, int], dtype: np.dtype[Any]) -> tupl
     os.close(fd)
     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
     return arr, Path(tmp)
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def crop_window(grid: Grid, crop: Sequence[float] | None) -> tuple[tuple[int, int, int, int], Grid]:
@@ -601,7 +584,7 @@ def prepare_layer(
         except RasterioIOError as e:
             raise RasterError(source_path, f"cannot be read as a raster: {e}") from None
     os.replace(tmp, out_npy)
-    _write_json_atomic(out_grid, {"grid": grid.to_dict(), "layer": spec.to_dict()})
+    write_json_atomic(out_grid, {"grid": grid.to_dict(), "layer": spec.to_dict()})
     return grid
 
 
@@ -825,6 +808,5 @@ def layer_source_files(spec: LayerSpec) -> list[str]:
     if bname is not None:
         return [str(builtin_path(bname, f"layers.{spec.name}.source"))]
     if is_tile_set(spec.source):
-        src: Iterable[str] = spec.source if isinstance(spec.source, tuple) else [spec.source]
-        return expand_tiles(list(src) if isinstance(spec.source, tuple) else spec.source, f"{spec.name}.source")
+        return expand_tiles(list(spec.source) if isinstance(spec.source, tuple) else spec.source, f"{spec.name}.source")
     return [str(spec.source)]

@@ -43,8 +43,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -54,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vectorgeo.atomic import atomic_path
 from vectorgeo.errors import ConfigError, DataError
 from vectorgeo.layers import LayerSpec
 
@@ -335,17 +334,10 @@ def save(path: str | Path, module: nn.Module, metadata: Mapping[str, Any]) -> di
     meta = json.loads(json.dumps({k: v for k, v in metadata.items() if k != "model_version"}))
     meta["model_version"] = model_version(state, meta)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "state_dict": state, "metadata": meta}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            buf = io.BytesIO()
-            torch.save(payload, buf)
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        tmp.write_bytes(buf.getvalue())
     return meta
 
 

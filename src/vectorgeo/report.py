@@ -11,13 +11,13 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from vectorgeo.atomic import write_text_atomic
 
 MAIN_METRIC = {"classification": "linear_macro_f1", "regression": "linear_r2"}
 METHOD_COLOURS = {
@@ -249,14 +249,4 @@ def render_report(
 
 def write_report(path: str | Path, metrics: Mapping[str, Any], **kwargs: Any) -> None:
     """Render the report (keyword arguments of :func:`render_report`) and write it atomically."""
-    text = render_report(metrics, **kwargs)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_text_atomic(path, render_report(metrics, **kwargs))

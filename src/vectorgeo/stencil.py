@@ -31,8 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vectorgeo.atomic import atomic_path, write_json_atomic
 from vectorgeo.errors import ConfigError
 from vectorgeo.layers import Layer
 
@@ -243,15 +242,8 @@ def iter_land_cells(
 
 
 def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_stencil(
@@ -314,10 +306,7 @@ def write_stencil(
         "regions": dict(sorted(regions.items())),
     }
     mpath = Path(manifest_path) if manifest_path else out.parent / "manifest.json"
-    fd, tmp = tempfile.mkstemp(dir=mpath.parent, prefix=".manifest.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, mpath)
+    write_json_atomic(mpath, manifest, indent=1)
     return {**manifest, **stats, "seconds": time.perf_counter() - t0}
 
 

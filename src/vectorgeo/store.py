@@ -58,9 +58,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -72,6 +70,7 @@ import psycopg
 from psycopg import sql
 
 from vectorgeo import db
+from vectorgeo.atomic import write_text_atomic
 from vectorgeo.errors import DatabaseError, DataError, RequestError
 
 # defaults, the same as in config/schema.yaml (database section)
@@ -567,13 +566,7 @@ def load_region(conn: Any, path: str | Path, region: int | str | None = None) ->
 
 def write_marker(path: str | Path, marker: Mapping[str, Any]) -> None:
     """Write a JSON marker atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(dict(marker), f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(dict(marker), indent=2, sort_keys=True, default=str) + "\n")
 
 
 def build_indexes(

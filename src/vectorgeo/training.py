@@ -42,7 +42,6 @@ import math
 import os
 import queue
 import sys
-import tempfile
 import threading
 import time
 import zipfile
@@ -58,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vectorgeo import model as vg_model
+from vectorgeo.atomic import atomic_path
 from vectorgeo.errors import ConfigError, DataError
 from vectorgeo.layers import NODATA_INDEX, LayerSpec
 
@@ -416,15 +416,8 @@ def pca_components(embeddings: np.ndarray, fraction: float = 0.99) -> int:
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def write_json(path: str | Path, obj: Any) -> None:
