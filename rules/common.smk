@@ -4,13 +4,17 @@ import json
 import math
 import os
 
+from vectorgeo import config as vg_config
 from vectorgeo import layers as vg_layers
+from vectorgeo import sources as vg_sources
 from vectorgeo import stencil as vg_stencil
-from vectorgeo.config import check as check_config
 from vectorgeo.errors import VectorgeoError
 
+# The typed config (vectorgeo.config): cross-field checks, the local files it names, and every default
+# written into `config` itself, so that scripts reading snakemake.config see the same values.
 try:
-    check_config(config)
+    CFG = vg_config.complete(config)
+    vg_config.check_files(CFG)
 except VectorgeoError as e:
     raise WorkflowError(f"invalid configuration: {e}") from None
 
@@ -24,7 +28,7 @@ os.environ.update(
     )
 )
 
-RESULTS = config["results"]
+RESULTS = CFG.results
 LAYER_SPECS = vg_layers.layer_specs(config)
 MASK_SPEC = vg_layers.land_mask_spec(config)
 ALL_LAYERS = {**LAYER_SPECS, "land_mask": MASK_SPEC}
@@ -58,40 +62,40 @@ def model_layer_npys(wildcards=None):
 def layer_source(wildcards):
     """The local file a layer is prepared from: a built-in, a mosaic, a storage object or a path."""
     spec = ALL_LAYERS[wildcards.layer]
-    bname = vg_layers.builtin_name(spec.source)
+    bname = vg_sources.builtin_name(spec.source)
     if bname is not None:
-        return local(str(vg_layers.builtin_path(bname, f"{wildcards.layer}.source")))
-    if vg_layers.is_tile_set(spec.source):
+        return local(str(vg_sources.builtin_path(bname, f"{wildcards.layer}.source")))
+    if vg_sources.is_tile_set(spec.source):
         return results("layers", f"{wildcards.layer}.mosaic.tif")
-    if vg_layers.is_remote(spec.source):
+    if vg_sources.is_remote(spec.source):
         return storage(spec.source)
     return local(spec.source)
 
 
 def layer_tiles(wildcards):
     spec = ALL_LAYERS[wildcards.layer]
-    tiles = vg_layers.expand_tiles(
+    tiles = vg_sources.expand_tiles(
         list(spec.source) if isinstance(spec.source, tuple) else spec.source,
         f"layers.{wildcards.layer}.source",
     )
-    return [storage(t) if vg_layers.is_remote(t) else local(t) for t in tiles]
+    return [storage(t) if vg_sources.is_remote(t) else local(t) for t in tiles]
 
 
 def crop_bbox():
     """Bbox [w, s, e, n] that prepared layers are cropped to (extent plus a margin), or None."""
     return vg_stencil.crop_bbox(
-        config["stencil"].get("extent"), config["stencil"]["extent_margin_km"]
+        config["stencil"]["extent"], CFG.stencil.extent_margin_km
     )
 
 
 def sample_bbox():
     """Bbox [w, s, e, n] that anchors and distant points are drawn from (None: the whole world)."""
-    return vg_stencil.extent_bbox(config["stencil"].get("extent"))
+    return vg_stencil.extent_bbox(config["stencil"]["extent"])
 
 
 def sample_shards():
     return expand(
-        results("samples", "shard-{i}.npz"), i=range(config["sample"]["shards"])
+        results("samples", "shard-{i}.npz"), i=range(CFG.sample.shards)
     )
 
 

@@ -1,14 +1,5 @@
-EMBED = config["embed"]  # checked by config/schema.yaml
-
-if any(p > config["stencil"]["resolution"] for p in EMBED["rollup_resolutions"]):
-    raise WorkflowError(
-        "invalid configuration: config key 'embed.rollup_resolutions': "
-        f"{EMBED['rollup_resolutions']} must not be finer than stencil.resolution "
-        f"({config['stencil']['resolution']})"
-    )
-
 ROLLUP_TARGETS = expand(
-    results("embeddings", "rollup", "res{p}.parquet"), p=EMBED["rollup_resolutions"]
+    results("embeddings", "rollup", "res{p}.parquet"), p=CFG.embed.rollup_resolutions
 )
 
 
@@ -28,14 +19,16 @@ rule embed_region:
         "../envs/torch.yaml"
     # CPU: one model thread per job (measured faster than two on a shared machine: run
     # regions in parallel instead); CUDA: the other cores gather patches for the GPU
-    threads: 4 if cuda_requested(EMBED["device"]) else 1
+    threads: 4 if cuda_requested(CFG.embed.device) else 1
     resources:
-        gpu=1 if cuda_requested(EMBED["device"]) else 0,
+        gpu=1 if cuda_requested(CFG.embed.device) else 0,
         mem_mb=4000,
         runtime=120,
     params:
         layers={name: spec.to_dict() for name, spec in LAYER_SPECS.items()},
-        max_nodata_frac=EMBED["max_nodata_frac"],
+        # batch_size and device are execution settings: the script reads them from the config,
+        # so that changing them does not rerun every region
+        embed=CFG.embed.to_params(include={"max_nodata_frac"}),
     script:
         "../scripts/embed_region.py"
 
@@ -58,7 +51,7 @@ rule rollup:
         mem_mb=4000,
         runtime=60,
     params:
-        resolutions=EMBED["rollup_resolutions"],
+        resolutions=CFG.embed.rollup_resolutions,
     script:
         "../scripts/rollup.py"
 

@@ -1,12 +1,9 @@
 from vectorgeo import evaluate as vg_evaluate
 
-try:
-    vg_evaluate.check_config(config)
-except VectorgeoError as e:
-    raise WorkflowError(f"invalid configuration: {e}") from None
-
-EVAL_TASKS = vg_evaluate.task_specs(config)
-EVAL_PARAMS = vg_evaluate.EvalParams.from_config(config["evaluate"])
+EVAL_TASKS = {
+    name: vg_evaluate.TaskSpec.from_task(name, task)
+    for name, task in CFG.evaluate.tasks.items()
+}
 EVAL_RASTER_TASKS = [n for n, t in EVAL_TASKS.items() if t.type == "raster"]
 
 
@@ -14,7 +11,7 @@ rule prepare_eval_label:
     input:
         source=lambda wildcards: (
             storage(EVAL_TASKS[wildcards.task].source)
-            if vg_layers.is_remote(EVAL_TASKS[wildcards.task].source)
+            if vg_sources.is_remote(EVAL_TASKS[wildcards.task].source)
             else local(vg_evaluate.raster_source(EVAL_TASKS[wildcards.task]))
         ),
     output:
@@ -71,19 +68,7 @@ rule evaluate:
         runtime=30,
     params:
         layer_names=list(LAYER_SPECS),
-        tasks={name: task.to_dict() for name, task in EVAL_TASKS.items()},
-        max_cells=EVAL_PARAMS.max_cells,
-        map_cells=EVAL_PARAMS.map_cells,
-        seed=EVAL_PARAMS.seed,
-        folds=EVAL_PARAMS.folds,
-        fold_resolution=EVAL_PARAMS.fold_resolution,
-        knn_k=EVAL_PARAMS.knn_k,
-        logistic_c=EVAL_PARAMS.logistic_c,
-        logistic_max_iter=EVAL_PARAMS.logistic_max_iter,
-        ridge_alpha=EVAL_PARAMS.ridge_alpha,
-        pca_fit_cells=EVAL_PARAMS.pca_fit_cells,
-        batch_size=EVAL_PARAMS.batch_size,
-        methods=list(EVAL_PARAMS.methods),
+        evaluate=CFG.evaluate.to_params(),
     script:
         "../scripts/evaluate.py"
 

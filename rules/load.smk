@@ -15,9 +15,7 @@ rule load_region:
         runtime=30,
     params:
         # the database the rows go to (the URL itself, which may hold a password, is read at run time)
-        home=config["database"]["home"],
-        port=config["database"]["port"],
-        dbname=config["database"]["dbname"],
+        database=CFG.database.to_params(include={"home", "port", "dbname"}),
     script:
         "../scripts/load_region.py"
 
@@ -40,9 +38,9 @@ rule build_index:
         mem_mb=2000,
         runtime=120,
     params:
-        hnsw_m=config["database"]["hnsw_m"],
-        hnsw_ef_construction=config["database"]["hnsw_ef_construction"],
-        maintenance_work_mem=config["database"]["maintenance_work_mem"],
+        database=CFG.database.to_params(
+            include={"hnsw_m", "hnsw_ef_construction", "maintenance_work_mem"}
+        ),
     script:
         "../scripts/build_index.py"
 

@@ -17,12 +17,8 @@ rule sample_triplets:
     params:
         layers={name: spec.to_dict() for name, spec in LAYER_SPECS.items()},
         mask=MASK_SPEC.to_dict(),
-        sample={
-            k: v
-            for k, v in config["sample"].items()
-            if k not in ("shards", "per_shard")
-        },
-        per_shard=config["sample"]["per_shard"],
+        # not sample.shards: adding shards leaves the existing ones as they are
+        sample=CFG.sample.to_params(exclude={"shards"}),
         bbox=sample_bbox(),
     script:
         "../scripts/sample_triplets.py"

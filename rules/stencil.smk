@@ -16,9 +16,7 @@ checkpoint stencil:
         runtime=60,
     params:
         spec=MASK_SPEC.to_dict(),
-        resolution=config["stencil"]["resolution"],
-        region_resolution=config["stencil"]["region_resolution"],
-        prune_resolution=config["stencil"]["prune_resolution"],
-        extent=config["stencil"]["extent"],
+        # extent_margin_km only crops the prepared layers
+        stencil=CFG.stencil.to_params(exclude={"extent_margin_km"}),
     script:
         "../scripts/stencil.py"

@@ -13,15 +13,14 @@ rule train_model:
         "../envs/torch.yaml"
     threads: 8
     resources:
-        gpu=1 if cuda_requested(config["train"]["device"]) else 0,
+        gpu=1 if cuda_requested(CFG.train.device) else 0,
         mem_mb=4000,
         runtime=60,
     params:
         layers={name: spec.to_dict() for name, spec in LAYER_SPECS.items()},
-        patch_px=config["sample"]["patch_px"],
-        patch_km=config["sample"]["patch_km"],
-        model=config["model"],
-        train=config["train"],
+        sample=CFG.sample.to_params(include={"patch_px", "patch_km"}),
+        model=CFG.model.to_params(),
+        train=CFG.train.to_params(),
     script:
         "../scripts/train.py"
 

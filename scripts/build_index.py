@@ -15,9 +15,9 @@ url = db.ensure_database(snakemake.config)
 with store.connect(url) as conn:
     summary = store.build_indexes(
         conn,
-        hnsw_m=snakemake.params.hnsw_m,
-        hnsw_ef_construction=snakemake.params.hnsw_ef_construction,
-        maintenance_work_mem=snakemake.params.maintenance_work_mem,
+        hnsw_m=snakemake.params.database["hnsw_m"],
+        hnsw_ef_construction=snakemake.params.database["hnsw_ef_construction"],
+        maintenance_work_mem=snakemake.params.database["maintenance_work_mem"],
         model_version=versions[0],
     )
 expected = sum(m["rows"] for m in markers)

@@ -4,6 +4,7 @@ import torch
 
 from vectorgeo import embed as vg_embed
 from vectorgeo import model as vg_model
+from vectorgeo.config import EmbedConfig, section
 from vectorgeo.errors import VectorgeoError
 from vectorgeo.layers import Layer, LayerSpec
 from vectorgeo.log import setup_logging
@@ -14,18 +15,17 @@ region, digest = snakemake.wildcards.region, snakemake.wildcards.digest
 try:
     # batch_size and device are execution settings, read from the config rather than params so
     # that changing them does not rerun every region (the embeddings do not depend on them)
-    settings = vg_embed.embed_params(snakemake.config.get("embed"))
-    device = vg_embed.device_name(settings["device"])
+    settings = section(EmbedConfig, snakemake.config["embed"], "embed")
+    max_nodata_frac = snakemake.params.embed["max_nodata_frac"]
+    device = vg_embed.device_name(settings.device)
     torch.set_num_threads(max(1, snakemake.threads))
     # on CPU one gather thread keeps the model busy; a GPU gets the job's other cores for gathering
     workers = max(1, snakemake.threads - 1) if device == "cuda" else 1
     module, meta = vg_model.load(snakemake.input.model, map_location=device)
     # the model's layers must be the config's, encoded the same way: names the layer at fault
-    vg_model.check_layers(meta, {"layers": snakemake.params.layers})
-    layers = {
-        name: Layer.open(LayerSpec.from_dict(snakemake.params.layers[name]), snakemake.input[name])
-        for name in vg_model.specs_of(meta)
-    }
+    specs = {name: LayerSpec.from_dict(d) for name, d in snakemake.params.layers.items()}
+    vg_model.check_layers(meta, specs)
+    layers = {name: Layer.open(specs[name], snakemake.input[name]) for name in vg_model.specs_of(meta)}
     table = read_region(snakemake.input.stencil)
     log.info(
         "region %s (%d cells) with model %s on %s, batch %d, max_nodata_frac %.2f",
@@ -33,8 +33,8 @@ try:
         table.num_rows,
         meta["model_version"],
         device,
-        settings["batch_size"],
-        snakemake.params.max_nodata_frac,
+        settings.batch_size,
+        max_nodata_frac,
     )
     result = vg_embed.embed_region(
         (module, meta),
@@ -42,9 +42,9 @@ try:
         layers,
         table,
         snakemake.output[0],
-        batch_size=settings["batch_size"],
+        batch_size=settings.batch_size,
         device=device,
-        max_nodata_frac=snakemake.params.max_nodata_frac,
+        max_nodata_frac=max_nodata_frac,
         region=region,
         digest=digest,
         progress=vg_embed.log_progress(name=region),

@@ -2,27 +2,16 @@
 
 import torch
 
-from vectorgeo.evaluate import EvalParams, TaskSpec, run_evaluation
+from vectorgeo.config import EvaluateConfig, section
+from vectorgeo.evaluate import TaskSpec, run_evaluation
 from vectorgeo.log import setup_logging
+from vectorgeo.probes import MAIN_METRIC
 
 log = setup_logging(snakemake.log[0])
 torch.set_num_threads(max(1, snakemake.threads))
 p = snakemake.params
-params = EvalParams(
-    max_cells=p.max_cells,
-    map_cells=p.map_cells,
-    seed=p.seed,
-    folds=p.folds,
-    fold_resolution=p.fold_resolution,
-    knn_k=p.knn_k,
-    logistic_c=p.logistic_c,
-    logistic_max_iter=p.logistic_max_iter,
-    ridge_alpha=p.ridge_alpha,
-    pca_fit_cells=p.pca_fit_cells,
-    batch_size=p.batch_size,
-    methods=tuple(p.methods),
-)
-tasks = {name: TaskSpec.from_dict(d) for name, d in p.tasks.items()}
+params = section(EvaluateConfig, p.evaluate, "evaluate")
+tasks = {name: TaskSpec.from_task(name, task) for name, task in params.tasks.items()}
 metrics = run_evaluation(
     embedding_paths=list(snakemake.input.embeddings),
     model_path=snakemake.input.model,
@@ -34,7 +23,6 @@ metrics = run_evaluation(
     out_report=snakemake.output.report,
     model_metrics_path=snakemake.input.model_metrics,
 )
-main = {"classification": "linear_macro_f1", "regression": "linear_r2"}
 for name, t in metrics["tasks"].items():
-    metric = main[t["kind"]]
+    metric = MAIN_METRIC[t["kind"]]
     log.info("%s %s: %s", name, metric, {m: r[metric]["mean"] for m, r in t["methods"].items()})

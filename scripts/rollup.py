@@ -4,9 +4,9 @@ import json
 from pathlib import Path
 
 from vectorgeo import embed as vg_embed
+from vectorgeo.atomic import write_json_atomic
 from vectorgeo.errors import VectorgeoError
 from vectorgeo.log import setup_logging
-from vectorgeo.training import write_json
 
 log = setup_logging(snakemake.log[0])
 regions = list(snakemake.input.regions)
@@ -25,7 +25,7 @@ for p, n in written.items():
 removed = vg_embed.prune_superseded(Path(regions[0]).parent, regions) if regions else []
 for f in removed:
     log.info("removed superseded %s", f)
-write_json(
+write_json_atomic(
     snakemake.output.summary,
     {
         "regions": len(regions),

@@ -2,20 +2,20 @@
 
 from dataclasses import asdict
 
+from vectorgeo.config import SampleConfig, section
 from vectorgeo.layers import Layer, LayerSpec
 from vectorgeo.log import setup_logging
-from vectorgeo.sampling import SampleParams, TripletSampler
+from vectorgeo.sampling import TripletSampler
 
 log = setup_logging(snakemake.log[0])
-params = dict(snakemake.params.sample)
-seed = params.pop("seed")
+params = section(SampleConfig, snakemake.params.sample, "sample")
 layers = {
     name: Layer.open(LayerSpec.from_dict(spec), snakemake.input[name]) for name, spec in snakemake.params.layers.items()
 }
 mask = Layer.open(LayerSpec.from_dict(snakemake.params.mask), snakemake.input.land_mask)
-sampler = TripletSampler(layers, mask, SampleParams.from_config(params), bbox=snakemake.params.bbox)
+sampler = TripletSampler(layers, mask, params, bbox=snakemake.params.bbox)
 shard = int(snakemake.wildcards.i)
-stats = sampler.write_shard(snakemake.output[0], snakemake.params.per_shard, seed, shard, progress=True)
+stats = sampler.write_shard(snakemake.output[0], params.per_shard, params.seed, shard, progress=True)
 log.info(
     "shard %d: %d triplets, acceptance %.3f (%d candidates) in %.1f s, %.0f triplets/s; rejections: %s",
     shard,

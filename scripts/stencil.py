@@ -2,20 +2,22 @@
 
 from pathlib import Path
 
+from vectorgeo.config import StencilConfig, section
 from vectorgeo.layers import Layer, LayerSpec
 from vectorgeo.log import setup_logging
 from vectorgeo.stencil import write_stencil
 
 log = setup_logging(snakemake.log[0])
+params = section(StencilConfig, snakemake.params.stencil, "stencil")
 mask = Layer.open(LayerSpec.from_dict(snakemake.params.spec), snakemake.input.mask)
 Path(snakemake.output.regions).mkdir(parents=True, exist_ok=True)
 result = write_stencil(
     mask,
     snakemake.output.regions,
-    resolution=snakemake.params.resolution,
-    region_resolution=snakemake.params.region_resolution,
-    prune_resolution=snakemake.params.prune_resolution,
-    extent=snakemake.params.extent,
+    resolution=params.resolution,
+    region_resolution=params.region_resolution,
+    prune_resolution=params.prune_resolution,
+    extent=snakemake.params.stencil["extent"],
     manifest_path=snakemake.output.manifest,
     progress=True,
 )

@@ -6,6 +6,7 @@ import os
 # starve each other and a 2-thread step can run 5-10x slower than a 1-thread one
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from vectorgeo.config import ModelConfig, TrainConfig, section
 from vectorgeo.layers import LayerSpec
 from vectorgeo.log import setup_logging
 from vectorgeo.training import train
@@ -15,10 +16,10 @@ specs = {name: LayerSpec.from_dict(spec) for name, spec in snakemake.params.laye
 metrics = train(
     list(snakemake.input.shards),
     specs,
-    patch_px=snakemake.params.patch_px,
-    patch_km=snakemake.params.patch_km,
-    model_cfg=snakemake.params.model,
-    train_cfg=snakemake.params.train,
+    patch_px=snakemake.params.sample["patch_px"],
+    patch_km=snakemake.params.sample["patch_km"],
+    model_cfg=section(ModelConfig, snakemake.params.model, "model"),
+    train_cfg=section(TrainConfig, snakemake.params.train, "train"),
     model_path=snakemake.output.model,
     metrics_path=snakemake.output.metrics,
     plot_path=snakemake.output.plot,

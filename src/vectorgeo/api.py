@@ -687,17 +687,10 @@ def create_app(
 
 
 def serve_settings(config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``serve`` config section with the schema defaults filled in."""
-    import yaml
+    """The ``serve`` config section with every default filled in (from the config models)."""
+    from vectorgeo.config import ServeConfig, section
 
-    from vectorgeo.config import schema_path
-
-    with open(schema_path()) as f:
-        schema = yaml.safe_load(f)
-    out = {k: v.get("default") for k, v in schema["properties"]["serve"]["properties"].items()}
-    if config is not None:
-        out.update(config.get("serve") or {})
-    return out
+    return section(ServeConfig, (config or {}).get("serve"), "serve").model_dump()
 
 
 def serve(config: dict[str, Any] | None = None, *, host: str | None = None, port: int | None = None) -> int:

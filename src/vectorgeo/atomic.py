@@ -45,3 +45,15 @@ def write_json_atomic(path: str | Path, obj: Any, **dump_kwargs: Any) -> None:
     dump_kwargs.setdefault("indent", 2)
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, **dump_kwargs)
+
+
+def write_parquet_atomic(path: str | Path, table: Any, **write_kwargs: Any) -> None:
+    """Write a pyarrow table as Parquet atomically (zstd unless ``compression`` is given).
+
+    Keyword arguments go to :func:`pyarrow.parquet.write_table`.
+    """
+    import pyarrow.parquet as pq
+
+    write_kwargs.setdefault("compression", "zstd")
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, **write_kwargs)

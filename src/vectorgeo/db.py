@@ -30,8 +30,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-import yaml
-
 from vectorgeo.errors import DatabaseError
 
 ENV_URL = "VECTORGEO_DATABASE_URL"
@@ -56,20 +54,17 @@ SERVER_CONF = {
 
 
 def settings(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The ``database`` config section with the schema defaults filled in.
+    """The ``database`` config section with every default filled in (from the config models).
 
     Args:
         config: A full config (only its ``database`` section is read), or None for the defaults.
-    """
-    from vectorgeo.config import schema_path
 
-    with open(schema_path()) as f:
-        schema = yaml.safe_load(f)
-    props = schema["properties"]["database"]["properties"]
-    out = {k: v.get("default") for k, v in props.items()}
-    if config is not None:
-        out.update(config.get("database") or {})
-    return out
+    Raises:
+        ConfigError: a bad ``database.*`` value.
+    """
+    from vectorgeo.config import DatabaseConfig, section
+
+    return section(DatabaseConfig, (config or {}).get("database"), "database").model_dump()
 
 
 def project_dir(start: Path | None = None) -> Path:

@@ -64,7 +64,7 @@ import torch
 
 from vectorgeo import geoparquet
 from vectorgeo import model as vg_model
-from vectorgeo.atomic import atomic_path
+from vectorgeo.atomic import write_parquet_atomic
 from vectorgeo.errors import ConfigError, DataError
 from vectorgeo.layers import Layer, LayerSpec
 from vectorgeo.sampling import gather_patches
@@ -81,9 +81,6 @@ STATUSES = (STATUS_OK, STATUS_NODATA, STATUS_POLE)
 REGION_FILE = re.compile(r"^(?P<region>[0-9a-f]{15})_(?P<digest>[0-9a-f]{12})\.parquet$")
 """Name of a region embedding file: ``{region}_{digest}.parquet``."""
 
-DEFAULTS: dict[str, Any] = {"batch_size": 2048, "max_nodata_frac": 0.9, "device": "auto", "rollup_resolutions": [2, 3]}
-"""Defaults of ``config['embed']`` (kept equal to config/schema.yaml)."""
-
 ModelLike = str | Path | tuple[torch.nn.Module, Mapping[str, Any]]
 ProgressFn = Callable[[int, int], None]
 
@@ -91,40 +88,13 @@ ProgressFn = Callable[[int, int], None]
 # --- set-up -------------------------------------------------------------------------------------
 
 
-def device_name(name: str = "auto") -> str:
-    """Resolve ``embed.device``: ``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``.
+def device_name(name: str) -> str:
+    """Resolve ``embed.device`` (``auto``, ``cpu``, ``cuda``) to the torch device type the job uses.
 
     Raises:
         ConfigError: an unknown name, or ``cuda`` without a CUDA device.
     """
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "cuda"):
-        raise ConfigError("embed.device", f"expected auto, cpu or cuda, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("embed.device", "'cuda' requested but this torch build sees no CUDA device")
-    return name
-
-
-def embed_params(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The ``embed`` config section with defaults filled in and ranges checked.
-
-    Raises:
-        ConfigError: naming the key at fault.
-    """
-    p = {**DEFAULTS, **(cfg or {})}
-    bs = p["batch_size"]
-    if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1:
-        raise ConfigError("embed.batch_size", f"expected a positive integer, got {bs!r}")
-    t = p["max_nodata_frac"]
-    if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0.0 <= t <= 1.0:
-        raise ConfigError("embed.max_nodata_frac", f"expected a number in [0, 1], got {t!r}")
-    res = p["rollup_resolutions"]
-    if not isinstance(res, list) or not all(isinstance(r, int) and 0 <= r <= 15 for r in res):
-        raise ConfigError("embed.rollup_resolutions", f"expected a list of H3 resolutions 0..15, got {res!r}")
-    if p["device"] not in ("auto", "cpu", "cuda"):  # cuda itself is checked where the job runs
-        raise ConfigError("embed.device", f"expected auto, cpu or cuda, got {p['device']!r}")
-    return p
+    return vg_model.resolve_device(name, "embed.device").type
 
 
 def load_model(model: ModelLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -137,31 +107,6 @@ def load_model(model: ModelLike, device: str | torch.device = "cpu") -> tuple[to
         module, meta = model
         return module.to(device).eval(), dict(meta)
     return vg_model.load(model, map_location=device)
-
-
-def check_layers(metadata: Mapping[str, Any], layers: Mapping[str, Layer]) -> dict[str, LayerSpec]:
-    """Check that the opened layers provide every model input layer, encoded as the model expects.
-
-    Returns:
-        The model's layer specs, in channel order.
-
-    Raises:
-        ConfigError: naming the first missing or differently encoded layer.
-    """
-    version = metadata.get("model_version", "?")
-    specs = vg_model.specs_of(metadata)
-    for name, spec in specs.items():
-        if name not in layers:
-            raise ConfigError(
-                f"layers.{name}", f"model {version} needs layer '{name}'; the given layers are {sorted(layers)}"
-            )
-        a, b = spec.encoding_dict(), layers[name].spec.encoding_dict()
-        diff = sorted(k for k in a if a.get(k) != b.get(k))
-        if diff:
-            raise ConfigError(
-                f"layers.{name}", f"model {version} encodes layer '{name}' differently (fields {', '.join(diff)})"
-            )
-    return specs
 
 
 def cell_status(invalid_frac: Mapping[str, np.ndarray], pole: np.ndarray, max_nodata_frac: float) -> np.ndarray:
@@ -206,8 +151,8 @@ class Embedder:
     metadata: dict[str, Any]
     layers: Mapping[str, Layer]
     device: torch.device
-    batch_size: int = DEFAULTS["batch_size"]
-    max_nodata_frac: float = DEFAULTS["max_nodata_frac"]
+    batch_size: int
+    max_nodata_frac: float
     amp: bool = True
     cpu_chunk: int = 256
     workers: int = 1
@@ -217,11 +162,8 @@ class Embedder:
         self.device = torch.device(self.device)
         if self.workers < 1:
             raise ConfigError("threads", f"expected at least one gather worker, got {self.workers!r}")
-        if self.batch_size < 1:
-            raise ConfigError("embed.batch_size", f"expected a positive integer, got {self.batch_size!r}")
-        if not 0.0 <= self.max_nodata_frac <= 1.0:
-            raise ConfigError("embed.max_nodata_frac", f"expected a number in [0, 1], got {self.max_nodata_frac!r}")
-        self.specs = check_layers(self.metadata, self.layers)
+        specs = {name: layer.spec for name, layer in self.layers.items()}
+        self.specs = vg_model.check_layers(self.metadata, specs, allow_extra=True)
         self.model_layers = {name: self.layers[name] for name in self.specs}
         self.patch_px = int(self.metadata["patch_px"])
         if self.metadata.get("patch_km") is None:
@@ -241,9 +183,9 @@ class Embedder:
         cls,
         model: ModelLike,
         layers: Mapping[str, Layer],
-        device: str = "auto",
-        batch_size: int = DEFAULTS["batch_size"],
-        max_nodata_frac: float = DEFAULTS["max_nodata_frac"],
+        device: str,
+        batch_size: int,
+        max_nodata_frac: float,
         workers: int = 1,
     ) -> Embedder:
         """Load a model (path or ``(module, metadata)``) and check it against the layers."""
@@ -345,9 +287,9 @@ def embed_points(
     lat: np.ndarray | Sequence[float],
     lng: np.ndarray | Sequence[float],
     *,
-    batch_size: int = DEFAULTS["batch_size"],
-    device: str = "auto",
-    max_nodata_frac: float = DEFAULTS["max_nodata_frac"],
+    batch_size: int,
+    device: str,
+    max_nodata_frac: float,
 ) -> np.ndarray:
     """Embeddings of any points (not only cell centroids), as the workflow computes them for cells.
 
@@ -399,9 +341,9 @@ def embed_region(
     stencil_table: pa.Table,
     out_path: str | Path,
     *,
-    batch_size: int = DEFAULTS["batch_size"],
-    device: str = "auto",
-    max_nodata_frac: float = DEFAULTS["max_nodata_frac"],
+    batch_size: int,
+    device: str,
+    max_nodata_frac: float,
     region: str | None = None,
     digest: str | None = None,
     progress: ProgressFn | None = None,
@@ -544,7 +486,7 @@ def rollup(
         )
         meta = {"resolution": int(p), "model_version": version, "embedding_dim": d, "region_files": len(region_files)}
         table = table.replace_schema_metadata({b"vectorgeo": json.dumps(meta).encode()})
-        _write_parquet_atomic(table, Path(out))
+        write_parquet_atomic(out, table)
         written[int(p)] = int(q.shape[0])
     return written
 
@@ -554,11 +496,6 @@ def _resolution(cells: np.ndarray) -> int:
     if cells.size == 0:
         return 15
     return int((int(cells[0]) >> 52) & 0xF)
-
-
-def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
 
 
 def prune_superseded(folder: str | Path, current: Sequence[str | Path]) -> list[Path]:

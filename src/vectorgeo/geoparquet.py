@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vectorgeo.atomic import atomic_path
+from vectorgeo.atomic import write_parquet_atomic
 from vectorgeo.errors import DataError
 
 FORMAT_VERSION = 1
@@ -216,8 +216,7 @@ def write_region(
     table = table.replace_schema_metadata(
         {b"geo": json.dumps(_geo_metadata(lng, lat)).encode(), b"vectorgeo": json.dumps(vg_meta).encode()}
     )
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
+    write_parquet_atomic(path, table, row_group_size=row_group_size)
     return path
 
 

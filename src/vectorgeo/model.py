@@ -53,20 +53,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from vectorgeo.atomic import atomic_path
+from vectorgeo.config import ModelConfig, TrainConfig, section
 from vectorgeo.errors import ConfigError, DataError
 from vectorgeo.layers import LayerSpec
 
 FORMAT = "vectorgeo-model"
 FORMAT_VERSION = 1
-
-ARCHITECTURE_DEFAULTS: dict[str, int] = {
-    "width": 16,
-    "stages": 3,
-    "blocks_per_stage": 2,
-    "embedding_dim": 16,
-    "head_hidden": 64,
-}
-"""Defaults of ``config['model']`` (kept equal to config/schema.yaml)."""
 
 SpecsLike = Mapping[str, LayerSpec] | Mapping[str, Any]
 
@@ -223,11 +215,12 @@ class Encoder(nn.Module):
     def __init__(
         self,
         in_channels: int,
-        width: int = 32,
-        stages: int = 3,
-        blocks_per_stage: int = 2,
-        embedding_dim: int = 16,
-        head_hidden: int = 64,
+        *,
+        width: int,
+        stages: int,
+        blocks_per_stage: int,
+        embedding_dim: int,
+        head_hidden: int,
     ) -> None:
         super().__init__()
         if min(in_channels, width, stages, blocks_per_stage, embedding_dim, head_hidden) < 1:
@@ -257,33 +250,62 @@ class Encoder(nn.Module):
         return F.normalize(self.head(h).float(), dim=1)
 
 
-def architecture(model_cfg: Mapping[str, Any] | None = None) -> dict[str, int]:
-    """The architecture hyperparameters of a ``model`` config section, defaults filled in."""
-    arch = dict(ARCHITECTURE_DEFAULTS)
-    for k, v in (model_cfg or {}).items():
-        if k in arch:
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"model.{k}", f"expected a positive integer, got {v!r}")
-            arch[k] = v
-    return arch
+def architecture(model_cfg: ModelConfig | Mapping[str, Any] | None) -> ModelConfig:
+    """The typed ``model`` section (from the config, or from a model file's ``architecture``).
+
+    Raises:
+        ConfigError: naming the ``model.*`` key at fault.
+    """
+    if isinstance(model_cfg, ModelConfig):
+        return model_cfg
+    return section(ModelConfig, model_cfg, "model")
 
 
-def build_model(specs_or_metadata: SpecsLike, model_cfg: Mapping[str, Any] | None = None) -> Encoder:
+def build_model(specs_or_metadata: SpecsLike, model_cfg: ModelConfig | Mapping[str, Any] | None) -> Encoder:
     """A fresh encoder for these layers.
 
     Args:
         specs_or_metadata: Layer specs or model metadata (decides C).
         model_cfg: The ``model`` config section (or metadata ``architecture``).
     """
-    return Encoder(input_channels(specs_or_metadata), **architecture(model_cfg))
+    arch = architecture(model_cfg)
+    return Encoder(
+        input_channels(specs_or_metadata),
+        width=arch.width,
+        stages=arch.stages,
+        blocks_per_stage=arch.blocks_per_stage,
+        embedding_dim=arch.embedding_dim,
+        head_hidden=arch.head_hidden,
+    )
+
+
+def resolve_device(name: str, key: str) -> torch.device:
+    """A device setting (``auto``, ``cpu``, ``cuda``, ``cuda:N``) as a torch device.
+
+    ``auto`` is CUDA when torch sees a GPU, else the CPU.
+
+    Args:
+        name: The setting.
+        key: Its config key (``train.device``, ``embed.device``), for the error message.
+
+    Raises:
+        ConfigError: an unknown name, or CUDA asked for where torch sees no CUDA device.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not str(name).startswith("cuda"):
+        raise ConfigError(key, f"expected auto, cpu or cuda, got {name!r}")
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(key, f"'{name}' requested but this torch build sees no CUDA device")
+    return torch.device(name)
 
 
 def make_metadata(
     specs: Mapping[str, LayerSpec],
     patch_px: int,
     patch_km: float | None,
-    model_cfg: Mapping[str, Any] | None,
-    train_cfg: Mapping[str, Any] | None = None,
+    model_cfg: ModelConfig | Mapping[str, Any] | None,
+    train_cfg: TrainConfig | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """Model metadata (without ``model_version``, which :func:`save` adds)."""
@@ -296,9 +318,9 @@ def make_metadata(
         "in_channels": input_channels(specs),
         "patch_px": int(patch_px),
         "patch_km": None if patch_km is None else float(patch_km),
-        "architecture": arch,
-        "embedding_dim": arch["embedding_dim"],
-        "train": json.loads(json.dumps(dict(train_cfg or {}))),
+        "architecture": arch.model_dump(mode="json"),
+        "embedding_dim": arch.embedding_dim,
+        "train": train_cfg.model_dump(mode="json") if train_cfg is not None else {},
         "library_version": vectorgeo.__version__,
         **extra,
     }
@@ -386,13 +408,22 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[En
     return module, meta
 
 
-def check_layers(metadata: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, LayerSpec]:
-    """Check that a model's input layers are the config's layers, encoded the same way.
+def check_layers(
+    metadata: Mapping[str, Any],
+    specs: Mapping[str, LayerSpec],
+    *,
+    patch_px: int | None = None,
+    patch_km: float | None = None,
+    allow_extra: bool = False,
+) -> dict[str, LayerSpec]:
+    """Check that a model's input layers are the given layers, encoded the same way.
 
     Args:
         metadata: Model metadata (from :func:`load`).
-        config: The workflow config (``layers`` section, and ``sample.patch_px``
-            when present).
+        specs: The layers at hand (the config's, or those of opened layers), by name.
+        patch_px: ``sample.patch_px`` to check against the model's, if known.
+        patch_km: ``sample.patch_km`` to check against the model's, if known.
+        allow_extra: Accept layers the model does not use (else such a layer is an error: retrain).
 
     Returns:
         The model's layer specs in channel order.
@@ -400,33 +431,27 @@ def check_layers(metadata: Mapping[str, Any], config: Mapping[str, Any]) -> dict
     Raises:
         ConfigError: naming the layer (or key) that is missing, extra or differs.
     """
-    from vectorgeo.layers import layer_specs
-
     version = metadata.get("model_version", "?")
     model_specs = specs_of(metadata)
-    cfg_specs = layer_specs(config)
     for name, spec in model_specs.items():
-        if name not in cfg_specs:
+        if name not in specs:
             raise ConfigError(
-                f"layers.{name}", f"model {version} needs layer '{name}', which the config does not declare"
+                f"layers.{name}", f"model {version} needs layer '{name}'; the given layers are {sorted(specs)}"
             )
-        a, b = spec.encoding_dict(), cfg_specs[name].encoding_dict()
+        a, b = spec.encoding_dict(), specs[name].encoding_dict()
         diff = sorted(k for k in a if a.get(k) != b.get(k))
         if diff:
             raise ConfigError(
                 f"layers.{name}", f"model {version} encodes layer '{name}' differently (fields {', '.join(diff)})"
             )
-    extra = [n for n in cfg_specs if n not in model_specs]
-    if extra:
+    extra = [n for n in specs if n not in model_specs]
+    if extra and not allow_extra:
         raise ConfigError(f"layers.{extra[0]}", f"model {version} was trained without layer '{extra[0]}'; retrain it")
-    px = config.get("sample", {}).get("patch_px")
-    if px is not None and int(px) != int(metadata["patch_px"]):
+    if patch_px is not None and int(patch_px) != int(metadata["patch_px"]):
         raise ConfigError(
-            "sample.patch_px", f"model {version} expects {metadata['patch_px']} px patches, config has {px}"
+            "sample.patch_px", f"model {version} expects {metadata['patch_px']} px patches, config has {patch_px}"
         )
-    km = config.get("sample", {}).get("patch_km")
-    if km is not None and metadata.get("patch_km") is not None and abs(float(km) - float(metadata["patch_km"])) > 1e-9:
-        raise ConfigError(
-            "sample.patch_km", f"model {version} expects patches {metadata['patch_km']} km across, config has {km}"
-        )
+    km = metadata.get("patch_km")
+    if patch_km is not None and km is not None and abs(float(patch_km) - float(km)) > 1e-9:
+        raise ConfigError("sample.patch_km", f"model {version} expects patches {km} km across, config has {patch_km}")
     return model_specs

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from vectorgeo.atomic import write_text_atomic
+from vectorgeo.probes import MAIN_METRIC
 
-MAIN_METRIC = {"classification": "linear_macro_f1", "regression": "linear_r2"}
 METHOD_COLOURS = {
     "embedding": "#1f77b4",
     "random_init": "#7f7f7f",

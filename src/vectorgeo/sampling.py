@@ -69,60 +69,13 @@ from typing import Any
 
 import numpy as np
 
-from vectorgeo.errors import ConfigError, DataError
+from vectorgeo.config import SampleConfig
+from vectorgeo.errors import ConfigError
 from vectorgeo.layers import NODATA_INDEX, Layer
+from vectorgeo.shards import ROLES
 
 EARTH_RADIUS_KM = 6371.0088
 KM_PER_DEG = math.pi * EARTH_RADIUS_KM / 180.0
-ROLES = ("anchor", "neighbor", "distant")
-
-
-@dataclass(frozen=True)
-class SampleParams:
-    """Sampling parameters (config section ``sample``)."""
-
-    patch_px: int = 16
-    patch_km: float = 80.0
-    neighbor_km_min: float = 10.0
-    neighbor_km_max: float = 40.0
-    distant_km_min: float = 250.0
-    max_nodata_frac: float = 0.5
-    max_same_frac: float = 0.95
-    batch: int = 4096
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> SampleParams:
-        """Build from the ``sample`` config mapping and check ranges.
-
-        Raises:
-            ConfigError: naming the key at fault.
-        """
-        names = {f for f in cls.__dataclass_fields__}
-        p = cls(**{k: v for k, v in cfg.items() if k in names})
-        p.check()
-        return p
-
-    def check(self) -> None:
-        """Raise ConfigError for inconsistent values."""
-        if self.patch_px < 4:
-            raise ConfigError("sample.patch_px", f"must be >= 4, got {self.patch_px}")
-        if self.patch_km <= 0:
-            raise ConfigError("sample.patch_km", f"must be > 0, got {self.patch_km}")
-        if self.neighbor_km_min < 0:
-            raise ConfigError("sample.neighbor_km_min", f"must be >= 0, got {self.neighbor_km_min}")
-        if self.neighbor_km_min >= self.neighbor_km_max:
-            raise ConfigError(
-                "sample.neighbor_km_min",
-                f"must be < sample.neighbor_km_max ({self.neighbor_km_max}), got {self.neighbor_km_min}",
-            )
-        if self.distant_km_min < 0:
-            raise ConfigError("sample.distant_km_min", f"must be >= 0, got {self.distant_km_min}")
-        if not 0 <= self.max_nodata_frac <= 1:
-            raise ConfigError("sample.max_nodata_frac", f"must be in [0, 1], got {self.max_nodata_frac}")
-        if not 0 < self.max_same_frac <= 1:
-            raise ConfigError("sample.max_same_frac", f"must be in (0, 1], got {self.max_same_frac}")
-        if self.batch < 1:
-            raise ConfigError("sample.batch", f"must be >= 1, got {self.batch}")
 
 
 def shard_seed(seed: int, shard: int) -> np.random.SeedSequence:
@@ -273,10 +226,9 @@ class TripletSampler:
         self,
         layers: Mapping[str, Layer],
         land_mask: Layer,
-        params: SampleParams,
+        params: SampleConfig,
         bbox: Sequence[float] | None = None,
     ) -> None:
-        params.check()
         self.layers = dict(layers)
         self.mask = land_mask
         self.p = params
@@ -411,7 +363,7 @@ class TripletSampler:
                 "seed": int(seed),
                 "shard": int(shard),
                 "n": int(n),
-                "params": asdict(self.p),
+                "params": self.p.model_dump(mode="json", exclude={"shards", "per_shard", "seed"}),
                 "bbox": self.bbox,
                 "acceptance": stats.acceptance,
             }
@@ -451,20 +403,3 @@ class TripletSampler:
             f"no usable triplets after {stats.candidates} candidates (stats: {asdict(stats)}); "
             "check sample.max_same_frac, patch_km and neighbor distances",
         )
-
-
-def read_shard(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Read a shard into memory: (arrays by key, meta dict).
-
-    Raises:
-        DataError: the file is missing, not an npz, or has no meta.
-    """
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files if k != "meta"}
-            if "meta" not in z.files:
-                raise DataError(str(path), "not a vectorgeo shard: missing 'meta'")
-            meta = json.loads(str(z["meta"]))
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise DataError(str(path), f"cannot read shard: {e}") from None
-    return arrays, meta

@@ -29,10 +29,9 @@ Outputs (see :func:`write_stencil`):
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,8 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vectorgeo.atomic import atomic_path, write_json_atomic
-from vectorgeo.errors import ConfigError
+from vectorgeo.atomic import write_json_atomic, write_parquet_atomic
 from vectorgeo.layers import Layer
 
 DIGEST_CHARS = 12
@@ -137,21 +135,14 @@ class Extent:
     regions: frozenset[int] | None = None
 
     @classmethod
-    def from_config(cls, extent: Mapping[str, Any] | None, region_resolution: int) -> Extent:
-        """Parse ``stencil.extent`` (null, {bbox: [w, s, e, n]} or {regions: [...]})."""
+    def from_config(cls, extent: Mapping[str, Any] | None) -> Extent:
+        """From a validated ``stencil.extent`` (null, {bbox: [w, s, e, n]} or {regions: [...]})."""
         if extent is None:
             return cls()
-        if "bbox" in extent:
+        if extent.get("bbox") is not None:
             w, s, e, n = (float(v) for v in extent["bbox"])
             return cls(bbox=(w, s, e, n))
-        regions = set()
-        for r in extent["regions"]:
-            if not h3.is_valid_cell(r) or h3.get_resolution(r) != region_resolution:
-                raise ConfigError(
-                    "stencil.extent.regions", f"'{r}' is not a valid H3 cell at region_resolution {region_resolution}"
-                )
-            regions.add(h3.str_to_int(r))
-        return cls(regions=frozenset(regions))
+        return cls(regions=frozenset(h3.str_to_int(r) for r in extent["regions"]))
 
     def contains(self, lat: np.ndarray, lng: np.ndarray) -> np.ndarray:
         """Points inside the bbox (all True without one); handles w > e (antimeridian)."""
@@ -241,11 +232,6 @@ def iter_land_cells(
         yield cells[order], lat[order], lng[order], region[order]
 
 
-def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
-
-
 def write_stencil(
     mask: Layer,
     out_dir: str | Path,
@@ -274,7 +260,7 @@ def write_stencil(
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ext = Extent.from_config(extent, region_resolution)
+    ext = Extent.from_config(extent)
     stats: dict[str, int] = {}
     regions: dict[str, dict[str, Any]] = {}
     it = iter_land_cells(mask, resolution, region_resolution, prune_resolution, ext, stats=stats)
@@ -298,7 +284,7 @@ def write_stencil(
             rc = cells[s:e]
             name = region_hex(region[s])
             table = pa.table({"h3": rc, "lat": lat[s:e], "lng": lng[s:e], "region": region[s:e]}, schema=STENCIL_SCHEMA)
-            _write_parquet_atomic(table, out / f"{name}.parquet")
+            write_parquet_atomic(out / f"{name}.parquet", table)
             regions[name] = {"digest": digest_cells(rc), "cells": int(e - s)}
     manifest = {
         "resolution": resolution,
@@ -310,20 +296,9 @@ def write_stencil(
     return {**manifest, **stats, "seconds": time.perf_counter() - t0}
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """Read a stencil manifest."""
-    with open(path) as f:
-        return json.load(f)
-
-
 def read_region(path: str | Path) -> pa.Table:
     """Read one region's stencil parquet."""
     return pq.read_table(path, schema=STENCIL_SCHEMA)
-
-
-def region_ids(manifest: Mapping[str, Any]) -> Sequence[tuple[str, str]]:
-    """(region hex, digest) pairs of a manifest, sorted."""
-    return [(r, v["digest"]) for r, v in sorted(manifest["regions"].items())]
 
 
 def extent_bbox(extent: Mapping[str, Any] | None) -> list[float] | None:
@@ -334,7 +309,7 @@ def extent_bbox(extent: Mapping[str, Any] | None) -> list[float] | None:
     """
     if not extent:
         return None
-    if "bbox" in extent:
+    if extent.get("bbox") is not None:
         return [float(v) for v in extent["bbox"]]
     lats: list[float] = []
     lngs: list[float] = []

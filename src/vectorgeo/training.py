@@ -36,17 +36,14 @@ identical weights (with the same number of threads).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import queue
 import sys
 import threading
 import time
-import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,192 +54,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from vectorgeo import model as vg_model
-from vectorgeo.atomic import atomic_path
-from vectorgeo.errors import ConfigError, DataError
-from vectorgeo.layers import NODATA_INDEX, LayerSpec
+from vectorgeo.atomic import atomic_path, write_json_atomic
+from vectorgeo.config import ModelConfig, TrainConfig
+from vectorgeo.errors import ConfigError
+from vectorgeo.layers import LayerSpec
+from vectorgeo.shards import ROLES, concat_shards, read_shard
 
 log = logging.getLogger("vectorgeo.training")
-
-ROLES = ("anchor", "neighbor", "distant")
-
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "device": "auto",
-    "epochs": 1,
-    "batch_size": 256,
-    "lr": 0.002,
-    "weight_decay": 0.0001,
-    "margin": 0.5,
-    "grad_clip": 1.0,
-    "patience": 2,
-    "val_shards": 1,
-    "shards_in_memory": 16,
-    "amp": True,
-    "seed": 0,
-}
-"""Defaults of ``config['train']`` (kept equal to config/schema.yaml)."""
-
-
-def train_config(train_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The ``train`` config section with defaults filled in and values checked.
-
-    Raises:
-        ConfigError: naming the ``train.*`` key at fault.
-    """
-    cfg = {**TRAIN_DEFAULTS, **dict(train_cfg or {})}
-    if cfg["device"] not in ("auto", "cpu", "cuda") and not str(cfg["device"]).startswith("cuda:"):
-        raise ConfigError("train.device", f"expected auto, cpu or cuda, got {cfg['device']!r}")
-    for k in ("epochs", "batch_size", "patience", "val_shards", "shards_in_memory"):
-        v = cfg[k]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ConfigError(f"train.{k}", f"expected a positive integer, got {v!r}")
-    for k in ("lr", "margin", "grad_clip"):
-        v = cfg[k]
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
-            raise ConfigError(f"train.{k}", f"expected a positive number, got {v!r}")
-    if not isinstance(cfg["weight_decay"], (int, float)) or cfg["weight_decay"] < 0:
-        raise ConfigError("train.weight_decay", f"expected a number >= 0, got {cfg['weight_decay']!r}")
-    if not isinstance(cfg["seed"], int):
-        raise ConfigError("train.seed", f"expected an integer, got {cfg['seed']!r}")
-    return cfg
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cpu``/``cuda`` as given.
-
-    Raises:
-        ConfigError: ``cuda`` requested but not available.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(name).startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("train.device", f"'{name}' requested but this torch build sees no CUDA device")
-    return torch.device(name)
-
-
-# --- shards -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Shard:
-    """A validated sample shard in memory.
-
-    Attributes:
-        path: The file.
-        n: Number of triplets.
-        arrays: ``{role}_{layer}`` -> (n, P, P) array (uint8 or float32).
-        meta: The shard's ``meta`` JSON (empty when absent).
-    """
-
-    path: str
-    n: int
-    arrays: dict[str, np.ndarray]
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-def read_shard(
-    path: str | Path, specs: Mapping[str, LayerSpec], patch_px: int | None, patch_km: float | None = None
-) -> Shard:
-    """Read and validate one sample shard.
-
-    Args:
-        path: ``shard-{i}.npz``.
-        specs: The config's layers (the model input).
-        patch_px: Expected patch size (``sample.patch_px``); None: take the shard's.
-        patch_km: Expected footprint (``sample.patch_km``), checked against the
-            shard's ``meta`` when both are known.
-
-    Raises:
-        DataError: naming the shard and what is wrong: unreadable, empty,
-            missing or extra layers, other class maps or scaling, other patch
-            size, wrong dtype, class indices out of range.
-    """
-    p = str(path)
-    if not os.path.isfile(p):
-        raise DataError(p, "shard file does not exist")
-    if os.path.getsize(p) == 0:
-        raise DataError(p, "shard file is empty (0 bytes)")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            raw = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, RuntimeError) as e:
-        raise DataError(p, f"not a readable npz shard ({type(e).__name__}: {e})") from None
-    except Exception as e:  # zlib.error and friends from a damaged member
-        raise DataError(p, f"not a readable npz shard ({type(e).__name__}: {e})") from None
-    meta: dict[str, Any] = {}
-    if "meta" in raw:
-        try:
-            meta = json.loads(str(raw.pop("meta")[()]))
-        except (ValueError, TypeError) as e:
-            raise DataError(p, f"'meta' is not JSON: {e}") from None
-    shard_layers = sorted({k.split("_", 1)[1] for k in raw if "_" in k and k.split("_", 1)[0] in ROLES} - {"latlng"})
-    meta_layers = meta.get("layers")
-    if isinstance(meta_layers, Mapping) and meta_layers:
-        shard_layers = sorted(set(shard_layers) | set(meta_layers))
-    missing = [n for n in specs if n not in shard_layers]
-    extra = [n for n in shard_layers if n not in specs]
-    if missing or extra:
-        raise DataError(
-            p,
-            f"layer set differs from the config: shard has {shard_layers}, config has {list(specs)}"
-            + (f"; missing {missing}" if missing else "")
-            + (f"; not in config {extra}" if extra else ""),
-        )
-    if isinstance(meta_layers, Mapping):
-        for name, spec in specs.items():
-            if name in meta_layers:
-                try:
-                    other = LayerSpec.from_dict(meta_layers[name]).encoding_dict()
-                except Exception as e:
-                    raise DataError(p, f"meta spec of layer '{name}' is invalid: {e}") from None
-                mine = spec.encoding_dict()
-                diff = sorted(k for k in mine if mine[k] != other.get(k))
-                if diff:
-                    raise DataError(
-                        p, f"layer '{name}' was sampled with other settings than the config (fields {', '.join(diff)})"
-                    )
-    if patch_km is not None and meta.get("patch_km") is not None:
-        if abs(float(meta["patch_km"]) - float(patch_km)) > 1e-9:
-            raise DataError(p, f"patches are {meta['patch_km']} km across; config sample.patch_km is {patch_km}")
-    arrays: dict[str, np.ndarray] = {}
-    n: int | None = None
-    for role in ROLES:
-        for name, spec in specs.items():
-            key = f"{role}_{name}"
-            if key not in raw:
-                raise DataError(p, f"key '{key}' is missing; keys are {sorted(raw)}")
-            a = raw[key]
-            if a.ndim != 3 or a.shape[1] != a.shape[2]:
-                raise DataError(p, f"'{key}' has shape {a.shape}; expected (N, P, P)")
-            if patch_px is not None and a.shape[1] != patch_px:
-                raise DataError(p, f"patch size is {a.shape[1]} px ('{key}'), config sample.patch_px is {patch_px}")
-            if n is None:
-                n = a.shape[0]
-                patch_px = a.shape[1]
-            elif a.shape[0] != n:
-                raise DataError(p, f"'{key}' has {a.shape[0]} patches, other keys {n}")
-            if spec.kind == "categorical":
-                if a.dtype != np.uint8:
-                    raise DataError(p, f"'{key}' is {a.dtype}; expected uint8 class indices")
-                bad = (a >= spec.n_classes) & (a != NODATA_INDEX)
-                if bad.any():
-                    raise DataError(
-                        p, f"'{key}' has class index {int(a[bad].max())}; layer '{name}' has {spec.n_classes} classes"
-                    )
-            else:
-                if a.dtype.kind != "f":
-                    raise DataError(p, f"'{key}' is {a.dtype}; expected float32 physical values")
-                a = a.astype(np.float32, copy=False)
-            arrays[key] = a
-    if not n:
-        raise DataError(p, "shard is empty (0 triplets)")
-    return Shard(p, int(n), arrays, meta)
-
-
-def concat_shards(shards: Sequence[Shard]) -> dict[str, np.ndarray]:
-    """Concatenate the arrays of several shards (one array per key)."""
-    if len(shards) == 1:
-        return shards[0].arrays
-    return {k: np.concatenate([s.arrays[k] for s in shards]) for k in shards[0].arrays}
 
 
 def iterate_batches(
@@ -321,7 +139,7 @@ class StepContext:
     specs: dict[str, LayerSpec]
     device: torch.device
     margin: float
-    grad_clip: float = 1.0
+    grad_clip: float
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
     scaler: Any = None
@@ -415,22 +233,6 @@ def pca_components(embeddings: np.ndarray, fraction: float = 0.99) -> int:
 # --- outputs -----------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    with atomic_path(path) as tmp:
-        write(str(tmp))
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically."""
-
-    def w(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-
-    _atomic_write(Path(path), w)
-
-
 def plot_training(metrics: Mapping[str, Any], path: str | Path) -> None:
     """Loss and validation accuracy curves per epoch, as a PNG (written atomically)."""
     import matplotlib
@@ -458,11 +260,9 @@ def plot_training(metrics: Mapping[str, Any], path: str | Path) -> None:
     fig.suptitle(f"vectorgeo model {metrics.get('model_version', '')}")
     fig.tight_layout()
 
-    def w(tmp: str) -> None:
-        fig.savefig(tmp, format="png", dpi=100)
-
     try:
-        _atomic_write(Path(path), w)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
     finally:
         plt.close(fig)
 
@@ -489,13 +289,153 @@ def _state_copy(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+@dataclass
+class TrainingData:
+    """Validated shards: the validation triplets in memory, the training ones in memory or read per group.
+
+    Attributes:
+        specs: The layers, in channel order.
+        patch_px: Patch size of every shard.
+        patch_km: Patch footprint (``sample.patch_km``), checked against the shards.
+        train_paths: Training shard paths.
+        n_train: Training triplets.
+        val: Validation arrays (``{role}_{layer}``).
+        n_val: Validation triplets.
+        group: Training shards held in memory at once.
+        cache: All training triplets, when they fit in one group (kept across epochs).
+    """
+
+    specs: dict[str, LayerSpec]
+    patch_px: int
+    patch_km: float | None
+    train_paths: list[str]
+    n_train: int
+    val: dict[str, np.ndarray]
+    n_val: int
+    group: int
+    cache: dict[str, np.ndarray] | None
+
+    @classmethod
+    def read(
+        cls,
+        shards: Sequence[str | Path],
+        specs: Mapping[str, LayerSpec],
+        patch_px: int | None,
+        patch_km: float | None,
+        cfg: TrainConfig,
+    ) -> TrainingData:
+        """Read and validate every shard before any training starts.
+
+        Raises:
+            ConfigError: too few shards for ``train.val_shards``.
+            DataError: a shard that is unreadable, empty or does not match the layers.
+        """
+        specs = dict(specs)
+        train_paths, val_paths = split_shards(shards, cfg.val_shards)
+        val_shards = [read_shard(p, specs, patch_px, patch_km) for p in val_paths]
+        px = val_shards[0].patch_px
+        val = concat_shards(val_shards)
+        n_val = sum(s.n for s in val_shards)
+        del val_shards
+        cache = None
+        if len(train_paths) <= cfg.shards_in_memory:
+            objs = [read_shard(p, specs, px, patch_km) for p in train_paths]
+            n_train = sum(s.n for s in objs)
+            cache = concat_shards(objs)
+        else:
+            n_train = sum(read_shard(p, specs, px, patch_km).n for p in train_paths)
+        return cls(specs, px, patch_km, train_paths, n_train, val, n_val, cfg.shards_in_memory, cache)
+
+    def groups(self, rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
+        """The training triplets of one epoch, a group of shards at a time (shards in random order)."""
+        if self.cache is not None:
+            yield self.cache
+            return
+        order = rng.permutation(len(self.train_paths))
+        for i in range(0, len(order), self.group):
+            picked = [self.train_paths[j] for j in order[i : i + self.group]]
+            yield concat_shards([read_shard(p, self.specs, self.patch_px, self.patch_km) for p in picked])
+
+    def batches(self, rng: np.random.Generator, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Shuffled batches of one epoch, roles stacked (uint8 / float32 patches)."""
+        for arrays in self.groups(rng):
+            for batch in iterate_batches(arrays, batch_size, rng):
+                yield stack_roles(batch, self.specs)
+
+
+def _step_context(
+    module: nn.Module, specs: dict[str, LayerSpec], device: torch.device, cfg: TrainConfig
+) -> tuple[nn.Module, StepContext]:
+    """Device placement and mixed precision: channels_last and AMP on CUDA, plain float32 on the CPU."""
+    cuda = device.type == "cuda"
+    amp_dtype: torch.dtype | None = None
+    scaler = None
+    if cuda:
+        module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        if cfg.amp:
+            amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            if amp_dtype == torch.float16:
+                scaler = torch.amp.GradScaler("cuda")
+    return module, StepContext(specs, device, cfg.margin, cfg.grad_clip, amp_dtype, cuda, scaler)
+
+
+@dataclass
+class _EarlyStopping:
+    """Best epoch by validation accuracy (ties broken by lower loss), with patience."""
+
+    patience: int
+    best: tuple[float, float] | None = None
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    epoch: int = 0
+    embeddings: np.ndarray | None = None
+    bad_epochs: int = 0
+
+    def update(self, epoch: int, val_acc: float, val_loss: float, module: nn.Module, emb: np.ndarray) -> bool:
+        """Record an epoch; True when training should stop."""
+        if self.best is None or (val_acc, -val_loss) > self.best:
+            self.best, self.state, self.epoch, self.embeddings = (val_acc, -val_loss), _state_copy(module), epoch, emb
+            self.bad_epochs = 0
+            return False
+        self.bad_epochs += 1
+        return self.bad_epochs >= self.patience
+
+
+def _run_epoch(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    batches: Iterator[dict[str, np.ndarray]],
+    ctx: StepContext,
+    bar: Any,
+    on_step: Callable[[int, float, int], None],
+) -> tuple[float, int]:
+    """One pass over the training batches; returns (mean loss, triplets seen)."""
+    module.train()
+    loss_sum = torch.zeros((), device=ctx.device)
+    n_steps, n_seen = 0, 0
+    prefetch = _Prefetcher(batches, depth=6, transform=_pin) if ctx.device.type == "cuda" else None
+    try:
+        for batch in iter(prefetch) if prefetch is not None else batches:
+            x = encode_stacked(batch, ctx)
+            loss_sum += train_step(module, optimizer, x, ctx)
+            scheduler.step()
+            n_steps += 1
+            n_seen += x.shape[0] // 3
+            bar.update(1)
+            on_step(n_steps, float(loss_sum) / n_steps if n_steps % 20 == 0 else math.nan, n_seen)
+    finally:
+        if prefetch is not None:
+            prefetch.close()
+    return float(loss_sum) / max(n_steps, 1), n_seen
+
+
 def train(
     shards: Sequence[str | Path],
     specs: Mapping[str, LayerSpec],
     patch_px: int | None,
     patch_km: float | None,
-    model_cfg: Mapping[str, Any] | None,
-    train_cfg: Mapping[str, Any] | None,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
     model_path: str | Path,
     metrics_path: str | Path | None = None,
     plot_path: str | Path | None = None,
@@ -521,20 +461,14 @@ def train(
         The metrics dict (also written to ``metrics_path``).
 
     Raises:
-        ConfigError: bad ``train``/``model`` values, too few shards.
+        ConfigError: too few shards, CUDA asked for without a GPU.
         DataError: a shard that is unreadable, empty or does not match the config.
     """
-    from tqdm.auto import tqdm
-
     t_start = time.perf_counter()
-    cfg = train_config(train_cfg)
-    arch = vg_model.architecture(model_cfg)
-    specs = dict(specs)
-    device = resolve_device(cfg["device"])
+    cfg = train_cfg
+    device = vg_model.resolve_device(cfg.device, "train.device")
     cuda = device.type == "cuda"
-    show = sys.stderr.isatty() if progress is None else progress
-    prev_threads = torch.get_num_threads()
-    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_threads, prev_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     if threads:
         torch.set_num_threads(int(threads))
     if not cuda:
@@ -542,185 +476,127 @@ def train(
     else:
         torch.backends.cudnn.benchmark = True
     try:
-        train_paths, val_paths = split_shards(shards, cfg["val_shards"])
-        val_shards = [read_shard(p, specs, patch_px, patch_km) for p in val_paths]
-        patch_px = val_shards[0].arrays[next(iter(val_shards[0].arrays))].shape[1]
-        val = concat_shards(val_shards)
-        n_val = sum(s.n for s in val_shards)
-        del val_shards
-        cache: list[dict[str, np.ndarray]] | None = None
-        group = cfg["shards_in_memory"]
-        if len(train_paths) <= group:
-            shard_objs = [read_shard(p, specs, patch_px, patch_km) for p in train_paths]
-            n_train = sum(s.n for s in shard_objs)
-            cache = [concat_shards(shard_objs)]
-            del shard_objs
-        else:  # validate everything before spending time on training
-            n_train = sum(read_shard(p, specs, patch_px, patch_km).n for p in train_paths)
-
-        torch.manual_seed(cfg["seed"])
-        rng = np.random.default_rng(cfg["seed"])
-        module = vg_model.build_model(specs, arch).to(device)
-        amp_dtype: torch.dtype | None = None
-        scaler = None
-        if cuda:
-            module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-            if cfg["amp"]:
-                amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-                if amp_dtype == torch.float16:
-                    scaler = torch.amp.GradScaler("cuda")
-        ctx = StepContext(specs, device, float(cfg["margin"]), float(cfg["grad_clip"]), amp_dtype, cuda, scaler)
-        optimizer = torch.optim.AdamW(module.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        steps_per_epoch = math.ceil(n_train / cfg["batch_size"])  # for the progress bar and LR schedule
-        log_every = max(1, steps_per_epoch // 5)
-        total_steps = max(1, steps_per_epoch * cfg["epochs"])
+        data = TrainingData.read(shards, specs, patch_px, patch_km, cfg)
+        torch.manual_seed(cfg.seed)
+        rng = np.random.default_rng(cfg.seed)
+        module, ctx = _step_context(vg_model.build_model(data.specs, model_cfg).to(device), data.specs, device, cfg)
+        optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps_per_epoch = math.ceil(data.n_train / cfg.batch_size)  # for the progress bar and LR schedule
+        total_steps = max(1, steps_per_epoch * cfg.epochs)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
         )
         log.info(
-            "training on %s: %d train triplets (%d shards), %d validation triplets (%d shards), %d input channels",
+            "training on %s: %d train triplets (%d shards), %d validation triplets, %d input channels",
             device,
-            n_train,
-            len(train_paths),
-            n_val,
-            len(val_paths),
-            vg_model.input_channels(specs),
+            data.n_train,
+            len(data.train_paths),
+            data.n_val,
+            vg_model.input_channels(data.specs),
         )
-
-        def epoch_groups() -> Iterator[dict[str, np.ndarray]]:
-            if cache is not None:
-                yield from cache
-                return
-            order = rng.permutation(len(train_paths))
-            for i in range(0, len(order), group):
-                yield concat_shards(
-                    [read_shard(train_paths[j], specs, patch_px, patch_km) for j in order[i : i + group]]
+        epochs, stopper, n_seen, stopped_early, t_train = (
+            [],
+            _EarlyStopping(cfg.patience),
+            0,
+            False,
+            time.perf_counter(),
+        )
+        for epoch in range(1, cfg.epochs + 1):
+            with _epoch_bar(epoch, cfg.epochs, steps_per_epoch, progress, t_train, n_seen) as (bar, on_step):
+                train_loss, seen = _run_epoch(
+                    module, optimizer, scheduler, data.batches(rng, cfg.batch_size), ctx, bar, on_step
                 )
-
-        def epoch_batches() -> Iterator[dict[str, np.ndarray]]:
-            # uint8 / float32 patches, roles stacked; pinned by the loader thread on CUDA
-            for arrays in epoch_groups():
-                for batch in iterate_batches(arrays, cfg["batch_size"], rng):
-                    yield stack_roles(batch, specs)
-
-        epochs: list[dict[str, Any]] = []
-        best: tuple[float, float] | None = None
-        best_state = _state_copy(module)
-        best_epoch = 0
-        best_emb: np.ndarray | None = None
-        bad_epochs = 0
-        stopped_early = False
-        n_seen = 0
-        t_train = time.perf_counter()
-        for epoch in range(1, cfg["epochs"] + 1):
-            module.train()
-            loss_sum = torch.zeros((), device=device)
-            n_steps = 0
-            batches: Any = epoch_batches()
-            prefetch = None
-            if cuda:
-                prefetch = _Prefetcher(batches, depth=6, transform=_pin)
-                batches = iter(prefetch)
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg['epochs']}", disable=not show, leave=False)
-            try:
-                for batch in batches:
-                    x = encode_stacked(batch, ctx)
-                    loss_sum += train_step(module, optimizer, x, ctx)
-                    scheduler.step()
-                    n_steps += 1
-                    n_seen += x.shape[0] // 3
-                    bar.update(1)
-                    if show and n_steps % 20 == 0:
-                        bar.set_postfix(loss=f"{float(loss_sum) / n_steps:.4f}")
-                    elif not show and n_steps % log_every == 0:  # a quiet log still shows progress
-                        log.info(
-                            "epoch %d: step %d/%d, train loss %.4f, %.0f triplets/s",
-                            epoch,
-                            n_steps,
-                            steps_per_epoch,
-                            float(loss_sum) / n_steps,
-                            n_seen / (time.perf_counter() - t_train),
-                        )
-            finally:
-                bar.close()
-                if prefetch is not None:
-                    prefetch.close()
-            train_loss = float(loss_sum) / max(n_steps, 1)
-            val_loss, val_acc, emb = evaluate(module, val, ctx, batch_size=4 * cfg["batch_size"])
+            n_seen += seen
+            val_loss, val_acc, emb = evaluate(module, data.val, ctx, batch_size=4 * cfg.batch_size)
             epochs.append(
                 {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_triplet_accuracy": val_acc}
             )
             log.info(
                 "epoch %d/%d: train loss %.4f, val loss %.4f, val triplet accuracy %.4f",
-                epoch,
-                cfg["epochs"],
-                train_loss,
-                val_loss,
-                val_acc,
+                *(epoch, cfg.epochs, train_loss, val_loss, val_acc),
             )
             if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
                 log.warning("loss is not finite at epoch %d; stopping and keeping the best weights", epoch)
                 stopped_early = True
                 break
-            if best is None or (val_acc, -val_loss) > best:
-                best, best_state, best_epoch, best_emb, bad_epochs = (
-                    (val_acc, -val_loss),
-                    _state_copy(module),
-                    epoch,
-                    emb,
-                    0,
-                )
-            else:
-                bad_epochs += 1
-                if bad_epochs >= cfg["patience"]:
-                    log.info("early stop after epoch %d: no improvement for %d epochs", epoch, bad_epochs)
-                    stopped_early = epoch < cfg["epochs"]
-                    break
+            if stopper.update(epoch, val_acc, val_loss, module, emb):
+                log.info("early stop after epoch %d: no improvement for %d epochs", epoch, stopper.bad_epochs)
+                stopped_early = epoch < cfg.epochs
+                break
         train_seconds = time.perf_counter() - t_train
-        module.load_state_dict(best_state)
+        module.load_state_dict(stopper.state)
+        best_acc = stopper.best[0] if stopper.best else None
         meta = vg_model.make_metadata(
-            specs,
-            patch_px,
+            data.specs,
+            data.patch_px,
             patch_km,
-            arch,
+            model_cfg,
             cfg,
-            best_epoch=best_epoch,
-            best_val_triplet_accuracy=best[0] if best else None,
+            best_epoch=stopper.epoch,
+            best_val_triplet_accuracy=best_acc,
         )
         saved = vg_model.save(model_path, module, meta)
         metrics: dict[str, Any] = {
             "epochs": epochs,
-            "best_epoch": best_epoch,
-            "best_val_triplet_accuracy": best[0] if best else None,
-            "best_val_loss": -best[1] if best else None,
-            "pca_components_99": pca_components(best_emb) if best_emb is not None else None,
+            "best_epoch": stopper.epoch,
+            "best_val_triplet_accuracy": best_acc,
+            "best_val_loss": -stopper.best[1] if stopper.best else None,
+            "pca_components_99": pca_components(stopper.embeddings) if stopper.embeddings is not None else None,
             "stopped_early": stopped_early,
-            "margin": cfg["margin"],
+            "margin": cfg.margin,
             "model_version": saved["model_version"],
             "device": str(device),
-            "train_triplets": n_train,
-            "val_triplets": n_val,
+            "train_triplets": data.n_train,
+            "val_triplets": data.n_val,
             "train_seconds": round(train_seconds, 2),
             "seconds": round(time.perf_counter() - t_start, 2),
             "samples_per_s": round(n_seen / train_seconds, 1) if train_seconds > 0 else None,
         }
-        if metrics_path:
-            write_json(metrics_path, metrics)
-        if plot_path and epochs:
-            plot_training(metrics, plot_path)
-        log.info(
-            "model %s: best val triplet accuracy %.4f at epoch %d, %d PCA components for 99%% variance, %.0f s",
-            saved["model_version"],
-            metrics["best_val_triplet_accuracy"] or float("nan"),
-            best_epoch,
-            metrics["pca_components_99"] or 0,
-            metrics["seconds"],
-        )
+        _write_outputs(metrics, metrics_path, plot_path)
         return metrics
     finally:
         torch.set_num_threads(prev_threads)
         if not cuda:
             torch.use_deterministic_algorithms(prev_det)
+
+
+@contextmanager
+def _epoch_bar(
+    epoch: int, epochs: int, steps: int, progress: bool | None, t_train: float, seen_before: int
+) -> Iterator[tuple[Any, Callable[[int, float, int], None]]]:
+    """A progress bar on a terminal; otherwise a log line every fifth of an epoch."""
+    from tqdm.auto import tqdm
+
+    show = sys.stderr.isatty() if progress is None else progress
+    log_every = max(1, steps // 5)
+    bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", disable=not show, leave=False)
+
+    def on_step(step: int, mean_loss: float, seen: int) -> None:
+        if show and not math.isnan(mean_loss):
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+        elif not show and step % log_every == 0:
+            rate = (seen_before + seen) / (time.perf_counter() - t_train)
+            log.info("epoch %d: step %d/%d, %.0f triplets/s", epoch, step, steps, rate)
+
+    try:
+        yield bar, on_step
+    finally:
+        bar.close()
+
+
+def _write_outputs(metrics: dict[str, Any], metrics_path: str | Path | None, plot_path: str | Path | None) -> None:
+    if metrics_path:
+        write_json_atomic(metrics_path, metrics)
+    if plot_path and metrics["epochs"]:
+        plot_training(metrics, plot_path)
+    log.info(
+        "model %s: best val triplet accuracy %.4f at epoch %d, %d PCA components for 99%% variance, %.0f s",
+        metrics["model_version"],
+        metrics["best_val_triplet_accuracy"] or float("nan"),
+        metrics["best_epoch"],
+        metrics["pca_components_99"] or 0,
+        metrics["seconds"],
+    )
 
 
 def train_from_config(
@@ -731,17 +607,18 @@ def train_from_config(
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """Train with a whole workflow config; writes model.pt, metrics.json, training.png in ``out_dir``."""
+    from vectorgeo.config import parse
     from vectorgeo.layers import layer_specs
 
-    sample = config.get("sample", {}) or {}
+    cfg = parse(config)
     out = Path(out_dir)
     return train(
         shards,
         layer_specs(config),
-        sample.get("patch_px"),
-        sample.get("patch_km"),
-        config.get("model"),
-        config.get("train"),
+        cfg.sample.patch_px,
+        cfg.sample.patch_km,
+        cfg.model,
+        cfg.train,
         out / "model.pt",
         out / "metrics.json",
         out / "training.png",
