@@ -34,7 +34,7 @@ import torch
 
 from vectorgeo import embed as vg_embed
 from vectorgeo import model as vg_model
-from vectorgeo.config import load_config
+from vectorgeo.config import load_config, parse
 from vectorgeo.layers import layer_specs, open_layers
 
 RES7_LAND_CELLS = 28_067_759
@@ -51,9 +51,10 @@ def main() -> None:
     args = ap.parse_args()
 
     cfg = load_config(args.config)
-    params = vg_embed.embed_params(cfg.get("embed"))
-    batch_size = args.batch_size or params["batch_size"]
-    device = vg_embed.device_name(args.device or params["device"])
+    typed = parse(cfg)
+    params = typed.embed
+    batch_size = args.batch_size or params.batch_size
+    device = vg_embed.device_name(args.device or params.device)
     torch.set_num_threads(args.threads)
     results = Path(cfg["results"])
     specs = layer_specs(cfg)
@@ -65,12 +66,11 @@ def main() -> None:
         model_src = str(model_path)
     else:
         torch.manual_seed(0)
-        module = vg_model.build_model(specs, cfg.get("model"))
-        sample = cfg.get("sample", {})
-        meta = vg_model.make_metadata(specs, sample.get("patch_px", 16), sample.get("patch_km", 80), cfg.get("model"))
+        module = vg_model.build_model(specs, typed.model)
+        meta = vg_model.make_metadata(specs, typed.sample.patch_px, typed.sample.patch_km, typed.model)
         meta["model_version"] = vg_model.model_version(module.state_dict(), meta)
         model_src = "random init (no results/model/model.pt)"
-    embedder = vg_embed.Embedder(module, meta, layers, torch.device(device), batch_size, params["max_nodata_frac"])
+    embedder = vg_embed.Embedder(module, meta, layers, torch.device(device), batch_size, params.max_nodata_frac)
 
     files = sorted(
         (results / "stencil" / "regions").glob("*.parquet"), key=lambda p: -pq.ParquetFile(p).metadata.num_rows

@@ -129,13 +129,14 @@ def eval_cells(config: dict[str, Any], layers: dict[str, Any], stencil: Path) ->
 
 
 def sample_shards(config: dict[str, Any], layers: dict[str, Any], mask: Any) -> list[str]:
-    from vectorgeo.sampling import SampleParams, TripletSampler
+    from vectorgeo.config import SampleConfig, section
+    from vectorgeo.sampling import TripletSampler
 
     s = config["sample"]
     key = digest([s, {n: lay.spec.to_dict() for n, lay in layers.items()}, mask.spec.to_dict()])
     folder = CACHE / f"shards-{key}"
     folder.mkdir(parents=True, exist_ok=True)
-    params = SampleParams.from_config(s)
+    params = section(SampleConfig, s, "sample")
     sampler = TripletSampler(layers, mask, params)
     paths = []
     for i in range(int(s["shards"])):
@@ -162,9 +163,11 @@ def main() -> None:
     a = ap.parse_args()
 
     from vectorgeo import evaluate as vg_eval
+    from vectorgeo import features as vg_features
     from vectorgeo import model as vg_model
+    from vectorgeo import probes as vg_probes
     from vectorgeo import sampling
-    from vectorgeo.config import load_config
+    from vectorgeo.config import EvaluateConfig, load_config, section
     from vectorgeo.embed import embed_points
     from vectorgeo.layers import land_mask_spec, layer_specs
     from vectorgeo.training import train_from_config
@@ -214,23 +217,22 @@ def main() -> None:
     assert np.isfinite(emb).all(), "an evaluated cell got no embedding"
     t_embed = time.perf_counter() - t0
 
-    params = vg_eval.EvalParams.from_config(config["evaluate"])
     methods = tuple(m for m in a.methods.split(",") if m)
-    params = vg_eval.EvalParams(**{**vars(params), "methods": methods})
+    params = section(EvaluateConfig, {**config["evaluate"], "methods": list(methods)}, "evaluate")
     mspecs = vg_model.specs_of(meta)
     features: dict[str, np.ndarray] = {"embedding": emb}
     if "latlng" in methods:
-        features["latlng"] = vg_eval.latlng_features(cells["lat"], cells["lng"])
+        features["latlng"] = vg_features.latlng_features(cells["lat"], cells["lng"])
     seed = vg_eval.training_seed(meta, params.seed)
     features.update(
-        vg_eval.patch_features(
+        vg_features.patch_features(
             cells["lat"],
             cells["lng"],
             lambda la, ln: sampling.patches(layers, la, ln, int(meta["patch_px"]), float(meta["patch_km"])),
             mspecs,
             methods,
             encode_fn=lambda b: vg_model.encode(b, meta).numpy(),
-            embed_fn=vg_eval.random_init_embed_fn(meta, seed) if "random_init" in methods else None,
+            embed_fn=vg_features.random_init_embed_fn(meta, seed) if "random_init" in methods else None,
             pca_dim=int(meta["embedding_dim"]),
             pca_fit_cells=params.pca_fit_cells,
             batch_size=params.batch_size,
@@ -246,10 +248,10 @@ def main() -> None:
             label_paths[n] = str(vg_eval.vector_source_path(t))
     labels = {n: vg_eval.task_labels(t, label_paths[n], cells["lat"], cells["lng"]) for n, t in tasks.items()}
     t0 = time.perf_counter()
-    metrics, _ = vg_eval.evaluate_features(features, cells["h3"], tasks, labels, params)
+    metrics, _ = vg_probes.evaluate_features(features, cells["h3"], tasks, labels, params)
     t_eval = time.perf_counter() - t0
     main_metric = {
-        n: {m: round(r[vg_eval.MAIN_METRIC[t["kind"]]]["mean"], 4) for m, r in t["methods"].items()}
+        n: {m: round(r[vg_probes.MAIN_METRIC[t["kind"]]]["mean"], 4) for m, r in t["methods"].items()}
         for n, t in metrics["tasks"].items()
     }
     result = {

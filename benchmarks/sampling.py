@@ -16,9 +16,9 @@ import time
 
 import numpy as np
 
-from vectorgeo.config import load_config
+from vectorgeo.config import load_config, parse
 from vectorgeo.layers import Layer, land_mask_spec, layer_source_files, layer_specs, prepare_layer
-from vectorgeo.sampling import SampleParams, SampleStats, TripletSampler
+from vectorgeo.sampling import SampleStats, TripletSampler
 
 
 def prepared(spec, cache: str) -> Layer:  # type: ignore[no-untyped-def]
@@ -38,9 +38,7 @@ def main() -> None:
     os.makedirs(args.cache, exist_ok=True)
     layers = {n: prepared(s, args.cache) for n, s in layer_specs(cfg).items()}
     mask = prepared(land_mask_spec(cfg), args.cache)
-    params = SampleParams.from_config(
-        {k: v for k, v in cfg["sample"].items() if k not in ("shards", "per_shard", "seed")}
-    )
+    params = parse(cfg).sample
     sampler = TripletSampler(layers, mask, params)
     # warm the page cache / memory maps
     sampler.sample_batch(np.random.default_rng(1), SampleStats())

@@ -34,8 +34,9 @@ import torch
 
 from vectorgeo import model as M
 from vectorgeo import training as T
-from vectorgeo.config import load_config
+from vectorgeo.config import load_config, parse
 from vectorgeo.layers import layer_specs
+from vectorgeo.shards import concat_shards, read_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,10 +59,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     config = load_config(args.config)
     specs = layer_specs(config)
-    tcfg = T.train_config(config.get("train"))
-    device = T.resolve_device(args.device or tcfg["device"])
+    typed = parse(config)
+    tcfg = typed.train
+    device = M.resolve_device(args.device or tcfg.device, "train.device")
     cuda = device.type == "cuda"
-    bs = tcfg["batch_size"]
+    bs = tcfg.batch_size
     px = config["sample"]["patch_px"]
     shard_paths = sorted(glob.glob(args.shards))
     tmp = None
@@ -74,18 +76,18 @@ def main() -> None:
     shard_path = shard_paths[0]
 
     torch.manual_seed(0)
-    model = M.build_model(specs, config.get("model")).to(device)
+    model = M.build_model(specs, typed.model).to(device)
     amp_dtype = None
     if cuda:
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
-        amp_dtype = torch.bfloat16 if tcfg["amp"] and torch.cuda.is_bf16_supported() else None
-    ctx = T.StepContext(specs, device, tcfg["margin"], tcfg["grad_clip"], amp_dtype, cuda)
-    opt = torch.optim.AdamW(model.parameters(), lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
+        amp_dtype = torch.bfloat16 if tcfg.amp and torch.cuda.is_bf16_supported() else None
+    ctx = T.StepContext(specs, device, tcfg.margin, tcfg.grad_clip, amp_dtype, cuda)
+    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
 
     def full() -> tuple[float, int, float]:
         t0 = time.perf_counter()
-        arrays = T.concat_shards([T.read_shard(shard_path, specs, px, config["sample"]["patch_km"])])
+        arrays = concat_shards([read_shard(shard_path, specs, px, config["sample"]["patch_km"])])
         t_read = time.perf_counter() - t0
         batches = (T.stack_roles(b, specs) for b in T.iterate_batches(arrays, bs, np.random.default_rng(0)))
         pre = T._Prefetcher(batches, 6, T._pin) if cuda else None
@@ -103,7 +105,7 @@ def main() -> None:
         return time.perf_counter() - t0, n, t_read
 
     # the same batches, encoded once, resident on the device
-    arrays = T.read_shard(shard_path, specs, px).arrays
+    arrays = read_shard(shard_path, specs, px).arrays
     encoded = []
     for step, batch in enumerate(T.iterate_batches(arrays, bs, np.random.default_rng(0))):
         if step == args.steps:
@@ -142,7 +144,7 @@ def main() -> None:
                 "batch_size": bs,
                 "patch_px": px,
                 "in_channels": M.input_channels(specs),
-                "architecture": M.architecture(config.get("model")),
+                "architecture": typed.model.model_dump(),
                 "device": str(device),
                 "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
                 "threads": args.threads,

@@ -94,9 +94,7 @@ def sample_bbox():
 
 
 def sample_shards():
-    return expand(
-        results("samples", "shard-{i}.npz"), i=range(CFG.sample.shards)
-    )
+    return expand(results("samples", "shard-{i}.npz"), i=range(CFG.sample.shards))
 
 
 def stencil_manifest():

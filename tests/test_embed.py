@@ -17,6 +17,7 @@ import torch
 from vectorgeo import embed as vg_embed
 from vectorgeo import geoparquet
 from vectorgeo import model as vg_model
+from vectorgeo.config import EmbedConfig, section
 from vectorgeo.errors import ConfigError, DataError
 from vectorgeo.layers import Layer, LayerSpec
 from vectorgeo.stencil import STENCIL_SCHEMA, centroids, change_resolution, digest_cells
@@ -206,7 +207,7 @@ def test_model_layer_missing_from_config_names_the_layer(tmp_path: Path, layers:
     # what the workflow script checks against the config's layers section
     meta = vg_model.load(path)[1]
     with pytest.raises(ConfigError, match="slope"):
-        vg_model.check_layers(meta, {"layers": {n: lay.spec.to_dict() for n, lay in layers.items()}})
+        vg_model.check_layers(meta, {n: lay.spec for n, lay in layers.items()})
 
 
 def test_stale_digest_is_refused(tmp_path: Path, layers: dict, model_file: Path) -> None:
@@ -216,16 +217,20 @@ def test_stale_digest_is_refused(tmp_path: Path, layers: dict, model_file: Path)
         )
 
 
-def test_bad_settings_name_the_key(layers: dict, model_file: Path) -> None:
+def test_bad_settings_name_the_key() -> None:
     with pytest.raises(ConfigError) as e:
-        vg_embed.embed_points(model_file, layers, [40.0], [-3.5], batch_size=0, device="cpu")
+        section(EmbedConfig, {"batch_size": 0}, "embed")
     assert e.value.key == "embed.batch_size"
     with pytest.raises(ConfigError) as e:
-        vg_embed.embed_points(model_file, layers, [40.0], [-3.5], max_nodata_frac=1.5, device="cpu")
+        section(EmbedConfig, {"max_nodata_frac": 1.5}, "embed")
     assert e.value.key == "embed.max_nodata_frac"
     with pytest.raises(ConfigError) as e:
-        vg_embed.embed_params({"device": "tpu"})
+        vg_embed.device_name("tpu")
     assert e.value.key == "embed.device"
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device") as e:
+            vg_embed.device_name("cuda")
+        assert e.value.key == "embed.device"
 
 
 def test_embed_points_accepts_a_loaded_model(layers: dict, model_file: Path) -> None:

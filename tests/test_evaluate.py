@@ -13,7 +13,10 @@ import pytest
 import rasterio
 from rasterio import Affine
 
+from vectorgeo import config as C
 from vectorgeo import evaluate as ev
+from vectorgeo import features, probes
+from vectorgeo.config import TrainConfig
 from vectorgeo.errors import ConfigError, DataError
 from vectorgeo.layers import NODATA_INDEX, LayerSpec, prepare_layer
 
@@ -118,8 +121,8 @@ def test_default_tasks_parse(default_config: dict) -> None:
     assert (el.kind, el.scale, el.offset, el.nodata) == ("continuous", 28.0, -450.0, 255.0)
     assert tasks["country"].type == "vector" and tasks["country"].field == "ADMIN"
     assert ev.vector_source_path(tasks["country"]).exists()
-    ev.check_config(default_config)
-    assert ev.EvalParams.from_config(default_config["evaluate"]).methods == ev.METHODS
+    C.check(default_config)
+    assert tuple(C.section(C.EvaluateConfig, default_config["evaluate"], "evaluate").methods) == C.METHODS
 
 
 @pytest.mark.parametrize(
@@ -144,12 +147,12 @@ def test_bad_task_names_key(task: dict, key: str) -> None:
 
 def test_bad_params_name_key(default_config: dict) -> None:
     with pytest.raises(ConfigError, match=r"evaluate\.methods"):
-        ev.EvalParams.from_config({"methods": ["embedding", "magic"]})
+        C.section(C.EvaluateConfig, {"methods": ["embedding", "magic"]}, "evaluate")
     with pytest.raises(ConfigError, match=r"evaluate\.methods"):
-        ev.EvalParams.from_config({"methods": ["latlng"]})
+        C.section(C.EvaluateConfig, {"methods": ["latlng"]}, "evaluate")
     cfg = {**default_config, "evaluate": {**default_config["evaluate"], "fold_resolution": 9}}
     with pytest.raises(ConfigError, match=r"evaluate\.fold_resolution"):
-        ev.check_config(cfg)
+        C.check(cfg)
 
 
 # --------------------------------------------------------------------------- folds
@@ -159,9 +162,9 @@ def test_h3_parent_matches_h3() -> None:
     cells = cells_in_bbox(5)[::7]
     for r in range(0, 6):
         want = np.array([h3.str_to_int(h3.cell_to_parent(h3.int_to_str(int(c)), r)) for c in cells], np.uint64)
-        np.testing.assert_array_equal(ev.h3_parent(cells, r), want)
+        np.testing.assert_array_equal(probes.h3_parent(cells, r), want)
     with pytest.raises(ValueError, match="resolution"):
-        ev.h3_parent(cells, 6)
+        probes.h3_parent(cells, 6)
 
 
 def test_spatial_folds_never_split_a_block() -> None:
@@ -169,8 +172,8 @@ def test_spatial_folds_never_split_a_block() -> None:
     cells = np.concatenate([cells_in_bbox(5), cells_in_bbox(5, (100.0, -10.0, 115.0, 5.0))])
     cells = cells[rng.permutation(len(cells))]
     k = 4
-    folds = ev.spatial_folds(cells, 2, k, seed=3)
-    parents = ev.h3_parent(cells, 2)
+    folds = probes.spatial_folds(cells, 2, k, seed=3)
+    parents = probes.h3_parent(cells, 2)
     assert set(np.unique(folds)) == set(range(k))
     for f in range(k):
         test_blocks = set(parents[folds == f].tolist())
@@ -179,11 +182,11 @@ def test_spatial_folds_never_split_a_block() -> None:
         # a test cell's own parent block is never in training
         assert not np.isin(parents[folds == f], parents[folds != f]).any()
     with pytest.raises(ConfigError, match=r"only \d blocks"):
-        ev.spatial_folds(cells_in_bbox(5, (2.0, 45.0, 3.0, 46.0)), 1, 5, seed=0)
+        probes.spatial_folds(cells_in_bbox(5, (2.0, 45.0, 3.0, 46.0)), 1, 5, seed=0)
     sizes = np.bincount(folds, minlength=k)
     assert sizes.min() > 0.5 * len(cells) / k
-    np.testing.assert_array_equal(folds, ev.spatial_folds(cells, 2, k, seed=3))
-    assert not np.array_equal(folds, ev.spatial_folds(cells, 2, k, seed=4))
+    np.testing.assert_array_equal(folds, probes.spatial_folds(cells, 2, k, seed=3))
+    assert not np.array_equal(folds, probes.spatial_folds(cells, 2, k, seed=4))
 
 
 # --------------------------------------------------------------------------- features
@@ -192,13 +195,13 @@ def test_spatial_folds_never_split_a_block() -> None:
 def test_class_histogram_exact() -> None:
     cat = np.array([[[0, 1], [1, NODATA_INDEX]], [[3, 3], [3, 3]]], dtype=np.uint8)
     elev = np.array([[[1.0, 3.0], [np.nan, 5.0]], [[np.nan] * 2] * 2], dtype=np.float32)
-    f = ev.class_histogram_features({"landcover": cat, "elevation": elev}, SPECS)
+    f = features.class_histogram_features({"landcover": cat, "elevation": elev}, SPECS)
     np.testing.assert_allclose(f[0], [0.25, 0.5, 0.0, 0.0, 3.0, np.std([1, 3, 5])], rtol=1e-6)
     np.testing.assert_allclose(f[1], [0, 0, 0, 1.0, 0.0, 0.0])
 
 
 def test_latlng_unit_vectors() -> None:
-    f = ev.latlng_features(np.array([0.0, 90.0, 0.0]), np.array([0.0, 0.0, 90.0]))
+    f = features.latlng_features(np.array([0.0, 90.0, 0.0]), np.array([0.0, 0.0, 90.0]))
     np.testing.assert_allclose(f, [[1, 0, 0], [0, 0, 1], [0, 1, 0]], atol=1e-7)
 
 
@@ -206,22 +209,22 @@ def test_probe_recovers_known_function_of_patch() -> None:
     """Label = a linear function of class fractions and mean elevation: the probes recover it."""
     n, p = 1500, 16
     patches = synthetic_patches(n, p, seed=0)
-    x = ev.class_histogram_features(patches, SPECS)
+    x = features.class_histogram_features(patches, SPECS)
     frac = x[:, :4]
     mean_elev = np.nanmean(patches["elevation"].reshape(n, -1), axis=1)
     y = 2.0 * frac[:, 1] - 1.5 * frac[:, 3] + mean_elev / 1000.0
     folds = np.arange(n) % 5
-    sc = ev.summarise(ev.probe_scores(x, y, "regression", folds), ev.REGRESSION_METRICS)
+    sc = probes.summarise(probes.probe_scores(x, y, "regression", folds), probes.REGRESSION_METRICS)
     assert sc["linear_r2"]["mean"] > 0.9
     assert sc["knn_r2"]["mean"] > 0.5
     # classification: the dominant class of the patch
     yc = np.argmax(frac, axis=1)
-    sc = ev.summarise(ev.probe_scores(x, yc, "classification", folds), ev.CLASSIFICATION_METRICS)
+    sc = probes.summarise(probes.probe_scores(x, yc, "classification", folds), probes.CLASSIFICATION_METRICS)
     assert sc["linear_accuracy"]["mean"] > 0.9
     assert sc["linear_macro_f1"]["mean"] > 0.85
     # a label that is noise is not "recovered"
     noise = np.random.default_rng(5).normal(size=n)
-    sc = ev.summarise(ev.probe_scores(x, noise, "regression", folds), ev.REGRESSION_METRICS)
+    sc = probes.summarise(probes.probe_scores(x, noise, "regression", folds), probes.REGRESSION_METRICS)
     assert sc["linear_r2"]["mean"] < 0.1
 
 
@@ -237,7 +240,7 @@ def test_patch_features_pca_raw_and_random_init() -> None:
     )
     specs = {"landcover": LANDCOVER, "elevation": std}
     meta = vg_model.make_metadata(specs, p, 80.0, {"width": 8, "stages": 2, "blocks_per_stage": 1})
-    embed = ev.random_init_embed_fn(meta, seed=0)
+    embed = features.random_init_embed_fn(meta, seed=0)
 
     def patch_fn(lat: np.ndarray, lng: np.ndarray) -> dict[str, np.ndarray]:
         idx = lat.astype(int)
@@ -247,7 +250,7 @@ def test_patch_features_pca_raw_and_random_init() -> None:
         return vg_model.encode(b, specs).numpy()
 
     lat = np.arange(n, dtype=np.float64)
-    feats = ev.patch_features(
+    feats = features.patch_features(
         lat,
         lat,
         patch_fn,
@@ -266,11 +269,11 @@ def test_patch_features_pca_raw_and_random_init() -> None:
     np.testing.assert_allclose(np.linalg.norm(feats["random_init"], axis=1), 1.0, atol=1e-5)
     y = np.nanmean(patches["elevation"].reshape(n, -1), axis=1)
     folds = np.arange(n) % 3
-    sc = ev.summarise(ev.probe_scores(feats["pca_raw"], y, "regression", folds), ev.REGRESSION_METRICS)
+    sc = probes.summarise(probes.probe_scores(feats["pca_raw"], y, "regression", folds), probes.REGRESSION_METRICS)
     assert sc["linear_r2"]["mean"] > 0.9
     # the same seed gives the same untrained model
     torch.manual_seed(123)
-    again = ev.random_init_embed_fn(meta, seed=0)(encode({k: v[:10] for k, v in patches.items()}))
+    again = features.random_init_embed_fn(meta, seed=0)(encode({k: v[:10] for k, v in patches.items()}))
     np.testing.assert_allclose(again, feats["random_init"][:10], atol=1e-6)  # other batch size: float order
 
 
@@ -302,13 +305,13 @@ def test_country_labels_from_natural_earth(default_config: dict) -> None:
 def test_unscored_folds_give_null_not_nan() -> None:
     x = np.random.default_rng(0).normal(size=(20, 3))
     y = np.zeros(20, np.int64)  # a single class: no fold can be scored
-    sc = ev.summarise(ev.probe_scores(x, y, "classification", np.arange(20) % 2), ev.CLASSIFICATION_METRICS)
+    sc = probes.summarise(probes.probe_scores(x, y, "classification", np.arange(20) % 2), probes.CLASSIFICATION_METRICS)
     assert sc["linear_macro_f1"] == {"mean": None, "std": None}
 
 
 def test_drop_rare_classes() -> None:
-    lab = ev.Labels(np.array([0, 0, 0, 1, 2, 2, 2]), np.array([True] * 6 + [False]), ["a", "b", "c"])
-    out = ev.drop_rare_classes(lab, 2)
+    lab = probes.Labels(np.array([0, 0, 0, 1, 2, 2, 2]), np.array([True] * 6 + [False]), ["a", "b", "c"])
+    out = probes.drop_rare_classes(lab, 2)
     np.testing.assert_array_equal(out.valid, [True, True, True, False, True, True, False])
 
 
@@ -422,11 +425,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     lc = (1 + np.minimum((smooth_field(shape, seed=1) * 3).astype(np.uint8), 2)).astype(np.uint8)
     elev = (field * 3000).astype(np.int16)
     specs = {
-        "landcover": LayerSpec.from_config(
-            "landcover", {**LANDCOVER.to_dict(), "source": str(write_tif(d / "lc.tif", lc, BBOX, 255))}
+        "landcover": LayerSpec.from_dict(
+            {**LANDCOVER.to_dict(), "source": str(write_tif(d / "lc.tif", lc, BBOX, 255))}
         ),
-        "elevation": LayerSpec.from_config(
-            "elevation",
+        "elevation": LayerSpec.from_dict(
             {**ELEVATION.to_dict(), "source": str(write_tif(d / "elev.tif", elev, BBOX, -9999))},
         ),
     }
@@ -466,7 +468,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     )
     label_paths["side"] = d / "halves.geojson"
     # model: same architecture as random_init but other weights (seeded differently)
-    meta = vg_model.make_metadata(specs, 8, 40.0, {"width": 8, "stages": 2, "blocks_per_stage": 1}, {"seed": 0})
+    meta = vg_model.make_metadata(specs, 8, 40.0, {"width": 8, "stages": 2, "blocks_per_stage": 1}, TrainConfig(seed=0))
     torch.manual_seed(99)
     module = vg_model.build_model(meta, meta["architecture"]).eval()
     meta = vg_model.save(d / "model.pt", module, meta)
@@ -506,7 +508,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def run_world(world: dict, out: Path, **kw: object) -> dict:
-    params = ev.EvalParams(
+    params = C.EvaluateConfig(
         **{"max_cells": 2000, "map_cells": 5000, "folds": 3, "fold_resolution": 2, "pca_fit_cells": 500, **kw}
     )
     return ev.run_evaluation(
@@ -531,9 +533,9 @@ def test_run_evaluation_end_to_end(world: dict, tmp_path: Path) -> None:
     assert m["n_cells"] == min(2000, world["n_ok"]) and m["folds"] == 3
     assert set(m["tasks"]) == {"height", "band", "side"}
     for name, t in m["tasks"].items():
-        want = ev.CLASSIFICATION_METRICS if name != "height" else ev.REGRESSION_METRICS
+        want = probes.CLASSIFICATION_METRICS if name != "height" else probes.REGRESSION_METRICS
         assert t["kind"] == ("regression" if name == "height" else "classification")
-        assert list(t["methods"]) == list(ev.METHODS)
+        assert list(t["methods"]) == list(C.METHODS)
         for res in t["methods"].values():
             assert list(res) == list(want)
             for v in res.values():
@@ -564,7 +566,7 @@ def test_run_evaluation_refuses_other_model(world: dict, tmp_path: Path) -> None
             world["layer_paths"],
             world["tasks"],
             world["label_paths"],
-            ev.EvalParams(max_cells=100, map_cells=100),
+            C.EvaluateConfig(max_cells=100, map_cells=100),
             tmp_path / "m.json",
             tmp_path / "r.html",
         )
@@ -613,7 +615,7 @@ def test_workflow_evaluate_rule(tmp_path: Path) -> None:
     assert set(metrics) == {"tasks", "n_cells", "folds"} and metrics["folds"] == 3
     assert set(metrics["tasks"]) == {"koppen", "elevation", "country"}
     for t in metrics["tasks"].values():
-        assert set(t["methods"]) == set(ev.METHODS)
+        assert set(t["methods"]) == set(C.METHODS)
     report = (workdir / "results" / "eval" / "report.html").read_text()
     assert report.count("data:image/png;base64,") == 3  # scores, map, training curves
     assert "https://" not in report

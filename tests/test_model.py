@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from synthetic_shards import fixture_specs
 
 from vectorgeo import model as M
+from vectorgeo.config import ModelConfig, TrainConfig
 from vectorgeo.errors import ConfigError, DataError
-from vectorgeo.layers import LayerSpec
 
 NAN = float("nan")
 
@@ -136,17 +136,21 @@ def test_save_load_round_trip_gives_identical_embeddings(tmp_path: Path) -> None
     m.train()
     m(torch.randn(16, 7, 8, 8))  # move BatchNorm running stats off their defaults
     m.eval()
-    meta = M.make_metadata(specs, 8, 10.0, {"width": 8, "stages": 3, "blocks_per_stage": 2}, {"seed": 3})
+    meta = M.make_metadata(
+        specs, 8, 10.0, {"width": 8, "stages": 3, "blocks_per_stage": 2}, TrainConfig(seed=3, epochs=4)
+    )
     path = tmp_path / "model" / "model.pt"
     saved = M.save(path, m, meta)
     assert os.listdir(path.parent) == ["model.pt"]  # no temp file left behind
     m2, meta2 = M.load(path)
     assert not m2.training
     assert meta2 == saved
-    assert len(meta2["model_version"]) == 12 and int(meta2["model_version"], 16) >= 0
+    assert re.fullmatch(r"[0-9a-f]{12}", meta2["model_version"])
+    assert meta2["model_version"] == M.model_version(m2.state_dict(), meta2)
     assert meta2["layers"]["landcover"] == specs["landcover"].to_dict()
     assert meta2["patch_px"] == 8 and meta2["patch_km"] == 10.0 and meta2["embedding_dim"] == 16
-    assert meta2["architecture"]["width"] == 8 and meta2["train"] == {"seed": 3}
+    assert meta2["architecture"] == {**ModelConfig().model_dump(), "width": 8, "stages": 3, "blocks_per_stage": 2}
+    assert meta2["train"] == TrainConfig(seed=3, epochs=4).model_dump(mode="json")
     assert meta2["library_version"]
     rng = np.random.default_rng(1)
     batch = {
@@ -195,37 +199,33 @@ def test_load_rejects_missing_corrupt_and_foreign_files(tmp_path: Path) -> None:
         M.load(wrong)
 
 
-def _config(specs: dict[str, LayerSpec], patch_px: int = 8) -> dict:
-    layers = {}
-    for name, s in specs.items():
-        d = s.to_dict()
-        d.pop("name")
-        layers[name] = d
-    return {"layers": layers, "sample": {"patch_px": patch_px, "patch_km": 10.0}}
-
-
 def test_check_layers_names_the_layer_at_fault() -> None:
     specs = fixture_specs()
     meta = M.make_metadata(specs, 8, 10.0, None)
-    assert list(M.check_layers(meta, _config(specs))) == ["landcover", "elevation"]
+    assert list(M.check_layers(meta, specs, patch_px=8, patch_km=10.0)) == ["landcover", "elevation"]
     with pytest.raises(ConfigError, match="elevation") as e:
-        M.check_layers(meta, _config({"landcover": specs["landcover"]}))
+        M.check_layers(meta, {"landcover": specs["landcover"]})
     assert e.value.key == "layers.elevation"
     other = fixture_specs("standardize")
     with pytest.raises(ConfigError, match="normalize") as e:
-        M.check_layers(meta, _config(other))
+        M.check_layers(meta, other)
     assert e.value.key == "layers.elevation"
     meta_one = M.make_metadata({"landcover": specs["landcover"]}, 8, 10.0, None)
     with pytest.raises(ConfigError) as e:
-        M.check_layers(meta_one, _config(specs))
+        M.check_layers(meta_one, specs)
     assert e.value.key == "layers.elevation"
+    assert list(M.check_layers(meta_one, specs, allow_extra=True)) == ["landcover"]
     with pytest.raises(ConfigError) as e:
-        M.check_layers(meta, _config(specs, patch_px=16))
+        M.check_layers(meta, specs, patch_px=16)
     assert e.value.key == "sample.patch_px"
+    with pytest.raises(ConfigError) as e:
+        M.check_layers(meta, specs, patch_km=20.0)
+    assert e.value.key == "sample.patch_km"
 
 
 def test_architecture_rejects_bad_values() -> None:
     with pytest.raises(ConfigError) as e:
         M.architecture({"stages": 0})
     assert e.value.key == "model.stages"
-    assert math.isclose(M.architecture({})["embedding_dim"], 16)
+    assert M.architecture({}) == ModelConfig()
+    assert M.architecture({"width": 4}).width == 4

@@ -8,28 +8,28 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
+from vectorgeo.config import SampleConfig, section
 from vectorgeo.errors import ConfigError, DataError
 from vectorgeo.layers import Grid, Layer, LayerSpec, prepare_layer
 from vectorgeo.sampling import (
-    SampleParams,
     SampleStats,
     TripletSampler,
     destination,
     gather_patches,
     haversine_km,
     max_class_fraction,
-    read_shard,
 )
+from vectorgeo.shards import read_shard
 
-PARAMS = SampleParams(patch_px=16, patch_km=80, neighbor_km_min=10, neighbor_km_max=40, distant_km_min=250, batch=4096)
+PARAMS = SampleConfig(patch_px=16, patch_km=80, neighbor_km_min=10, neighbor_km_max=40, distant_km_min=250, batch=4096)
 
 
 @pytest.fixture(scope="module")
 def shard(tmp_path_factory, builtin_layers, land_mask):  # type: ignore[no-untyped-def]
     path = tmp_path_factory.mktemp("shards") / "shard-0.npz"
     stats = TripletSampler(builtin_layers, land_mask, PARAMS).write_shard(path, 3000, seed=7, shard=0)
-    arrays, meta = read_shard(path)
-    return path, arrays, meta, stats
+    read = read_shard(path)
+    return path, read.arrays, read.meta, stats
 
 
 def test_shard_format(shard, builtin_layers) -> None:  # type: ignore[no-untyped-def]
@@ -79,7 +79,7 @@ def test_same_seed_same_bytes(tmp_path, builtin_layers, land_mask) -> None:  # t
 
 def test_anchor_density_follows_land_area(builtin_layers, land_mask) -> None:  # type: ignore[no-untyped-def]
     """With rejection switched off, anchors per 15° latitude band ∝ the land area of the band (chi-square)."""
-    params = SampleParams(patch_px=4, patch_km=10, max_nodata_frac=1.0, max_same_frac=1.0, batch=20000)
+    params = SampleConfig(patch_px=4, patch_km=10, max_nodata_frac=1.0, max_same_frac=1.0, batch=20000)
     sampler = TripletSampler(builtin_layers, land_mask, params)
     rng = np.random.default_rng(11)
     stats = SampleStats()
@@ -141,16 +141,16 @@ def test_pole_refused(builtin_layers) -> None:  # type: ignore[no-untyped-def]
 
 def test_bad_params() -> None:
     with pytest.raises(ConfigError, match=r"sample\.neighbor_km_min"):
-        SampleParams.from_config({"neighbor_km_min": 50, "neighbor_km_max": 40})
+        section(SampleConfig, {"neighbor_km_min": 50, "neighbor_km_max": 40}, "sample")
     with pytest.raises(ConfigError, match=r"sample\.patch_px"):
-        SampleParams.from_config({"patch_px": 3})
+        section(SampleConfig, {"patch_px": 3}, "sample")
 
 
 def test_layer_without_land_in_range(land_mask) -> None:  # type: ignore[no-untyped-def]
     """A layer whose grid covers only the open Pacific: no usable patch anywhere → error naming the layer."""
     spec = LayerSpec.from_config("pacific", {"kind": "continuous", "source": "p.tif"})
     layer = Layer(spec, Grid(-150.0, 10.0, 0.1, -0.1, 100, 100), np.ones((100, 100), dtype=np.float32))
-    sampler = TripletSampler({"pacific": layer}, land_mask, SampleParams(batch=512))
+    sampler = TripletSampler({"pacific": layer}, land_mask, SampleConfig(batch=512))
     sampler.MAX_EMPTY_BATCHES = 5
     with pytest.raises(ConfigError, match=r"layers\.pacific"):
         sampler.write_shard("/tmp/never-written.npz", 10, seed=0, shard=0)

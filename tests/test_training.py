@@ -18,9 +18,11 @@ from synthetic_shards import fixture_specs, make_shard, write_shards
 
 from vectorgeo import model as M
 from vectorgeo import training as T
+from vectorgeo.config import ModelConfig, TrainConfig, section
 from vectorgeo.errors import ConfigError, DataError
+from vectorgeo.shards import read_shard
 
-ARCH = {"width": 8, "stages": 2, "blocks_per_stage": 2, "embedding_dim": 8, "head_hidden": 16}
+ARCH = ModelConfig(width=8, stages=2, blocks_per_stage=2, embedding_dim=8, head_hidden=16)
 PX = 8
 
 
@@ -37,7 +39,7 @@ def _train(shards: list[Path], out: Path, **train_cfg: Any) -> dict[str, Any]:
         PX,
         10.0,
         ARCH,
-        cfg,
+        section(TrainConfig, cfg, "train"),
         out / "model.pt",
         out / "metrics.json",
         out / "training.png",
@@ -56,7 +58,7 @@ def test_loss_decreases_and_outputs_are_complete(shards: list[Path], tmp_path: P
     assert on_disk == json.loads(json.dumps(metrics))
     assert set(on_disk["epochs"][0]) == {"epoch", "train_loss", "val_loss", "val_triplet_accuracy"}
     assert on_disk["best_val_triplet_accuracy"] == max(e["val_triplet_accuracy"] for e in on_disk["epochs"])
-    assert 1 <= on_disk["pca_components_99"] <= ARCH["embedding_dim"]
+    assert 1 <= on_disk["pca_components_99"] <= ARCH.embedding_dim
     assert (tmp_path / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     _, meta = M.load(tmp_path / "model.pt")
     assert meta["model_version"] == metrics["model_version"]
@@ -71,8 +73,8 @@ def test_best_weights_are_restored_after_early_stopping(shards: list[Path], tmp_
     assert len(metrics["epochs"]) < 30
     assert len(metrics["epochs"]) == metrics["best_epoch"] + 2
     module, meta = M.load(tmp_path / "model.pt")
-    val = T.read_shard(shards[-1], fixture_specs(), PX).arrays
-    ctx = T.StepContext(M.specs_of(meta), torch.device("cpu"), 0.5)
+    val = read_shard(shards[-1], fixture_specs(), PX).arrays
+    ctx = T.StepContext(M.specs_of(meta), torch.device("cpu"), 0.5, 1.0)
     loss, acc, _ = T.evaluate(module, val, ctx)
     assert acc == metrics["best_val_triplet_accuracy"]
     assert loss == pytest.approx(metrics["best_val_loss"], abs=1e-6)
@@ -135,7 +137,7 @@ def _save(path: Path, arrays: dict[str, Any]) -> Path:
 
 def _expect(path: Path, pattern: str, specs: Any = None, px: int | None = PX) -> DataError:
     with pytest.raises(DataError) as e:
-        T.read_shard(path, specs or fixture_specs(), px, 10.0)
+        read_shard(path, specs or fixture_specs(), px, 10.0)
     assert e.value.path == str(path)
     assert str(path) in str(e.value)
     assert re.search(pattern, str(e.value)), str(e.value)
@@ -208,18 +210,6 @@ def test_pca_components() -> None:
     x[:, :3] = rng.normal(size=(500, 3)) * [10, 5, 3]
     assert T.pca_components(x) == 3
     assert T.pca_components(np.ones((10, 4))) == 0
-
-
-def test_library_defaults_match_the_schema() -> None:
-    import yaml
-
-    from vectorgeo.config import schema_path
-
-    schema = yaml.safe_load(schema_path().read_text())["properties"]
-    train_defaults = {k: v["default"] for k, v in schema["train"]["properties"].items()}
-    model_defaults = {k: v["default"] for k, v in schema["model"]["properties"].items()}
-    assert train_defaults == T.TRAIN_DEFAULTS
-    assert model_defaults == M.ARCHITECTURE_DEFAULTS
 
 
 def test_background_loader_keeps_order_and_reraises_errors() -> None:

@@ -39,7 +39,7 @@ def load_cli_config(args: argparse.Namespace) -> dict[str, Any] | None:
         ConfigError: unreadable or invalid file.
     """
 
-    from vectorgeo.config import read_config_file, validate_schema
+    from vectorgeo.config import load_config
     from vectorgeo.db import project_dir
 
     path = getattr(args, "config", None)
@@ -48,9 +48,7 @@ def load_cli_config(args: argparse.Namespace) -> dict[str, Any] | None:
         if not default.exists():
             return None
         path = default
-    cfg = read_config_file(path)
-    validate_schema(cfg)
-    return cfg
+    return load_config(path, check_files_too=False)
 
 
 # --- vectorgeo db -----------------------------------------------------------------------------------------

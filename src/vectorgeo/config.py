@@ -506,10 +506,10 @@ class EmbedConfig(Section):
 
 # --- evaluation ----------------------------------------------------------------------------------
 
-METHODS: tuple[str, ...] = ("embedding", "random_init", "class_histogram", "pca_raw", "latlng")
-"""Feature methods the evaluation knows; ``embedding`` is the method under test."""
-
 Method = Literal["embedding", "random_init", "class_histogram", "pca_raw", "latlng"]
+
+METHODS: tuple[Method, ...] = ("embedding", "random_init", "class_histogram", "pca_raw", "latlng")
+"""Feature methods the evaluation knows; ``embedding`` is the method under test."""
 
 
 class TaskConfig(Section):

@@ -65,6 +65,7 @@ import torch
 from vectorgeo import geoparquet
 from vectorgeo import model as vg_model
 from vectorgeo.atomic import write_parquet_atomic
+from vectorgeo.config import EmbedConfig
 from vectorgeo.errors import ConfigError, DataError
 from vectorgeo.layers import Layer, LayerSpec
 from vectorgeo.sampling import gather_patches
@@ -80,6 +81,9 @@ STATUSES = (STATUS_OK, STATUS_NODATA, STATUS_POLE)
 
 REGION_FILE = re.compile(r"^(?P<region>[0-9a-f]{15})_(?P<digest>[0-9a-f]{12})\.parquet$")
 """Name of a region embedding file: ``{region}_{digest}.parquet``."""
+
+DEFAULTS = EmbedConfig()
+"""The ``embed`` section's defaults (from the config models), the library's defaults too."""
 
 ModelLike = str | Path | tuple[torch.nn.Module, Mapping[str, Any]]
 ProgressFn = Callable[[int, int], None]
@@ -183,9 +187,9 @@ class Embedder:
         cls,
         model: ModelLike,
         layers: Mapping[str, Layer],
-        device: str,
-        batch_size: int,
-        max_nodata_frac: float,
+        device: str = DEFAULTS.device,
+        batch_size: int = DEFAULTS.batch_size,
+        max_nodata_frac: float = DEFAULTS.max_nodata_frac,
         workers: int = 1,
     ) -> Embedder:
         """Load a model (path or ``(module, metadata)``) and check it against the layers."""
@@ -287,9 +291,9 @@ def embed_points(
     lat: np.ndarray | Sequence[float],
     lng: np.ndarray | Sequence[float],
     *,
-    batch_size: int,
-    device: str,
-    max_nodata_frac: float,
+    batch_size: int = DEFAULTS.batch_size,
+    device: str = DEFAULTS.device,
+    max_nodata_frac: float = DEFAULTS.max_nodata_frac,
 ) -> np.ndarray:
     """Embeddings of any points (not only cell centroids), as the workflow computes them for cells.
 
@@ -341,9 +345,9 @@ def embed_region(
     stencil_table: pa.Table,
     out_path: str | Path,
     *,
-    batch_size: int,
-    device: str,
-    max_nodata_frac: float,
+    batch_size: int = DEFAULTS.batch_size,
+    device: str = DEFAULTS.device,
+    max_nodata_frac: float = DEFAULTS.max_nodata_frac,
     region: str | None = None,
     digest: str | None = None,
     progress: ProgressFn | None = None,

@@ -18,8 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from vectorgeo.config import NODATA_INDEX
+from vectorgeo.config import NODATA_INDEX, EvaluateConfig
 from vectorgeo.layers import LayerSpec
+
+DEFAULTS = EvaluateConfig()
+"""The ``evaluate`` section's defaults (from the config models), the library's defaults too."""
 
 
 def latlng_features(lat: np.ndarray, lng: np.ndarray) -> np.ndarray:
@@ -79,9 +82,9 @@ def patch_features(
     encode_fn: EncodeFn | None = None,
     embed_fn: EmbedFn | None = None,
     pca_dim: int,
-    pca_fit_cells: int,
-    batch_size: int,
-    seed: int,
+    pca_fit_cells: int = DEFAULTS.pca_fit_cells,
+    batch_size: int = DEFAULTS.batch_size,
+    seed: int = DEFAULTS.seed,
 ) -> dict[str, np.ndarray]:
     """Features of the patch-based methods, in one batched pass over the cells.
 
@@ -191,4 +194,5 @@ def pca_rgb(embedding: np.ndarray, seed: int) -> np.ndarray:
     if k < 3:
         z = np.pad(z, ((0, 0), (0, 3 - k)))
     lo, hi = np.percentile(z, 1, axis=0), np.percentile(z, 99, axis=0)
-    return np.clip((z - lo) / np.where(hi > lo, hi - lo, 1.0), 0.0, 1.0).astype(np.float32)
+    rgb: np.ndarray = np.clip((z - lo) / np.where(hi > lo, hi - lo, 1.0), 0.0, 1.0).astype(np.float32)
+    return rgb

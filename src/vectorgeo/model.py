@@ -360,7 +360,8 @@ def save(path: str | Path, module: nn.Module, metadata: Mapping[str, Any]) -> di
         buf = io.BytesIO()
         torch.save(payload, buf)
         tmp.write_bytes(buf.getvalue())
-    return meta
+    out: dict[str, Any] = meta
+    return out
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Encoder, dict[str, Any]]:

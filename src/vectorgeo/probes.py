@@ -31,6 +31,9 @@ REGRESSION_METRICS: tuple[str, ...] = ("linear_r2", "knn_r2")
 MAIN_METRIC: dict[str, str] = {"classification": "linear_macro_f1", "regression": "linear_r2"}
 """The metric a task is judged by."""
 
+DEFAULTS = EvaluateConfig()
+"""The ``evaluate`` section's defaults (from the config models), the library's defaults too."""
+
 
 @dataclass
 class Labels:
@@ -116,10 +119,10 @@ def probe_scores(
     kind: TaskKind,
     folds: np.ndarray,
     *,
-    knn_k: int,
-    logistic_c: float,
-    logistic_max_iter: int,
-    ridge_alpha: float,
+    knn_k: int = DEFAULTS.knn_k,
+    logistic_c: float = DEFAULTS.logistic_c,
+    logistic_max_iter: int = DEFAULTS.logistic_max_iter,
+    ridge_alpha: float = DEFAULTS.ridge_alpha,
 ) -> dict[str, list[float]]:
     """Scores of the linear and kNN probes on each fold (standardised features).
 
@@ -148,10 +151,10 @@ def _score_fold(
     y: np.ndarray,
     kind: TaskKind,
     test: np.ndarray,
-    knn_k: int,
-    logistic_c: float,
-    logistic_max_iter: int,
-    ridge_alpha: float,
+    knn_k: int = DEFAULTS.knn_k,
+    logistic_c: float = DEFAULTS.logistic_c,
+    logistic_max_iter: int = DEFAULTS.logistic_max_iter,
+    ridge_alpha: float = DEFAULTS.ridge_alpha,
 ) -> dict[str, float]:
     """Fit the probes on the cells outside ``test`` and score them on ``test`` ({} if not scorable)."""
     from sklearn.linear_model import LogisticRegression, Ridge

@@ -69,9 +69,9 @@ from typing import Any
 
 import numpy as np
 
-from vectorgeo.config import SampleConfig
+from vectorgeo.config import NODATA_INDEX, SampleConfig
 from vectorgeo.errors import ConfigError
-from vectorgeo.layers import NODATA_INDEX, Layer
+from vectorgeo.layers import Layer
 from vectorgeo.shards import ROLES
 
 EARTH_RADIUS_KM = 6371.0088
@@ -153,7 +153,8 @@ def max_class_fraction(classes: np.ndarray, n_classes: int) -> np.ndarray:
     k = n_classes + 1
     c = np.minimum(flat, n_classes).astype(np.int64)  # nodata → bin n_classes
     counts = np.bincount((np.arange(n, dtype=np.int64)[:, None] * k + c).ravel(), minlength=n * k).reshape(n, k)
-    return counts[:, :n_classes].max(axis=1) / flat.shape[1]
+    out: np.ndarray = counts[:, :n_classes].max(axis=1) / flat.shape[1]
+    return out
 
 
 def uniform_points(
@@ -188,7 +189,8 @@ def haversine_km(lat1: np.ndarray, lng1: np.ndarray, lat2: np.ndarray, lng2: np.
     p1, p2 = np.radians(lat1), np.radians(lat2)
     dp, dl = p2 - p1, np.radians(lng2 - lng1)
     a = np.sin(dp / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dl / 2) ** 2
-    return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
+    out: np.ndarray = 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
+    return out
 
 
 @dataclass

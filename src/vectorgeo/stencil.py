@@ -77,7 +77,7 @@ def centroids(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def region_hex(region: int | np.integer[Any]) -> str:
     """Region cell id as the 15-char lowercase hex string used in file names."""
-    return h3.int_to_str(int(region))
+    return str(h3.int_to_str(int(region)))
 
 
 def digest_cells(cells: np.ndarray) -> str:
@@ -175,7 +175,8 @@ def _prune(cands: np.ndarray, pyramid: LandPyramid | None, extent: Extent) -> np
         else:
             overlap_lng = (gx1 >= ew) | (gx0 <= ee)
         keep &= overlap_lat & overlap_lng
-    return cands[keep | always]
+    out: np.ndarray = cands[keep | always]
+    return out
 
 
 def iter_land_cells(
