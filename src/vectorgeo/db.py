@@ -11,8 +11,8 @@ Authentication: unix-socket connections are trusted (the socket lives in ``<home
 cluster owner and root can enter); TCP connections on 127.0.0.1 need the password kept in
 ``<home>/password`` (mode 0600), shown by ``vectorgeo db url --tcp``.
 
-Public API: :func:`settings`, :func:`database_url`, :class:`Cluster` (``start``, ``stop``, ``status``,
-``url``, ``kill``), :func:`cluster`.
+Public API: :func:`settings` (and :func:`config_section`), :func:`database_url`, :class:`Cluster`
+(``start``, ``stop``, ``status``, ``url``, ``kill``), :func:`cluster`.
 """
 
 from __future__ import annotations
@@ -55,21 +55,31 @@ SERVER_CONF = {
 }
 
 
+def config_section(config: Mapping[str, Any] | None, name: str) -> dict[str, Any]:
+    """A top-level config section with the schema defaults filled in.
+
+    Args:
+        config: A full config (only the section ``name`` is read), or None for the defaults.
+        name: The section, e.g. ``database`` or ``serve``.
+    """
+    from vectorgeo.config import schema_path
+
+    with open(schema_path()) as f:
+        schema = yaml.safe_load(f)
+    props = schema["properties"][name]["properties"]
+    out = {k: v.get("default") for k, v in props.items()}
+    if config is not None:
+        out.update(config.get(name) or {})
+    return out
+
+
 def settings(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``database`` config section with the schema defaults filled in.
 
     Args:
         config: A full config (only its ``database`` section is read), or None for the defaults.
     """
-    from vectorgeo.config import schema_path
-
-    with open(schema_path()) as f:
-        schema = yaml.safe_load(f)
-    props = schema["properties"]["database"]["properties"]
-    out = {k: v.get("default") for k, v in props.items()}
-    if config is not None:
-        out.update(config.get("database") or {})
-    return out
+    return config_section(config, "database")
 
 
 def project_dir(start: Path | None = None) -> Path:
