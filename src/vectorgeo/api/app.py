@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,6 +28,19 @@ def _warm_up(state: AppState) -> None:
         log.info("tiles of %s ready: %d cells at resolution %d", meta.model_version, meta.cells, meta.resolution)
     except VectorgeoError as e:
         log.warning("tiles not ready: %s", e)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI, build_tiles: bool) -> AsyncIterator[None]:
+    """Open the pool (and build the tiles) at start-up, close the pool at shutdown."""
+    state: AppState = app.state.vectorgeo
+    state.open()
+    if build_tiles:
+        _warm_up(state)
+    try:
+        yield
+    finally:
+        state.close()
 
 
 def create_app(
@@ -60,21 +74,11 @@ def create_app(
         meta_ttl_s=meta_ttl_s,
     )
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.open()
-        if build_tiles:
-            _warm_up(state)
-        try:
-            yield
-        finally:
-            state.close()
-
     app = FastAPI(
         title="vectorgeo",
         version="1.0",
         summary="Similarity search over embeddings of H3 land cells, and a map viewer.",
-        lifespan=lifespan,
+        lifespan=functools.partial(_lifespan, build_tiles=build_tiles),
         docs_url=None,
         redoc_url=None,
     )
