@@ -43,25 +43,25 @@ def free_port() -> int:
 
 def synthetic_regions(folder: Path, bbox: tuple[float, float, float, float], res: int, dim: int) -> list[Path]:
     """Region files (one per resolution-0 cell) of every cell in ``bbox``, via the GeoParquet writer."""
-    from vectorgeo import geoparquet
+    from vectorgeo import geoparquet, h3cells
 
     w, s, e, n = bbox
     cells = np.array(
         sorted(h3.str_to_int(c) for c in h3.polygon_to_cells(h3.LatLngPoly([(s, w), (s, e), (n, e), (n, w)]), res)),
         dtype=np.uint64,
     )
-    ll = np.array([h3.cell_to_latlng(f"{int(c):015x}") for c in cells])
+    ll = np.array([h3.cell_to_latlng(h3cells.to_str(c)) for c in cells])
     rng = np.random.default_rng(0)
     freq = rng.normal(size=(dim, 2)) * 0.3
     phase = rng.uniform(0, 2 * np.pi, dim)
     emb = np.sin(ll[:, :1] * freq[:, 0] + ll[:, 1:] * freq[:, 1] + phase) + 0.2 * rng.normal(size=(cells.size, dim))
     emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
-    regions = np.array([h3.str_to_int(h3.cell_to_parent(f"{int(c):015x}", 0)) for c in cells], dtype=np.uint64)
+    regions = h3cells.parents(cells, 0)
     paths = []
     for r in np.unique(regions):
         m = regions == r
-        p = folder / f"{int(r):015x}_{'0' * 12}.parquet"
-        geoparquet.write_region(p, cells[m], ll[m, 0], ll[m, 1], emb[m], "ok", "benchmark-v1", region=f"{int(r):015x}")
+        p = folder / f"{h3cells.to_str(r)}_{'0' * 12}.parquet"
+        geoparquet.write_region(p, cells[m], ll[m, 0], ll[m, 1], emb[m], "ok", "benchmark-v1", region=h3cells.to_str(r))
         paths.append(p)
     return paths
 
@@ -118,6 +118,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from vectorgeo import db, store, tiles
+    from vectorgeo.api import ServeSettings, serve_settings
+    from vectorgeo.config import load_config
+
+    config = load_config(ROOT / "config" / "config.yaml")
 
     tmp = Path(tempfile.mkdtemp(prefix="vectorgeo-bench-api-"))
     cluster = None
@@ -133,7 +137,7 @@ def main() -> None:
             with store.connect(url) as conn:
                 for p in synthetic_regions(tmp / "regions", tuple(args.bbox), args.resolution, args.dim):
                     store.load_region(conn, p)
-                store.build_indexes(conn)
+                store.build_indexes(conn, store.IndexSettings.from_config(db.settings(config)))
         with store.connect(url) as conn:
             ds = store.dataset(conn)
             n = store.count(conn)
@@ -146,7 +150,7 @@ def main() -> None:
         # the tiles (PCA colours, rollups, hexagons) are built once per model version; time that here
         t1 = time.perf_counter()
         with store.connect(url) as conn:
-            tiles.ensure(conn)
+            tiles.ensure(conn, max_features=ServeSettings.from_config(serve_settings(config)).tile_max_features)
         tiles_build_s = time.perf_counter() - t1
 
         port = free_port()

@@ -30,13 +30,14 @@ import socket
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from psycopg import sql
 
-from vectorgeo import db, store
+from vectorgeo import db, h3cells, store
 from vectorgeo.config import load_config
 from vectorgeo.layers import Layer, land_mask_spec, layer_source_files, prepare_layer
 
@@ -94,9 +95,8 @@ def free_port() -> int:
 
 
 def regions_of(h3: np.ndarray) -> np.ndarray:
-    """Res-0 parent of each cell: base cell bits kept, resolution 0, all digits 7."""
-    base = (h3 >> np.uint64(45)) & np.uint64(0x7F)
-    return (np.uint64(0x0800000000000000) | (base << np.uint64(45)) | np.uint64((1 << 45) - 1)).astype(np.uint64)
+    """Res-0 parent of each cell."""
+    return h3cells.parents(h3, 0)
 
 
 def insert_statements(
@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--seed left there (e.g. to repeat them when the shared machine is quieter)",
     )
     args = ap.parse_args(argv)
-    settings = db.settings(load_config(ROOT / "config" / "config.yaml"))
+    database = db.settings(load_config(ROOT / "config" / "config.yaml"))
+    query = store.QuerySettings.from_config(database)
     rng = np.random.default_rng(args.seed)
 
     t0 = time.perf_counter()
@@ -229,34 +230,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else:
                 out.update(load_both(conn, mv, h3, lat, lng, emb, region, insert=not args.skip_insert))
                 print(f"load: {out}", file=sys.stderr)
-                summary = store.build_indexes(
-                    conn,
-                    hnsw_m=settings["hnsw_m"],
-                    hnsw_ef_construction=settings["hnsw_ef_construction"],
-                    maintenance_work_mem=settings["maintenance_work_mem"],
-                    model_version=mv,
-                )
+                summary = store.build_indexes(conn, store.IndexSettings.from_config(database), model_version=mv)
                 out["hnsw_build_s"] = summary["hnsw_s"]
                 out["gist_build_s"] = summary["gist_s"]
                 out["hnsw_m"], out["hnsw_ef_construction"] = summary["hnsw_m"], summary["hnsw_ef_construction"]
                 print(f"indexes: {summary}", file=sys.stderr)
 
-            qkw = {
-                "ef_search": settings["ef_search"],
-                "max_scan_tuples": settings["max_scan_tuples"],
-                "exact_scan_max_rows": settings["exact_scan_max_rows"],
-                "model_version": mv,
-            }
+            qkw = {"model_version": mv}
             cells = rng.choice(h3, size=args.queries, replace=False)
             for c in cells[:5]:  # warm-up
-                store.similar(conn, h3=int(c), k=10, **qkw)
+                store.similar(conn, query, h3=int(c), k=10, **qkw)
             times: list[float] = []
             per_radius: dict[str, Any] = {}
             recall: dict[str, float] = {}
             t_unf: list[float] = []
             for c in cells:
                 t = time.perf_counter()
-                store.similar(conn, h3=int(c), k=10, **qkw)
+                store.similar(conn, query, h3=int(c), k=10, **qkw)
                 t_unf.append(time.perf_counter() - t)
             times += t_unf
             per_radius["none"] = {"p95_ms": round(1000 * float(np.percentile(t_unf, 95)), 2)}
@@ -264,9 +254,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 ts, recalls, sizes = [], [], []
                 for c in cells:
                     t = time.perf_counter()
-                    got = store.similar(conn, h3=int(c), k=10, radius_m=r_km * 1000.0, **qkw)
+                    got = store.similar(conn, query, h3=int(c), k=10, radius_m=r_km * 1000.0, **qkw)
                     ts.append(time.perf_counter() - t)
-                    truth = store.similar(conn, h3=int(c), k=10, radius_m=r_km * 1000.0, method="exact", **qkw)
+                    truth = store.similar(conn, query, h3=int(c), k=10, radius_m=r_km * 1000.0, method="exact", **qkw)
                     sizes.append(len(truth))
                     if truth:
                         recalls.append(len({g["h3"] for g in got} & {x["h3"] for x in truth}) / len(truth))
@@ -297,8 +287,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             out["recall_at_10"] = recall
             out["per_radius"] = per_radius
             out["queries_per_radius"] = int(args.queries)
-            out["settings"] = {k: settings[k] for k in ("ef_search", "max_scan_tuples", "exact_scan_max_rows")}
-            out["exact_scan_limit_rows"] = round(store.exact_scan_limit(conn, ds, 10, settings["exact_scan_max_rows"]))
+            out["settings"] = asdict(query)
+            out["exact_scan_limit_rows"] = round(store.exact_scan_limit(conn, ds, 10, query.exact_scan_max_rows))
             out["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
             out["cpus"] = os.cpu_count()
     finally:

@@ -13,13 +13,8 @@ if len(versions) != 1:
     raise SystemExit(f"expected one model_version in the loaded regions, found {versions}")
 url = db.ensure_database(snakemake.config)
 with store.connect(url) as conn:
-    summary = store.build_indexes(
-        conn,
-        hnsw_m=snakemake.params.database["hnsw_m"],
-        hnsw_ef_construction=snakemake.params.database["hnsw_ef_construction"],
-        maintenance_work_mem=snakemake.params.database["maintenance_work_mem"],
-        model_version=versions[0],
-    )
+    settings = store.IndexSettings.from_config(snakemake.params.database)
+    summary = store.build_indexes(conn, settings, model_version=versions[0])
 expected = sum(m["rows"] for m in markers)
 if summary["rows"] != expected:
     raise SystemExit(f"{summary['rows']} rows in table {summary['table']}, but the markers count {expected}")

@@ -25,6 +25,8 @@ import numpy as np
 import psycopg
 import pytest
 
+from vectorgeo.api import ServeSettings, serve_settings
+
 pytestmark = pytest.mark.db
 
 RES = 5
@@ -115,8 +117,16 @@ def load_synthetic(pg_cluster, folder: Path, **kw) -> Synthetic:
     with store.connect(url) as conn:
         for p in paths:
             store.load_region(conn, p)
-        store.build_indexes(conn)
+        store.build_indexes(conn, store.IndexSettings.from_config(db.settings()))
     return Synthetic(url=url, **arrays)
+
+
+def serve_with(**changes) -> ServeSettings:
+    """The default config's ``serve`` settings with some changed."""
+    return ServeSettings.from_config({**serve_settings(), **changes})
+
+
+MAX_FEATURES = serve_with().tile_max_features
 
 
 @contextlib.contextmanager
@@ -155,7 +165,7 @@ def client(synthetic):
 
     from vectorgeo.api import create_app
 
-    with TestClient(create_app(synthetic.url, default_k=25, default_radius_km=300)) as c:
+    with TestClient(create_app(synthetic.url, serve=serve_with(default_k=25, default_radius_km=300))) as c:
         yield c
 
 
@@ -369,14 +379,14 @@ def decode(data: bytes) -> list[dict]:
 def test_tile_at_max_zoom_has_loaded_cells(client, synthetic):
     from vectorgeo import tiles
 
-    z = tiles.max_zoom(RES, 4000)
+    z = tiles.max_zoom(RES, MAX_FEATURES)
     x, y = tile_xy(47.0, 10.0, z)
     r = client.get(f"/tiles/{z}/{x}/{y}.pbf", headers={"accept-encoding": "gzip"})
     assert r.status_code == 200
     assert r.headers["content-encoding"] == "gzip"
     assert r.headers["content-type"] == "application/vnd.mapbox-vector-tile"
     feats = decode(r.content)  # httpx has already gunzipped it
-    assert 0 < len(feats) <= 4000
+    assert 0 < len(feats) <= MAX_FEATURES
     loaded = {f"{int(c):015x}" for c in synthetic.h3[synthetic.valid]}
     names = {f["properties"]["h3"] for f in feats}
     assert {f["properties"]["res"] for f in feats} == {RES}
@@ -400,9 +410,9 @@ def test_low_zoom_tiles_are_rollups(client, synthetic):
     from vectorgeo import store, tiles
 
     with store.connect(synthetic.url) as conn:
-        meta = tiles.ensure(conn)
+        meta = tiles.ensure(conn, max_features=MAX_FEATURES)
     z = 4
-    level = tiles.level_for_zoom(z, RES, 4000)
+    level = tiles.level_for_zoom(z, RES, MAX_FEATURES)
     assert 0 < level < RES
     x, y = tile_xy(47.0, 10.0, z)
     feats = decode(client.get(f"/tiles/{z}/{x}/{y}.pbf").content)
@@ -425,12 +435,12 @@ def test_tile_feature_cap(synthetic):
     from vectorgeo import store, tiles
 
     with store.connect(synthetic.url) as conn:
-        meta = replace(tiles.ensure(conn), max_features=150)
+        meta = replace(tiles.ensure(conn, max_features=MAX_FEATURES), max_features=150)
         for z in range(0, 9):
             x, y = tile_xy(47.0, 10.0, z)
             feats = decode(gzip.decompress(tiles.tile(conn, meta, z, x, y)))
             assert len(feats) <= 150
-        assert tiles.level_for_zoom(6, RES, 150) < tiles.level_for_zoom(6, RES, 4000)
+        assert tiles.level_for_zoom(6, RES, 150) < tiles.level_for_zoom(6, RES, MAX_FEATURES)
 
 
 def test_hexagons_across_the_antimeridian_and_poles():
@@ -438,7 +448,7 @@ def test_hexagons_across_the_antimeridian_and_poles():
     import shapely
 
     from vectorgeo import tiles
-    from vectorgeo.api import boundary
+    from vectorgeo.h3cells import boundary
 
     east = h3.str_to_int(h3.latlng_to_cell(0.0, 179.99, 3))
     plain = h3.str_to_int(h3.latlng_to_cell(47.0, 10.0, 3))
@@ -465,24 +475,24 @@ def test_tiles_rebuilt_when_regions_reloaded(pg_cluster, tmp_path):
 
     s = load_synthetic(pg_cluster, tmp_path / "a", bbox=(20.0, 10.0, 22.0, 12.0))
     with store.connect(s.url) as conn:
-        first = tiles.ensure(conn)
-        assert tiles.ensure(conn).build_id == first.build_id  # up to date: not rebuilt
+        first = tiles.ensure(conn, max_features=MAX_FEATURES)
+        assert tiles.ensure(conn, max_features=MAX_FEATURES).build_id == first.build_id  # up to date: not rebuilt
         paths, _ = make_synthetic(tmp_path / "b", bbox=(20.0, 10.0, 23.0, 12.0))
         for p in paths:
             store.load_region(conn, p)
-        second = tiles.ensure(conn)
+        second = tiles.ensure(conn, max_features=MAX_FEATURES)
         assert second.build_id != first.build_id and second.cells > first.cells
 
 
-def test_app_follows_reloaded_regions(pg_cluster, tmp_path, monkeypatch):
+def test_app_follows_reloaded_regions(pg_cluster, tmp_path):
     """A running server re-checks the loaded regions and serves the rebuilt tiles."""
     from fastapi.testclient import TestClient
 
-    from vectorgeo import api, store
+    from vectorgeo import store
+    from vectorgeo.api import create_app
 
     s = load_synthetic(pg_cluster, tmp_path / "a", bbox=(30.0, 10.0, 31.0, 11.0))
-    monkeypatch.setattr(api, "META_TTL_S", 0.0)
-    with TestClient(api.create_app(s.url)) as c:
+    with TestClient(create_app(s.url, meta_ttl_s=0.0)) as c:
         before = c.get("/meta").json()
         paths, arrays = make_synthetic(tmp_path / "b", bbox=(30.0, 10.0, 32.0, 11.0))
         with store.connect(s.url) as conn:
@@ -496,24 +506,43 @@ def test_app_follows_reloaded_regions(pg_cluster, tmp_path, monkeypatch):
     assert after["cells"] == int(arrays["valid"].sum()) > before["cells"]
 
 
-def test_database_down_is_503():
-    """No database: the server still starts; data endpoints answer 503 with a message, never a 500."""
-    import socket
+def test_config_query_settings_reach_the_app(synthetic):
+    """``vectorgeo serve`` builds its app with the config's ``database`` query settings."""
+    from vectorgeo import store
+    from vectorgeo.api.server import app_for_config
 
+    database = {"ef_search": 7, "max_scan_tuples": 1234, "exact_scan_max_rows": 0}
+    app = app_for_config({"database": database, "serve": {"default_k": 3}}, synthetic.url)
+    assert app.state.vectorgeo.query == store.QuerySettings(ef_search=7, max_scan_tuples=1234, exact_scan_max_rows=0)
+    assert app.state.vectorgeo.serve.default_k == 3
+
+
+@pytest.mark.parametrize(("exact_scan_max_rows", "exact"), [(0, False), (10**9, True)])
+def test_query_settings_decide_the_plan(synthetic, exact_scan_max_rows, exact):
+    """exact_scan_max_rows decides whether a bbox query is an exact scan through the GIST index."""
     from fastapi.testclient import TestClient
 
+    from vectorgeo import store
     from vectorgeo.api import create_app
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # nothing listens here once the socket is closed
-    with TestClient(create_app(f"postgresql://nobody:secret@127.0.0.1:{port}/none")) as c:
-        for url in ("/healthz", "/meta", f"/similar?h3={CELL}", "/point?lat=1&lng=2", "/tiles/0/0/0.pbf"):
-            r = c.get(url)
-            assert r.status_code == 503, (url, r.text)
-            assert r.json()["error"] == "unavailable" and "cannot connect" in r.json()["message"]
-            assert "secret" not in r.text
-        assert c.get("/point?lat=100&lng=2").status_code == 422  # bad input is still bad input
+    query = store.QuerySettings(ef_search=40, max_scan_tuples=20000, exact_scan_max_rows=exact_scan_max_rows)
+    app = create_app(synthetic.url, serve=serve_with(pool_size=1), query=query, build_tiles=False)
+    cell = a_valid_cell(synthetic, (46.0, 9.0))
+
+    def gist_scans() -> int:
+        with app.state.vectorgeo.connection() as conn:  # the one pooled backend, which served the request
+            conn.execute("SELECT pg_stat_force_next_flush()")
+            row = conn.execute(
+                "SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = %s",
+                (store.dataset(conn).table + "_geom",),
+            ).fetchone()
+        return int(row[0])
+
+    with TestClient(app) as c:
+        before = gist_scans()
+        r = c.get("/similar", params={"h3": cell, "k": 30, "bbox": "12.0,44.5,14.5,46.0"})
+        assert r.status_code == 200 and len(r.json()["results"]) == 30
+        assert (gist_scans() > before) == exact
 
 
 # --- countries, viewer assets ----------------------------------------------------------------------------

@@ -25,6 +25,11 @@ MV = "model-a"
 R_US = "8027fffffffffff"  # North America, res 0
 R_CHUKOTKA = h3.latlng_to_cell(66.0, 179.0, 0)  # crosses the antimeridian
 N_R3 = 343  # res-3 children of a res-0 cell (hexagon)
+QUERY = store.QuerySettings.from_config(db.settings())  # the default config's
+
+
+def index_settings(m: int, ef_construction: int) -> store.IndexSettings:
+    return store.IndexSettings(hnsw_m=m, hnsw_ef_construction=ef_construction, maintenance_work_mem="64MB")
 
 
 def write(tmp_path: Path, region: str = R_US, res: int = 3, dim: int = 16, mv: str = MV, seed: int = 0, **kw) -> Path:
@@ -199,7 +204,7 @@ def small_table(conn, tmp_path: Path):
         path = write(tmp_path, region, res=4, seed=10 + i)
         store.load_region(conn, path)
         arrays[region] = region_arrays(region, res=4, seed=10 + i)
-    store.build_indexes(conn, hnsw_m=8, hnsw_ef_construction=32)
+    store.build_indexes(conn, index_settings(8, 32))
     merged = {k: np.concatenate([arrays[r][k] for r in arrays]) for k in arrays[R_US]}
     return conn, merged
 
@@ -217,7 +222,7 @@ def test_radius_query_equals_brute_force(small_table, method: str) -> None:
                 radius += 5.0
             mask = (dist <= radius) & (np.arange(len(dist)) != i)
             expected = brute_force(a, valid, a["embedding"][i], mask, 10)
-            got = store.similar(conn, h3=int(a["h3"][i]), k=10, radius_m=radius, method=method)
+            got = store.similar(conn, QUERY, h3=int(a["h3"][i]), k=10, radius_m=radius, method=method)
             got_h3 = [r["h3"] for r in got]
             if method == "index":  # approximate by design: near-exact
                 assert len(set(got_h3) & set(expected)) >= 0.9 * len(expected)
@@ -242,19 +247,19 @@ def test_bbox_and_vector_queries_equal_brute_force(small_table) -> None:
         in_lng = (a["lng"] >= w) & (a["lng"] <= e) if w < e else (a["lng"] >= w) | (a["lng"] <= e)
         mask = in_lng & (a["lat"] >= s) & (a["lat"] <= n)
         assert mask.sum() > 20
-        got = store.similar(conn, vector=q, k=15, bbox=bbox)
+        got = store.similar(conn, QUERY, vector=q, k=15, bbox=bbox)
         assert [r["h3"] for r in got] == brute_force(a, valid, q, mask, 15)
     # no filter: the HNSW index, near-exact on 4802 rows
-    got = store.similar(conn, vector=q, k=10)
+    got = store.similar(conn, QUERY, vector=q, k=10)
     assert len(set(r["h3"] for r in got) & set(brute_force(a, valid, q, np.ones_like(valid), 10))) >= 9
     # the query cell itself: excluded by default, first with similarity 1 when included
     i = int(np.flatnonzero(valid)[0])
-    assert int(a["h3"][i]) not in [r["h3"] for r in store.similar(conn, h3=int(a["h3"][i]), k=5)]
-    top = store.similar(conn, h3=h3.int_to_str(int(a["h3"][i])), k=5, exclude_self=False, method="exact")[0]
+    assert int(a["h3"][i]) not in [r["h3"] for r in store.similar(conn, QUERY, h3=int(a["h3"][i]), k=5)]
+    top = store.similar(conn, QUERY, h3=h3.int_to_str(int(a["h3"][i])), k=5, exclude_self=False, method="exact")[0]
     assert top["h3"] == int(a["h3"][i]) and top["similarity"] == pytest.approx(1.0, abs=1e-6)
     # a point query uses the cell containing the point
-    by_point = store.similar_to_point(conn, a["lat"][i], a["lng"][i], k=5, method="exact")
-    assert by_point == store.similar(conn, h3=int(a["h3"][i]), k=5, method="exact")
+    by_point = store.similar_to_point(conn, QUERY, a["lat"][i], a["lng"][i], k=5, method="exact")
+    assert by_point == store.similar(conn, QUERY, h3=int(a["h3"][i]), k=5, method="exact")
     assert store.resolution(conn) == 4
 
 
@@ -269,9 +274,9 @@ def test_build_indexes_is_idempotent_and_follows_params(small_table) -> None:
         return [r[0] for r in rows]
 
     assert hnsw() == [f"{table}_hnsw_m8_ef32"]
-    store.build_indexes(conn, hnsw_m=8, hnsw_ef_construction=32)
+    store.build_indexes(conn, index_settings(8, 32))
     assert hnsw() == [f"{table}_hnsw_m8_ef32"]
-    s = store.build_indexes(conn, hnsw_m=12, hnsw_ef_construction=40)
+    s = store.build_indexes(conn, index_settings(12, 40))
     assert hnsw() == [f"{table}_hnsw_m12_ef40"] and s["rows"] == 2 * 2401
 
 
@@ -299,18 +304,18 @@ def test_hostile_strings_are_data(conn, tmp_path: Path) -> None:
     cell = int(region_arrays()["h3"][0])
     for bad in [*HOSTILE, "8027fffffffffff' OR 1=1 --", "0x8027fffffffffff"]:
         with pytest.raises(RequestError, match="h3"):
-            store.similar(conn, h3=bad)
+            store.similar(conn, QUERY, h3=bad)
         with pytest.raises(RequestError, match="h3"):
             store.get_cell(conn, bad)
     with pytest.raises(RequestError, match="'k'"):
-        store.similar(conn, h3=cell, k="10; DROP TABLE x")  # type: ignore[arg-type]
+        store.similar(conn, QUERY, h3=cell, k="10; DROP TABLE x")  # type: ignore[arg-type]
     with pytest.raises(RequestError, match="'bbox'"):
-        store.similar(conn, h3=cell, bbox=("0", "0", "1", "1); DROP TABLE x; --"))
+        store.similar(conn, QUERY, h3=cell, bbox=("0", "0", "1", "1); DROP TABLE x; --"))
     with pytest.raises(RequestError, match="radius_m"):
-        store.similar(conn, h3=cell, radius_m="1e3 OR 1=1")
+        store.similar(conn, QUERY, h3=cell, radius_m="1e3 OR 1=1")
     with pytest.raises(DatabaseError, match="holds no model_version"):
-        store.similar(conn, h3=cell, model_version="x' OR '1'='1")
-    assert store.similar(conn, h3=cell, k=3, model_version=mv)
+        store.similar(conn, QUERY, h3=cell, model_version="x' OR '1'='1")
+    assert store.similar(conn, QUERY, h3=cell, k=3, model_version=mv)
     assert conn.execute("SELECT count(*) FROM vectorgeo_datasets").fetchone()[0] == 1
 
 
@@ -338,16 +343,16 @@ def test_query_errors_are_clear(small_table) -> None:
     conn, a = small_table
     null_cell = int(a["h3"][np.flatnonzero(a["status"] != "ok")[0]])
     with pytest.raises(RequestError, match="has no embedding"):
-        store.similar(conn, h3=null_cell)
+        store.similar(conn, QUERY, h3=null_cell)
     absent = h3.str_to_int(h3.latlng_to_cell(-30.0, 20.0, 4))
     with pytest.raises(RequestError, match="not in the database"):
-        store.similar(conn, h3=absent)
+        store.similar(conn, QUERY, h3=absent)
     with pytest.raises(RequestError, match="16 numbers"):
-        store.similar(conn, vector=[1.0, 2.0])
+        store.similar(conn, QUERY, vector=[1.0, 2.0])
     with pytest.raises(RequestError, match="center"):
-        store.similar(conn, vector=np.ones(16), radius_m=1000)
+        store.similar(conn, QUERY, vector=np.ones(16), radius_m=1000)
     with pytest.raises(RequestError, match="exactly one"):
-        store.similar(conn)
+        store.similar(conn, QUERY)
 
 
 def test_cli_query(small_table, pg_cluster, monkeypatch: pytest.MonkeyPatch, capsys) -> None:

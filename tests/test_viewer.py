@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from test_api import Synthetic, a_valid_cell, live_server, load_synthetic
+from test_api import Synthetic, a_valid_cell, live_server, load_synthetic, serve_with
 
 pytestmark = [pytest.mark.db, pytest.mark.browser]
 
@@ -41,7 +41,7 @@ def synthetic(pg_cluster, tmp_path_factory) -> Synthetic:
 def base_url(synthetic):
     from vectorgeo.api import create_app
 
-    with live_server(create_app(synthetic.url, default_k=K, default_radius_km=RADIUS_KM)) as url:
+    with live_server(create_app(synthetic.url, serve=serve_with(default_k=K, default_radius_km=RADIUS_KM))) as url:
         yield url
 
 

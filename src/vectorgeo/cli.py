@@ -113,7 +113,7 @@ def _setup_query(p: argparse.ArgumentParser) -> None:
 
 
 def _run_query(args: argparse.Namespace) -> int:
-    from vectorgeo import db, store
+    from vectorgeo import db, h3cells, store
     from vectorgeo.errors import RequestError
 
     if (args.h3 is None) == (args.lat is None and args.lng is None):
@@ -121,28 +121,25 @@ def _run_query(args: argparse.Namespace) -> int:
     if args.h3 is None and (args.lat is None or args.lng is None):
         raise RequestError("--lat", "give both --lat and --lng")
     cfg = load_cli_config(args)
-    s = db.settings(cfg)
+    settings = store.QuerySettings.from_config(db.settings(cfg))
     kw: dict[str, Any] = {
         "k": args.k,
         "radius_m": None if args.radius_km is None else args.radius_km * 1000.0,
         "bbox": args.bbox,
         "exclude_self": not args.include_self,
         "method": args.method,
-        "ef_search": s["ef_search"],
-        "max_scan_tuples": s["max_scan_tuples"],
-        "exact_scan_max_rows": s["exact_scan_max_rows"],
     }
     with store.connect(config=cfg) as conn:
         if args.h3 is not None:
-            rows = store.similar(conn, h3=args.h3, **kw)
+            rows = store.similar(conn, settings, h3=args.h3, **kw)
         else:
-            rows = store.similar_to_point(conn, args.lat, args.lng, **kw)
+            rows = store.similar_to_point(conn, settings, args.lat, args.lng, **kw)
     if args.json:
-        print(json.dumps([{**r, "h3": f"{r['h3']:015x}"} for r in rows]))
+        print(json.dumps([{**r, "h3": h3cells.to_str(r["h3"])} for r in rows]))
         return 0
     print(f"{'rank':>4}  {'h3':<15}  {'lat':>9}  {'lng':>10}  {'similarity':>10}")
     for i, r in enumerate(rows, 1):
-        print(f"{i:>4}  {r['h3']:015x}  {r['lat']:9.4f}  {r['lng']:10.4f}  {r['similarity']:10.4f}")
+        print(f"{i:>4}  {h3cells.to_str(r['h3'])}  {r['lat']:9.4f}  {r['lng']:10.4f}  {r['similarity']:10.4f}")
     return 0
 
 

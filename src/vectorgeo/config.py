@@ -25,7 +25,7 @@ import os
 import re
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, NoReturn, TypeVar
+from typing import Annotated, Any, Literal, NoReturn, Self, TypeVar
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -53,6 +53,15 @@ class Section(BaseModel):
     """Base of every config section: unknown keys are refused, values are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    @classmethod
+    def from_config(cls, values: Mapping[str, Any]) -> Self:
+        """Validate a section's mapping (e.g. a rule's ``params`` entry) into the typed section.
+
+        Raises:
+            pydantic.ValidationError: use :func:`section` for a :class:`ConfigError` naming the key.
+        """
+        return cls.model_validate(dict(values))
 
     def to_params(self, *, include: set[str] | None = None, exclude: set[str] | None = None) -> dict[str, Any]:
         """JSON-able dict of the section, or of some of its keys (what a rule passes through ``params:``).

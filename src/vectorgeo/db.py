@@ -11,8 +11,8 @@ Authentication: unix-socket connections are trusted (the socket lives in ``<home
 cluster owner and root can enter); TCP connections on 127.0.0.1 need the password kept in
 ``<home>/password`` (mode 0600), shown by ``vectorgeo db url --tcp``.
 
-Public API: :func:`settings`, :func:`database_url`, :class:`Cluster` (``start``, ``stop``, ``status``,
-``url``, ``kill``), :func:`cluster`.
+Public API: :func:`settings` (and :func:`config_section`), :func:`database_url`, :class:`Cluster`
+(``start``, ``stop``, ``status``, ``url``, ``kill``), :func:`cluster`.
 """
 
 from __future__ import annotations
@@ -53,6 +53,22 @@ SERVER_CONF = {
 }
 
 
+def config_section(config: Mapping[str, Any] | None, name: str) -> dict[str, Any]:
+    """A top-level config section with every default filled in (from the config models).
+
+    Args:
+        config: A full config (only the section ``name`` is read), or None for the defaults.
+        name: The section: ``database`` or ``serve``.
+
+    Raises:
+        ConfigError: a bad value in the section.
+    """
+    from vectorgeo.config import DatabaseConfig, ServeConfig, section
+
+    models: dict[str, type[DatabaseConfig] | type[ServeConfig]] = {"database": DatabaseConfig, "serve": ServeConfig}
+    return section(models[name], (config or {}).get(name), name).model_dump()
+
+
 def settings(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``database`` config section with every default filled in (from the config models).
 
@@ -62,9 +78,7 @@ def settings(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     Raises:
         ConfigError: a bad ``database.*`` value.
     """
-    from vectorgeo.config import DatabaseConfig, section
-
-    return section(DatabaseConfig, (config or {}).get("database"), "database").model_dump()
+    return config_section(config, "database")
 
 
 def project_dir(start: Path | None = None) -> Path:

@@ -44,8 +44,9 @@ import pyarrow as pa
 import shapely
 from psycopg import sql
 
-from vectorgeo import store
+from vectorgeo import h3cells, store
 from vectorgeo.errors import DatabaseError, RequestError
+from vectorgeo.store.catalog import fetch_one
 
 META_TABLE = "vectorgeo_tiles"
 _LOCK_KEY = 0x7469_6C65_7321  # advisory lock serialising tile builds ("tiles!")
@@ -59,7 +60,7 @@ EARTH_RADIUS_M = 6378137.0
 EQUATOR_KM = 40075.016686
 
 
-@dataclass
+@dataclass(frozen=True)
 class TileMeta:
     """What :func:`build` recorded about the tiles of one dataset.
 
@@ -86,7 +87,7 @@ class TileMeta:
     build_id: str = ""
 
 
-def _table_exists(conn: psycopg.Connection, name: str) -> bool:
+def _table_exists(conn: psycopg.Connection[Any], name: str) -> bool:
     row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()
     return bool(row and row[0])
 
@@ -96,18 +97,18 @@ def tile_table(ds: store.Dataset) -> str:
     return "tiles_" + ds.table.removeprefix("cells_")
 
 
-def signature(conn: psycopg.Connection, ds: store.Dataset) -> str:
+def signature(conn: psycopg.Connection[Any], ds: store.Dataset) -> str:
     """Fingerprint of a dataset's loaded regions (rows, checksums and load times, from the catalog)."""
-    row = conn.execute(
+    row = fetch_one(
+        conn,
         "SELECT coalesce(sum(rows), 0), md5(coalesce(string_agg(region::text || ':' || checksum || ':' || "
         "loaded_at::text, ',' ORDER BY region), '')) FROM vectorgeo_regions WHERE model_version = %s",
         (ds.model_version,),
-    ).fetchone()
-    assert row is not None
+    )
     return f"{int(row[0])}:{row[1]}"
 
 
-def read_meta(conn: psycopg.Connection, model_version: str) -> TileMeta | None:
+def read_meta(conn: psycopg.Connection[Any], model_version: str) -> TileMeta | None:
     """The recorded tile metadata of a model version, or None when its tiles were never built."""
     if not _table_exists(conn, META_TABLE):
         return None
@@ -120,7 +121,7 @@ def read_meta(conn: psycopg.Connection, model_version: str) -> TileMeta | None:
     return TileMeta(**d)
 
 
-def current(conn: psycopg.Connection, *, max_features: int = 4000) -> TileMeta | None:
+def current(conn: psycopg.Connection[Any], *, max_features: int) -> TileMeta | None:
     """The recorded tiles of the active dataset when they match its loaded regions, else None (cheap:
     catalog queries only).
 
@@ -139,7 +140,7 @@ def current(conn: psycopg.Connection, *, max_features: int = 4000) -> TileMeta |
     return None
 
 
-def ensure(conn: psycopg.Connection, *, max_features: int = 4000) -> TileMeta:
+def ensure(conn: psycopg.Connection[Any], *, max_features: int) -> TileMeta:
     """The tiles of the active dataset, built first when missing or stale (regions reloaded since).
 
     Args:
@@ -155,7 +156,7 @@ def ensure(conn: psycopg.Connection, *, max_features: int = 4000) -> TileMeta:
     return current(conn, max_features=max_features) or build(conn, max_features=max_features)
 
 
-def _sample_embeddings(conn: psycopg.Connection, ds: store.Dataset, n: int) -> np.ndarray:
+def _sample_embeddings(conn: psycopg.Connection[Any], ds: store.Dataset, n: int) -> np.ndarray:
     """Up to :data:`PCA_SAMPLE` embeddings (float64, (m, d)) via a binary COPY parsed by numpy."""
     pct = min(100.0, 100.0 * 2 * PCA_SAMPLE / max(n, 1))
     record = np.dtype([("nf", ">i2"), ("len", ">i4"), ("dim", ">i2"), ("unused", ">i2"), ("e", ">f4", (ds.dim,))])
@@ -177,7 +178,7 @@ def _sample_embeddings(conn: psycopg.Connection, ds: store.Dataset, n: int) -> n
     return x
 
 
-def _fit_pca(conn: psycopg.Connection, ds: store.Dataset, n: int) -> dict[str, Any]:
+def _fit_pca(conn: psycopg.Connection[Any], ds: store.Dataset, n: int) -> dict[str, Any]:
     """PCA of a sample of the embeddings: mean·c_i, components c_i (3, d), 1st/99th percentiles."""
     x = _sample_embeddings(conn, ds, n)
     if x.shape[0] == 0:
@@ -222,10 +223,13 @@ def _colour_sql(expr: sql.Composable, pca: dict[str, Any]) -> sql.Composable:
 
 
 def _parent_sql(col: str, p: int) -> sql.Composable:
-    """SQL for the H3 parent at resolution ``p`` of the bigint H3 column ``col``."""
-    digits = (1 << (3 * (15 - p))) - 1
-    return sql.SQL("((({c} & ~(15::bigint << 52)) | ({p}::bigint << 52)) | {d}::bigint)").format(
-        c=sql.Identifier(col), p=sql.Literal(p), d=sql.Literal(digits)
+    """SQL for the H3 parent at resolution ``p`` of the bigint H3 column ``col`` (:func:`vectorgeo.h3cells.parent`)."""
+    return sql.SQL("((({c} & ~({m}::bigint << {sh})) | ({p}::bigint << {sh})) | {d}::bigint)").format(
+        c=sql.Identifier(col),
+        m=sql.Literal(h3cells.RES_MASK),
+        sh=sql.Literal(h3cells.RES_SHIFT),
+        p=sql.Literal(p),
+        d=sql.Literal(h3cells.unused_digits(p)),
     )
 
 
@@ -274,7 +278,12 @@ def hexagons_3857(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _copy_hexagons(
-    conn: psycopg.Connection, table: str, res: np.ndarray, cells: np.ndarray, children: np.ndarray, colors: np.ndarray
+    conn: psycopg.Connection[Any],
+    table: str,
+    res: np.ndarray,
+    cells: np.ndarray,
+    children: np.ndarray,
+    colors: np.ndarray,
 ) -> int:
     """COPY rows (res, h3, children, color, hexagon) into ``table``; returns rows written."""
     index, geoms = hexagons_3857(cells)
@@ -318,7 +327,118 @@ def max_zoom(resolution: int, max_features: int) -> int:
     return MAX_ZOOM
 
 
-def build(conn: psycopg.Connection, *, max_features: int = 4000, chunk: int = 200_000) -> TileMeta:
+def _summary(conn: psycopg.Connection[Any], ds: store.Dataset) -> tuple[int, list[float]]:
+    """Cells with an embedding, and the bounds of their centres (a world default when there are none)."""
+    row = fetch_one(
+        conn,
+        sql.SQL(
+            "SELECT count(*), min(ST_X(geom)), min(ST_Y(geom)), max(ST_X(geom)), max(ST_Y(geom)) "
+            "FROM {} WHERE embedding IS NOT NULL"
+        ).format(ds.ident),
+    )
+    n = int(row[0])
+    return n, ([float(v) for v in row[1:]] if n else [-180.0, -60.0, 180.0, 75.0])
+
+
+def _create_build_tables(conn: psycopg.Connection[Any], build_table: str, sums: str) -> None:
+    """The new tile table, and a temporary table of rollup sums (res, h3, sum of embeddings, count)."""
+    conn.execute(
+        sql.SQL(
+            "CREATE TABLE {} (res smallint NOT NULL, h3 bigint NOT NULL, children integer NOT NULL, "
+            "color text NOT NULL, geom geometry(Polygon, 3857) NOT NULL)"
+        ).format(sql.Identifier(build_table))
+    )
+    conn.execute(
+        sql.SQL("CREATE TEMP TABLE {} (res smallint, h3 bigint, s vector, n integer) ON COMMIT DROP").format(
+            sql.Identifier(sums)
+        )
+    )
+
+
+def _fill_sums(conn: psycopg.Connection[Any], ds: store.Dataset, sums: str) -> None:
+    """Sums and counts of the embeddings under every parent, built coarser from finer (one pass)."""
+    r = ds.resolution
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {t} SELECT {p}, {par}, sum(embedding), count(*) FROM {c} "
+            "WHERE embedding IS NOT NULL GROUP BY 2"
+        ).format(t=sql.Identifier(sums), p=sql.Literal(r - 1), par=_parent_sql("h3", r - 1), c=ds.ident)
+    )
+    for p in range(r - 2, -1, -1):
+        conn.execute(
+            sql.SQL("INSERT INTO {t} SELECT {p}, {par}, sum(s), sum(n) FROM {t} WHERE res = {p1} GROUP BY 2").format(
+                t=sql.Identifier(sums), p=sql.Literal(p), par=_parent_sql("h3", p), p1=sql.Literal(p + 1)
+            )
+        )
+
+
+def _write_hexagons(
+    conn: psycopg.Connection[Any],
+    ds: store.Dataset,
+    pca: dict[str, Any],
+    sums: str,
+    build_table: str,
+    token: str,
+    chunk: int,
+) -> None:
+    """Coloured hexagons of the cells and their rollups into the new tile table, ``chunk`` rows at a time."""
+    source = sql.SQL(
+        "SELECT {r}::smallint, h3, 1, {col} FROM {c} WHERE embedding IS NOT NULL "
+        "UNION ALL SELECT res, h3, n, {scol} FROM {s}"
+    ).format(
+        r=sql.Literal(ds.resolution),
+        col=_colour_sql(sql.Identifier("embedding"), pca),
+        c=ds.ident,
+        scol=_colour_sql(sql.SQL("l2_normalize(s)"), pca),
+        s=sql.Identifier(sums),
+    )
+    with conn.cursor(name=f"tiles_{token}") as cur:
+        cur.itersize = chunk
+        cur.execute(source)
+        while rows := cur.fetchmany(chunk):
+            res, cells, children, colors = (np.asarray(c) for c in zip(*rows, strict=True))
+            _copy_hexagons(
+                conn,
+                build_table,
+                res.astype(np.int16),
+                cells.astype(np.int64).astype(np.uint64),
+                children.astype(np.int64),
+                colors.astype(str),
+            )
+
+
+def _index_and_swap(conn: psycopg.Connection[Any], meta: TileMeta, build_table: str) -> None:
+    """One partial GiST index per resolution, ANALYZE, then the new table replaces the old one."""
+    for p in range(meta.resolution + 1):
+        conn.execute(
+            sql.SQL("CREATE INDEX {} ON {} USING gist (geom) WHERE res = {}").format(
+                sql.Identifier(f"{meta.table}_r{p}_{meta.build_id}"), sql.Identifier(build_table), sql.Literal(p)
+            )
+        )
+    conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(build_table)))
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(meta.table)))
+    conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(sql.Identifier(build_table), sql.Identifier(meta.table)))
+
+
+def _record_meta(conn: psycopg.Connection[Any], meta: TileMeta) -> None:
+    """Write the tile metadata into the tile catalog (created when missing)."""
+    conn.execute(
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} (model_version text PRIMARY KEY, table_name text NOT NULL, "
+            "meta jsonb NOT NULL, built_at timestamptz NOT NULL)"
+        ).format(sql.Identifier(META_TABLE))
+    )
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {} (model_version, table_name, meta, built_at) VALUES (%s, %s, %s, now()) "
+            "ON CONFLICT (model_version) DO UPDATE SET table_name = EXCLUDED.table_name, "
+            "meta = EXCLUDED.meta, built_at = EXCLUDED.built_at"
+        ).format(sql.Identifier(META_TABLE)),
+        (meta.model_version, meta.table, json.dumps(asdict(meta))),
+    )
+
+
+def build(conn: psycopg.Connection[Any], *, max_features: int, chunk: int = 200_000) -> TileMeta:
     """(Re)build the tiles of the active dataset: PCA colours, rollups, hexagons, indexes.
 
     One transaction: memory is bounded by ``chunk`` rows, and the previous tiles are served until the
@@ -344,105 +464,25 @@ def build(conn: psycopg.Connection, *, max_features: int = 4000, chunk: int = 20
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
             sig = signature(conn, ds)
-            row = conn.execute(
-                sql.SQL(
-                    "SELECT count(*), min(ST_X(geom)), min(ST_Y(geom)), max(ST_X(geom)), max(ST_Y(geom)) "
-                    "FROM {} WHERE embedding IS NOT NULL"
-                ).format(ds.ident)
-            ).fetchone()
-            assert row is not None
-            n = int(row[0])
-            bounds = [float(v) for v in row[1:]] if n else [-180.0, -60.0, 180.0, 75.0]
-            r = ds.resolution
+            n, bounds = _summary(conn, ds)
             pca = _fit_pca(conn, ds, n)
-            conn.execute(
-                sql.SQL(
-                    "CREATE TABLE {} (res smallint NOT NULL, h3 bigint NOT NULL, children integer NOT NULL, "
-                    "color text NOT NULL, geom geometry(Polygon, 3857) NOT NULL)"
-                ).format(sql.Identifier(build_table))
-            )
-            conn.execute(
-                sql.SQL("CREATE TEMP TABLE {} (res smallint, h3 bigint, s vector, n integer) ON COMMIT DROP").format(
-                    sql.Identifier(sums)
-                )
-            )
-            if n and r > 0:
-                conn.execute(
-                    sql.SQL(
-                        "INSERT INTO {t} SELECT {p}, {par}, sum(embedding), count(*) FROM {c} "
-                        "WHERE embedding IS NOT NULL GROUP BY 2"
-                    ).format(t=sql.Identifier(sums), p=sql.Literal(r - 1), par=_parent_sql("h3", r - 1), c=ds.ident)
-                )
-                for p in range(r - 2, -1, -1):
-                    conn.execute(
-                        sql.SQL(
-                            "INSERT INTO {t} SELECT {p}, {par}, sum(s), sum(n) FROM {t} WHERE res = {p1} GROUP BY 2"
-                        ).format(
-                            t=sql.Identifier(sums), p=sql.Literal(p), par=_parent_sql("h3", p), p1=sql.Literal(p + 1)
-                        )
-                    )
-            source = sql.SQL(
-                "SELECT {r}::smallint, h3, 1, {col} FROM {c} WHERE embedding IS NOT NULL "
-                "UNION ALL SELECT res, h3, n, {scol} FROM {s}"
-            ).format(
-                r=sql.Literal(r),
-                col=_colour_sql(sql.Identifier("embedding"), pca),
-                c=ds.ident,
-                scol=_colour_sql(sql.SQL("l2_normalize(s)"), pca),
-                s=sql.Identifier(sums),
-            )
-            with conn.cursor(name=f"tiles_{token}") as cur:
-                cur.itersize = chunk
-                cur.execute(source)
-                while True:
-                    rows = cur.fetchmany(chunk)
-                    if not rows:
-                        break
-                    res, cells, children, colors = (np.asarray(c) for c in zip(*rows, strict=True))
-                    _copy_hexagons(
-                        conn,
-                        build_table,
-                        res.astype(np.int16),
-                        cells.astype(np.int64).astype(np.uint64),
-                        children.astype(np.int64),
-                        colors.astype(str),
-                    )
-            for p in range(r + 1):
-                conn.execute(
-                    sql.SQL("CREATE INDEX {} ON {} USING gist (geom) WHERE res = {}").format(
-                        sql.Identifier(f"{table}_r{p}_{token}"), sql.Identifier(build_table), sql.Literal(p)
-                    )
-                )
-            conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(build_table)))
+            _create_build_tables(conn, build_table, sums)
+            if n and ds.resolution > 0:
+                _fill_sums(conn, ds, sums)
+            _write_hexagons(conn, ds, pca, sums, build_table, token, chunk)
             meta = TileMeta(
                 model_version=ds.model_version,
                 table=table,
                 signature=sig,
-                resolution=r,
+                resolution=ds.resolution,
                 cells=n,
                 bounds=bounds,
                 max_features=max_features,
                 pca=pca,
                 build_id=token,
             )
-            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
-            conn.execute(
-                sql.SQL("ALTER TABLE {} RENAME TO {}").format(sql.Identifier(build_table), sql.Identifier(table))
-            )
-            conn.execute(
-                sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {} (model_version text PRIMARY KEY, table_name text NOT NULL, "
-                    "meta jsonb NOT NULL, built_at timestamptz NOT NULL)"
-                ).format(sql.Identifier(META_TABLE))
-            )
-            conn.execute(
-                sql.SQL(
-                    "INSERT INTO {} (model_version, table_name, meta, built_at) VALUES (%s, %s, %s, now()) "
-                    "ON CONFLICT (model_version) DO UPDATE SET table_name = EXCLUDED.table_name, "
-                    "meta = EXCLUDED.meta, built_at = EXCLUDED.built_at"
-                ).format(sql.Identifier(META_TABLE)),
-                (ds.model_version, table, json.dumps(asdict(meta))),
-            )
+            _index_and_swap(conn, meta, build_table)
+            _record_meta(conn, meta)
     except psycopg.Error as e:
         raise DatabaseError(f"building the tiles of model_version {ds.model_version!r} failed: {e}") from None
     return meta
@@ -463,7 +503,7 @@ def check_tile(z: int, x: int, y: int) -> None:
         raise RequestError("y", f"tile row must be in 0..{n - 1} at zoom {z}, got {y}")
 
 
-def tile(conn: psycopg.Connection, meta: TileMeta, z: int, x: int, y: int, *, compress: bool = True) -> bytes:
+def tile(conn: psycopg.Connection[Any], meta: TileMeta, z: int, x: int, y: int, *, compress: bool = True) -> bytes:
     """One Mapbox Vector Tile (layer ``cells``; properties h3, res, children, color), gzipped by default.
 
     Args:

@@ -1,0 +1,29 @@
+"""Similarity-search API and map viewer (FastAPI): ``create_app(database_url)``, served by ``vectorgeo serve``.
+
+Endpoints (OpenAPI at ``/docs`` and ``/openapi.json``), one router per concern in :mod:`.routers`:
+
+- ``POST /search``: the old AWS Lambda's shape, ``{lat, lon, h3?, circleRadiusMeters, limit}`` →
+  ``{locations: [{lat, lon, h3}], scores: [...]}``; the query cell is ``h3`` when given, else the cell at
+  (lat, lon); results lie within ``circleRadiusMeters`` of (lat, lon), the circle's centre.
+- ``GET /similar?h3=&k=&radius_m=`` (and/or ``bbox=west,south,east,north``): the k most similar cells.
+- ``GET /cells/{h3}``: embedding, centre, status and hexagon of one cell.
+- ``GET /point?lat=&lng=``: the same for the cell containing a point.
+- ``GET /tiles/{z}/{x}/{y}.pbf``: gzipped Mapbox Vector Tiles of hexagons coloured by embedding
+  (:mod:`vectorgeo.tiles`).
+- ``GET /countries.geojson``: Natural Earth country outlines (generalised), ``GET /meta``, ``GET /healthz``.
+- ``/``: the viewer (``static/``), with MapLibre GL JS served from ``node_modules`` (``setup/npm.sh``), and
+  ``/docs`` with Swagger UI from there too: both work offline.
+
+Limits (:mod:`vectorgeo.validation`): k ≤ 1000, radius ≤ 5,000 km, bbox within [-180, 180] × [-90, 90]
+with south < north. Errors are JSON ``{error, message, param}`` (:mod:`.errors`): bad input → 422 naming
+the parameter, unknown cell → 404, database down or nothing loaded → 503.
+
+The routes share one :class:`~vectorgeo.api.state.AppState` (connection pool, query settings, tile
+metadata), created by :func:`create_app` and kept on ``app.state``.
+"""
+
+from vectorgeo.api.app import create_app
+from vectorgeo.api.server import serve
+from vectorgeo.api.settings import ServeSettings, serve_settings
+
+__all__ = ["ServeSettings", "create_app", "serve", "serve_settings"]

@@ -1,0 +1,90 @@
+"""The FastAPI application: routers, error handlers and one :class:`~vectorgeo.api.state.AppState`."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from vectorgeo import db, store
+from vectorgeo.api.errors import install_error_handlers
+from vectorgeo.api.routers import cells, health, search, tiles, viewer
+from vectorgeo.api.settings import ServeSettings, serve_settings
+from vectorgeo.api.state import META_TTL_S, POOL_TIMEOUT_S, AppState
+from vectorgeo.errors import VectorgeoError
+from vectorgeo.store import QuerySettings
+
+log = logging.getLogger(__name__)
+
+
+def _warm_up(state: AppState) -> None:
+    """Build (or find) the tiles before the first request; a database that is down is only logged."""
+    try:
+        with state.connection() as conn:
+            meta = state.tiles.check(conn)
+        log.info("tiles of %s ready: %d cells at resolution %d", meta.model_version, meta.cells, meta.resolution)
+    except VectorgeoError as e:
+        log.warning("tiles not ready: %s", e)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI, build_tiles: bool) -> AsyncIterator[None]:
+    """Open the pool (and build the tiles) at start-up, close the pool at shutdown."""
+    state: AppState = app.state.vectorgeo
+    state.open()
+    if build_tiles:
+        _warm_up(state)
+    try:
+        yield
+    finally:
+        state.close()
+
+
+def create_app(
+    database_url: str | None = None,
+    *,
+    serve: ServeSettings | None = None,
+    query: QuerySettings | None = None,
+    build_tiles: bool = True,
+    pool_timeout_s: float = POOL_TIMEOUT_S,
+    meta_ttl_s: float = META_TTL_S,
+) -> FastAPI:
+    """The API and viewer app.
+
+    Args:
+        database_url: Database URL; default :func:`vectorgeo.store.database_url`.
+        serve: API settings; default those of the default config (``serve`` section).
+        query: Similarity query settings; default those of the default config (``database`` section).
+        build_tiles: Build the tiles at start-up when missing or stale (else at the first tile).
+        pool_timeout_s: Seconds a request waits for a database connection before a 503.
+        meta_ttl_s: Seconds between checks of the loaded resolution and tiles (reloaded regions show
+            up after at most this long).
+
+    Returns:
+        The FastAPI application; the database is first contacted at start-up (lifespan).
+    """
+    state = AppState(
+        database_url or store.database_url(),
+        serve or ServeSettings.from_config(serve_settings()),
+        query or QuerySettings.from_config(db.settings()),
+        pool_timeout_s=pool_timeout_s,
+        meta_ttl_s=meta_ttl_s,
+    )
+
+    app = FastAPI(
+        title="vectorgeo",
+        version="1.0",
+        summary="Similarity search over embeddings of H3 land cells, and a map viewer.",
+        lifespan=functools.partial(_lifespan, build_tiles=build_tiles),
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.vectorgeo = state
+    install_error_handlers(app)
+    for module in (search, cells, tiles, viewer, health):
+        app.include_router(module.router)
+    viewer.mount_assets(app)
+    return app

@@ -1,0 +1,1 @@
+"""The API's routers, one per concern: search, cells, tiles, viewer, health."""

@@ -1,0 +1,92 @@
+"""``POST /search`` (the old Lambda's shape) and ``GET /similar``: the cells most similar to a cell."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+
+from vectorgeo import h3cells, store
+from vectorgeo.api.errors import NotFound
+from vectorgeo.api.models import ERRORS, NOT_FOUND, SearchRequest, SearchResponse, SimilarResponse
+from vectorgeo.api.state import StateDep
+from vectorgeo.errors import RequestError
+from vectorgeo.validation import BBOX_PATTERN, H3_PATTERN, MAX_K, MAX_RADIUS_M, parse_bbox, parse_cell
+
+router = APIRouter(tags=["search"])
+
+
+def results(rows: list[dict[str, Any]], with_boundary: bool) -> list[dict[str, Any]]:
+    """Store rows as response items (h3 as hex, optionally each hexagon)."""
+    out = []
+    for r in rows:
+        if not math.isfinite(r["similarity"]):
+            continue
+        d = {"h3": h3cells.to_str(r["h3"]), "lat": r["lat"], "lng": r["lng"], "similarity": r["similarity"]}
+        if with_boundary:
+            d["boundary"] = h3cells.boundary(r["h3"])
+        out.append(d)
+    return out
+
+
+def _missing(row: dict[str, Any] | None) -> str | None:
+    """Why a cell cannot be a query cell, or None when it can."""
+    if row is None:
+        return "is not loaded"
+    return "has no embedding" if row["embedding"] is None else None
+
+
+@router.post("/search", response_model=SearchResponse, responses={**ERRORS, **NOT_FOUND})
+def search(body: SearchRequest, state: StateDep) -> Any:
+    """Old Lambda shape: cells most similar to ``h3`` (or the cell at lat/lon) within the circle."""
+    with state.connection() as conn:
+        res = state.resolution(conn)
+        if body.h3 is not None:
+            cell = parse_cell(body.h3, "h3", resolution=res)
+        else:
+            cell = h3cells.cell_at(body.lat, body.lon, res)
+        why = _missing(store.get_cell(conn, cell))
+        if why is not None:
+            raise NotFound("h3" if body.h3 else "lat", f"query cell {h3cells.to_str(cell)} {why}")
+        rows = store.similar(
+            conn, state.query, h3=cell, k=body.limit, radius_m=body.circleRadiusMeters, center=(body.lat, body.lon)
+        )
+    found = results(rows, False)
+    return {
+        "locations": [{"lat": r["lat"], "lon": r["lng"], "h3": r["h3"]} for r in found],
+        "scores": [r["similarity"] for r in found],
+    }
+
+
+@router.get("/similar", response_model=SimilarResponse, responses=ERRORS)
+def similar(
+    state: StateDep,
+    h3: Annotated[str, Query(pattern=H3_PATTERN, description="Query cell, 15 hex digits.")],
+    k: Annotated[int, Query(ge=1, le=MAX_K, description="Number of results.")] = 10,
+    radius_m: Annotated[
+        float | None,
+        Query(gt=0, le=MAX_RADIUS_M, allow_inf_nan=False, description="Keep cells within this distance (m)."),
+    ] = None,
+    bbox: Annotated[
+        str | None,
+        Query(pattern=BBOX_PATTERN, description="Keep cells inside west,south,east,north (degrees)."),
+    ] = None,
+    boundary_: Annotated[bool, Query(alias="boundary", description="Add each cell's hexagon.")] = False,
+) -> Any:
+    """The k cells most similar (cosine) to a cell, within a radius of it and/or inside a bbox."""
+    box = parse_bbox(bbox) if bbox is not None else None
+    with state.connection() as conn:
+        cell = parse_cell(h3, "h3", resolution=state.resolution(conn))
+        row = store.get_cell(conn, cell)
+        why = _missing(row)
+        if row is None or why is not None:
+            raise RequestError("h3", f"cell {h3cells.to_str(cell)} {why}")
+        rows = store.similar(conn, state.query, h3=cell, k=k, radius_m=radius_m, bbox=box)
+    return {
+        "query": {"h3": h3cells.to_str(cell), "lat": row["lat"], "lng": row["lng"]},
+        "k": k,
+        "radius_m": radius_m,
+        "bbox": list(box) if box else None,
+        "results": results(rows, boundary_),
+    }

@@ -1,0 +1,56 @@
+"""``vectorgeo serve``: the app under uvicorn, configured from the ``serve`` and ``database`` sections."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI
+
+from vectorgeo import db
+from vectorgeo.api.app import create_app
+from vectorgeo.api.settings import ServeSettings, serve_settings
+from vectorgeo.store import QuerySettings
+
+
+def app_for_config(config: Mapping[str, Any] | None, url: str) -> FastAPI:
+    """The app with the ``serve`` settings and the ``database`` query settings of a config.
+
+    Args:
+        config: Full config, or None for the defaults.
+        url: Database URL.
+    """
+    return create_app(
+        url,
+        serve=ServeSettings.from_config(serve_settings(config)),
+        query=QuerySettings.from_config(db.settings(config)),
+    )
+
+
+def serve(config: Mapping[str, Any] | None = None, *, host: str | None = None, port: int | None = None) -> int:
+    """Run the API and viewer with uvicorn until interrupted (``vectorgeo serve``).
+
+    The database is the one of the ``database`` section (whose query settings the API uses); the
+    project-local cluster is started when no external database is configured.
+
+    Args:
+        config: Full config (its ``serve`` and ``database`` sections are read), or None for the defaults.
+        host: Address to listen on; default ``serve.host``.
+        port: Port; default ``serve.port``.
+
+    Returns:
+        Exit status 0.
+
+    Raises:
+        DatabaseError: the database cannot be reached or started.
+    """
+    import uvicorn
+
+    settings = ServeSettings.from_config(serve_settings(config))
+    app = app_for_config(config, db.ensure_database(config))
+    host = host or settings.host
+    port = port or settings.port
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    print(f"vectorgeo viewer: http://{shown}:{port}/  (API docs: http://{shown}:{port}/docs)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")
+    return 0

@@ -1,0 +1,224 @@
+"""The state the routes share: one :class:`AppState` per app, created by ``create_app``.
+
+Thread safety: routes run in a thread pool. The connection pool is psycopg_pool's; the tile cache
+is behind a lock; the tile metadata and the loaded resolution are immutable snapshots
+(:class:`Checked`) replaced by one assignment, and the lock of :class:`TileTracker` serialises the
+checks and builds that replace them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any, Generic, TypeVar
+
+import psycopg
+from fastapi import Depends, Request
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
+
+from vectorgeo import db, store, tiles
+from vectorgeo.api.settings import ServeSettings
+from vectorgeo.errors import DatabaseError, VectorgeoError
+from vectorgeo.store import QuerySettings
+
+log = logging.getLogger(__name__)
+
+META_TTL_S = 30.0
+POOL_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 10
+PROBE_TIMEOUT_S = 3
+TILE_CACHE_SIZE = 4096
+
+T = TypeVar("T")
+TileKey = tuple[str, int, int, int]
+
+
+@dataclass(frozen=True)
+class Checked(Generic[T]):
+    """A value and when it was read (time.monotonic)."""
+
+    value: T
+    at: float
+
+    def fresh(self, ttl_s: float) -> bool:
+        return time.monotonic() - self.at < ttl_s
+
+
+class TileCache:
+    """Least-recently-used encoded tiles, keyed by (build id, z, x, y)."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._data: OrderedDict[TileKey, bytes] = OrderedDict()
+
+    def get(self, key: TileKey) -> bytes | None:
+        with self._lock:
+            data = self._data.get(key)
+            if data is not None:
+                self._data.move_to_end(key)
+            return data
+
+    def put(self, key: TileKey, data: bytes) -> None:
+        with self._lock:
+            self._data[key] = data
+            while len(self._data) > self._size:
+                self._data.popitem(last=False)
+
+
+class TileTracker:
+    """The tiles in force: built at the first check (start-up), re-checked against the loaded regions
+    every ``ttl_s`` seconds, and when stale rebuilt in a background thread while the old ones are served.
+
+    Args:
+        url: Database URL (the rebuild thread uses a connection of its own, not one of the pool's).
+        max_features: Feature cap per tile.
+        ttl_s: Seconds between checks.
+    """
+
+    def __init__(self, url: str, max_features: int, ttl_s: float) -> None:
+        self._url = url
+        self._max_features = max_features
+        self._ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._current: Checked[tiles.TileMeta] | None = None
+        self._building = False  # guarded by _lock
+
+    def fresh(self) -> tiles.TileMeta | None:
+        """The tiles in force when checked less than ``ttl_s`` ago, else None."""
+        current = self._current
+        return current.value if current is not None and current.fresh(self._ttl_s) else None
+
+    def check(self, conn: psycopg.Connection[Any]) -> tiles.TileMeta:
+        """The tiles in force, checked against the loaded regions when due (built here the first time).
+
+        Raises:
+            DatabaseError: nothing loaded, or the first build failed.
+        """
+        with self._lock:
+            current = self._current
+            if current is None:
+                meta = tiles.ensure(conn, max_features=self._max_features)
+                self._current = Checked(meta, time.monotonic())
+                return meta
+            if current.fresh(self._ttl_s) or self._building:
+                return current.value
+            latest = tiles.current(conn, max_features=self._max_features)
+            if latest is not None:
+                self._current = Checked(latest, time.monotonic())
+                return latest
+            self._building = True
+            threading.Thread(target=self._rebuild, name="vectorgeo-tiles", daemon=True).start()
+            return current.value
+
+    def _rebuild(self) -> None:
+        try:
+            with store.connect(self._url) as conn:
+                meta = tiles.ensure(conn, max_features=self._max_features)
+            with self._lock:
+                self._current = Checked(meta, time.monotonic())
+            log.info("tiles of %s rebuilt: %d cells", meta.model_version, meta.cells)
+        except VectorgeoError as e:
+            log.warning("tile rebuild failed: %s", e)
+        finally:
+            with self._lock:
+                self._building = False
+
+
+class AppState:
+    """What every route needs: the connection pool, the settings, the tile metadata and caches.
+
+    Args:
+        url: Database URL.
+        serve: API settings (``serve`` config section).
+        query: Similarity query settings (``database`` config section).
+        pool_timeout_s: Seconds a request waits for a database connection before it gets a 503.
+        meta_ttl_s: Seconds between checks of the loaded resolution and tiles.
+    """
+
+    def __init__(
+        self, url: str, serve: ServeSettings, query: QuerySettings, *, pool_timeout_s: float, meta_ttl_s: float
+    ) -> None:
+        self.url = url
+        self.serve = serve
+        self.query = query
+        self.meta_ttl_s = meta_ttl_s
+        # pgvector-python's way: the pool's configure callback registers the vector type
+        self.pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=serve.pool_size,
+            open=False,
+            configure=store.configure,
+            check=ConnectionPool.check_connection,
+            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
+            timeout=pool_timeout_s,
+            name="vectorgeo",
+        )
+        self.tiles = TileTracker(url, serve.tile_max_features, meta_ttl_s)
+        self.tile_cache = TileCache(TILE_CACHE_SIZE)
+        self._resolution: Checked[int] | None = None
+
+    def open(self) -> None:
+        """Start the pool (connections are made in the background; a database that is down is no error)."""
+        self.pool.open(wait=False)
+
+    def close(self) -> None:
+        self.pool.close()
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection (autocommit) for the block.
+
+        Raises:
+            DatabaseError: no connection within the pool timeout (the message says whether the database
+                cannot be reached or every connection is busy), or the connection broke during the block.
+        """
+        try:
+            with self.pool.connection() as conn:
+                yield conn
+        except (PoolTimeout, PoolClosed):
+            raise DatabaseError(self._why_no_connection()) from None
+        except psycopg.OperationalError as e:
+            log.warning("database connection lost: %s", e)
+            raise DatabaseError("the database connection was lost; try again") from None
+
+    def _why_no_connection(self) -> str:
+        """Why the pool gave no connection, from one direct attempt (details go to the log only)."""
+        shown = db.mask_password(self.url)
+        try:
+            store.connect(self.url, connect_timeout=PROBE_TIMEOUT_S).close()
+        except DatabaseError as e:
+            log.warning("%s", e)
+            return f"cannot connect to database {shown}"
+        return f"all {self.serve.pool_size} database connections are busy; try again"
+
+    def resolution(self, conn: psycopg.Connection[Any]) -> int:
+        """H3 resolution of the active dataset, re-read every ``meta_ttl_s`` seconds."""
+        current = self._resolution
+        if current is None or not current.fresh(self.meta_ttl_s):
+            current = Checked(store.resolution(conn), time.monotonic())
+            self._resolution = current
+        return current.value
+
+    def tile_meta(self) -> tiles.TileMeta:
+        """The tiles in force; takes a connection only when a check is due."""
+        meta = self.tiles.fresh()
+        if meta is not None:
+            return meta
+        with self.connection() as conn:
+            return self.tiles.check(conn)
+
+
+async def get_state(request: Request) -> AppState:
+    """The app's state (a FastAPI dependency; async: no thread-pool hop)."""
+    state: AppState = request.app.state.vectorgeo
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]

@@ -1,0 +1,150 @@
+"""Checks of query parameters, shared by the API, the CLI and the store.
+
+Every check returns the value in its canonical type or raises
+:class:`~vectorgeo.errors.RequestError` naming the parameter at fault and what was expected. The API
+also states the limits in its OpenAPI schema (:data:`MAX_K`, :data:`MAX_RADIUS_M`, :data:`H3_PATTERN`,
+:data:`BBOX_PATTERN`), so that clients see them before they ask.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from vectorgeo import h3cells
+from vectorgeo.errors import RequestError
+
+MAX_K = 1000
+MAX_RADIUS_M = 5_000_000.0
+METHODS = ("auto", "exact", "index")
+H3_PATTERN = r"^[0-9a-fA-F]{15}$"
+_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+BBOX_PATTERN = rf"^\s*{_NUMBER}\s*,\s*{_NUMBER}\s*,\s*{_NUMBER}\s*,\s*{_NUMBER}\s*$"
+_HEX = re.compile(r"[0-9a-fA-F]{1,16}")
+
+BBox = tuple[float, float, float, float]
+
+
+def _short(value: Any) -> str:
+    return repr(str(value)[:80])
+
+
+def check_k(k: Any, param: str = "k") -> int:
+    """Number of results: an integer from 1 to :data:`MAX_K`."""
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= int(k) <= MAX_K:
+        raise RequestError(param, f"expected an integer from 1 to {MAX_K}, got {_short(k)}")
+    return int(k)
+
+
+def check_radius(radius_m: Any, param: str = "radius_m") -> float:
+    """Search radius in metres: a number in (0, :data:`MAX_RADIUS_M`]."""
+    try:
+        r = float(radius_m)
+    except (TypeError, ValueError):
+        raise RequestError(param, f"expected a number of metres, got {_short(radius_m)}") from None
+    if not (math.isfinite(r) and 0 < r <= MAX_RADIUS_M):
+        raise RequestError(param, f"expected 0 < {param} <= {MAX_RADIUS_M:.0f} metres, got {_short(radius_m)}")
+    return r
+
+
+def parse_bbox(value: str | Sequence[Any], param: str = "bbox") -> BBox:
+    """A box ``(west, south, east, north)`` in degrees from four numbers or ``"west,south,east,north"``.
+
+    West > east is a box across the antimeridian; west == east is refused (empty or the whole circle).
+    """
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        w, s, e, n = (float(x) for x in parts)
+    except (TypeError, ValueError):
+        raise RequestError(param, f"expected four numbers west,south,east,north; got {_short(value)}") from None
+    if not all(math.isfinite(x) for x in (w, s, e, n)):
+        raise RequestError(param, "expected finite numbers")
+    if not (-180 <= w <= 180 and -180 <= e <= 180):
+        raise RequestError(param, f"west and east must lie in [-180, 180], got {w}, {e}")
+    if not (-90 <= s < n <= 90):
+        raise RequestError(param, f"expected -90 <= south < north <= 90, got south {s}, north {n}")
+    if w == e:
+        raise RequestError(param, "west and east must differ")
+    return w, s, e, n
+
+
+def parse_cell(value: Any, param: str = "h3", *, resolution: int | None = None) -> int:
+    """An H3 cell from an int or a hex string (up to 16 digits, either case).
+
+    Args:
+        value: The cell.
+        param: Parameter name for the error message.
+        resolution: When given, the cell must have this resolution (e.g. the loaded cells').
+
+    Raises:
+        RequestError: not a valid H3 cell, or of another resolution.
+    """
+    if isinstance(value, bool):
+        raise RequestError(param, f"expected an H3 cell (int or 15-digit hex string), got {value!r}")
+    if isinstance(value, int | np.integer):
+        cell = int(value)
+    elif isinstance(value, str) and _HEX.fullmatch(value.strip()):
+        cell = int(value.strip(), 16)
+    else:
+        raise RequestError(param, f"expected an H3 cell (int or 15-digit hex string), got {_short(value)}")
+    if not h3cells.is_valid(cell):
+        raise RequestError(param, f"{_short(value)} is not a valid H3 cell")
+    res = h3cells.resolution(cell)
+    if resolution is not None and res != resolution:
+        raise RequestError(
+            param, f"cell {h3cells.to_str(cell)} has resolution {res}; the loaded cells have {resolution}"
+        )
+    return cell
+
+
+def check_lat_lng(lat: Any, lng: Any, lat_param: str = "lat", lng_param: str = "lng") -> tuple[float, float]:
+    """A point: latitude in [-90, 90] and longitude in [-180, 180] degrees."""
+    try:
+        y = float(lat)
+    except (TypeError, ValueError):
+        raise RequestError(lat_param, f"expected a number of degrees, got {_short(lat)}") from None
+    try:
+        x = float(lng)
+    except (TypeError, ValueError):
+        raise RequestError(lng_param, f"expected a number of degrees, got {_short(lng)}") from None
+    if not (math.isfinite(y) and -90 <= y <= 90):
+        raise RequestError(lat_param, f"expected -90 <= {lat_param} <= 90, got {y}")
+    if not (math.isfinite(x) and -180 <= x <= 180):
+        raise RequestError(lng_param, f"expected -180 <= {lng_param} <= 180, got {x}")
+    return y, x
+
+
+def check_center(center: Any, param: str = "center") -> tuple[float, float]:
+    """A radius centre ``(lat, lng)`` in degrees."""
+    try:
+        lat, lng = center
+    except (TypeError, ValueError):
+        raise RequestError(param, f"expected (lat, lng), got {_short(center)}") from None
+    try:
+        return check_lat_lng(lat, lng)
+    except RequestError as e:
+        raise RequestError(param, f"expected (lat, lng) in degrees: {e}") from None
+
+
+def check_vector(vector: Any, dim: int, param: str = "vector") -> np.ndarray:
+    """A query vector: ``dim`` finite numbers, not all zero (float32)."""
+    try:
+        v = np.asarray(vector, dtype=np.float32).reshape(-1)
+    except (TypeError, ValueError):
+        raise RequestError(param, f"expected {dim} numbers, got {_short(vector)}") from None
+    if v.shape[0] != dim:
+        raise RequestError(param, f"expected {dim} numbers (the embedding dimension), got {v.shape[0]}")
+    if not np.isfinite(v).all() or not np.any(v):
+        raise RequestError(param, "expected finite numbers, not all zero")
+    return v
+
+
+def check_method(method: Any, param: str = "method") -> str:
+    """Search method: one of :data:`METHODS`."""
+    if method not in METHODS:
+        raise RequestError(param, f"expected one of {', '.join(METHODS)}, got {_short(method)}")
+    return str(method)
