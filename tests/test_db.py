@@ -123,7 +123,7 @@ def test_cli_status_and_url(own_cluster: db.Cluster, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv(db.ENV_HOME, str(own_cluster.home))
     cfg = own_cluster.home / "config.yaml"
     cfg.write_text(
-        "layers: {lc: {kind: categorical, source: builtin:modis_igbp_2019}}\n"
+        "layers: {lc: {kind: categorical, source: builtin:modis_igbp_2019, classes: {1: forest}}}\n"
         f"land_mask: {{source: builtin:globe_landmask}}\ndatabase: {{port: {own_cluster.port}}}\n"
     )
     assert cli.main(["db", "url", "--config", str(cfg)]) == 0

@@ -15,7 +15,7 @@ from rasterio import Affine
 
 from vectorgeo import config as C
 from vectorgeo import evaluate as ev
-from vectorgeo import features, probes
+from vectorgeo import features, h3cells, probes
 from vectorgeo.config import TrainConfig
 from vectorgeo.errors import ConfigError, DataError
 from vectorgeo.layers import NODATA_INDEX, LayerSpec, prepare_layer
@@ -158,22 +158,13 @@ def test_bad_params_name_key(default_config: dict) -> None:
 # --------------------------------------------------------------------------- folds
 
 
-def test_h3_parent_matches_h3() -> None:
-    cells = cells_in_bbox(5)[::7]
-    for r in range(0, 6):
-        want = np.array([h3.str_to_int(h3.cell_to_parent(h3.int_to_str(int(c)), r)) for c in cells], np.uint64)
-        np.testing.assert_array_equal(probes.h3_parent(cells, r), want)
-    with pytest.raises(ValueError, match="resolution"):
-        probes.h3_parent(cells, 6)
-
-
 def test_spatial_folds_never_split_a_block() -> None:
     rng = np.random.default_rng(1)
     cells = np.concatenate([cells_in_bbox(5), cells_in_bbox(5, (100.0, -10.0, 115.0, 5.0))])
     cells = cells[rng.permutation(len(cells))]
     k = 4
     folds = probes.spatial_folds(cells, 2, k, seed=3)
-    parents = probes.h3_parent(cells, 2)
+    parents = h3cells.parents(cells, 2)
     assert set(np.unique(folds)) == set(range(k))
     for f in range(k):
         test_blocks = set(parents[folds == f].tolist())

@@ -62,14 +62,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from vectorgeo import geoparquet
+from vectorgeo import geoparquet, h3cells
 from vectorgeo import model as vg_model
 from vectorgeo.atomic import write_parquet_atomic
 from vectorgeo.config import EmbedConfig
 from vectorgeo.errors import ConfigError, DataError
 from vectorgeo.layers import Layer, LayerSpec
 from vectorgeo.sampling import gather_patches
-from vectorgeo.stencil import centroids, change_resolution, digest_cells, region_hex
+from vectorgeo.stencil import centroids, change_resolution, digest_cells
 
 log = logging.getLogger(__name__)
 
@@ -386,7 +386,7 @@ def embed_region(
             str(out_path), f"stencil cells have digest {digest_cells(h3)}, expected {digest} (stale stencil?)"
         )
     if region is None and "region" in stencil_table.column_names and stencil_table.num_rows:
-        region = region_hex(stencil_table.column("region")[0].as_py())
+        region = h3cells.to_str(stencil_table.column("region")[0].as_py())
     if isinstance(model, Embedder):
         emb = model
     else:
@@ -455,7 +455,7 @@ def rollup(
         ok = data.valid
         cells = data.h3[ok]
         vec = data.embedding[ok].astype(np.float64)
-        res = _resolution(cells)
+        res = h3cells.resolution(cells[0]) if cells.size else 15
         for p in partial:
             if cells.size == 0:
                 continue
@@ -493,13 +493,6 @@ def rollup(
         write_parquet_atomic(out, table)
         written[int(p)] = int(q.shape[0])
     return written
-
-
-def _resolution(cells: np.ndarray) -> int:
-    """The H3 resolution of uint64 cells (of the first one; a region file holds one resolution)."""
-    if cells.size == 0:
-        return 15
-    return int((int(cells[0]) >> 52) & 0xF)
 
 
 def prune_superseded(folder: str | Path, current: Sequence[str | Path]) -> list[Path]:

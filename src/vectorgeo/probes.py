@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from vectorgeo import h3cells
 from vectorgeo.config import EvaluateConfig
 from vectorgeo.errors import ConfigError
 
@@ -61,29 +62,6 @@ def drop_rare_classes(labels: Labels, min_cells: int) -> Labels:
     return Labels(labels.y, labels.valid & keep[y], labels.class_names)
 
 
-_H3_RES_SHIFT = 52
-_H3_DIGIT_BITS = 3
-
-
-def h3_parent(h3: np.ndarray, resolution: int) -> np.ndarray:
-    """Parent cells at a coarser resolution, by bit arithmetic on uint64 H3 ids.
-
-    The resolution field (bits 52-55) is set to ``resolution`` and digits
-    ``resolution+1 .. 15`` to 7 (unused), as in the H3 index layout.
-
-    Raises:
-        ValueError: a cell is coarser than ``resolution``.
-    """
-    h = np.asarray(h3, dtype=np.uint64)
-    res = ((h >> np.uint64(_H3_RES_SHIFT)) & np.uint64(0xF)).astype(np.int64)
-    if len(h) and res.min() < resolution:
-        raise ValueError(f"cells of resolution {res.min()} have no parent at resolution {resolution}")
-    unused_bits = _H3_DIGIT_BITS * (15 - resolution)
-    mask = np.uint64((1 << unused_bits) - 1)
-    out = (h & ~np.uint64(0xF << _H3_RES_SHIFT)) | np.uint64(resolution << _H3_RES_SHIFT)
-    return out | mask
-
-
 def spatial_folds(h3: np.ndarray, resolution: int, n_folds: int, seed: int) -> np.ndarray:
     """Assign cells to folds by their H3 parent block.
 
@@ -97,7 +75,7 @@ def spatial_folds(h3: np.ndarray, resolution: int, n_folds: int, seed: int) -> n
     Raises:
         ConfigError: fewer blocks than folds.
     """
-    parents = h3_parent(h3, resolution)
+    parents = h3cells.parents(h3, resolution)
     blocks, inverse, sizes = np.unique(parents, return_inverse=True, return_counts=True)
     if len(blocks) < n_folds:
         raise ConfigError(

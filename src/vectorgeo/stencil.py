@@ -43,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vectorgeo import h3cells
 from vectorgeo.atomic import write_json_atomic, write_parquet_atomic
 from vectorgeo.layers import Layer
 
@@ -73,11 +74,6 @@ def centroids(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros(0), np.zeros(0)
     rb = h3v.cells_to_coordinates(np.ascontiguousarray(cells, dtype=np.uint64))
     return np.asarray(rb["lat"]), np.asarray(rb["lng"])
-
-
-def region_hex(region: int | np.integer[Any]) -> str:
-    """Region cell id as the 15-char lowercase hex string used in file names."""
-    return str(h3.int_to_str(int(region)))
 
 
 def digest_cells(cells: np.ndarray) -> str:
@@ -271,7 +267,7 @@ def write_stencil(
         n = (
             len(res0_cells())
             if ext.regions is None
-            else len({h3.cell_to_parent(h3.int_to_str(int(r)), 0) for r in ext.regions})
+            else len({h3cells.parent(r, 0) for r in ext.regions})
         )
         it = tqdm(it, total=n, desc="stencil (res-0 parents)", unit="parent")
     for cells, lat, lng, region in it:
@@ -283,7 +279,7 @@ def write_stencil(
         ends = np.concatenate([bounds, [len(cells)]])
         for s, e in zip(starts, ends, strict=True):
             rc = cells[s:e]
-            name = region_hex(region[s])
+            name = h3cells.to_str(region[s])
             table = pa.table({"h3": rc, "lat": lat[s:e], "lng": lng[s:e], "region": region[s:e]}, schema=STENCIL_SCHEMA)
             write_parquet_atomic(out / f"{name}.parquet", table)
             regions[name] = {"digest": digest_cells(rc), "cells": int(e - s)}
