@@ -212,11 +212,19 @@ class WorkflowRun:
     def results(self) -> Path:
         return self.workdir / "results"
 
-    def snakemake(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Snakemake in this working directory with the test config (plus ``args``) and the run's database."""
+    def snakemake(
+        self, *args: str, overlays: tuple[str, ...] = (), check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """Snakemake in this working directory with the run's database.
+
+        Args:
+            args: Targets and options (targets first: ``--configfile`` takes several values).
+            overlays: Names of config files ``config/<name>.yaml`` layered on the test config.
+            check: Fail the test when Snakemake fails.
+        """
         from test_workflow import configfiles, run_snakemake
 
-        return run_snakemake(self.workdir, *configfiles(), *args, env=self.env, check=check)
+        return run_snakemake(self.workdir, *args, *configfiles(*overlays), env=self.env, check=check)
 
 
 @pytest.fixture(scope="session")

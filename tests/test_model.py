@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from synthetic_shards import fixture_specs
 
+import vectorgeo
 from vectorgeo import model as M
 from vectorgeo.errors import ConfigError, DataError
 from vectorgeo.layers import LayerSpec
@@ -143,11 +145,14 @@ def test_save_load_round_trip_gives_identical_embeddings(tmp_path: Path) -> None
     m2, meta2 = M.load(path)
     assert not m2.training
     assert meta2 == saved
-    assert len(meta2["model_version"]) == 12 and int(meta2["model_version"], 16) >= 0
+    # the version is a 12-hex-digit hash of the weights and metadata, recomputed alike from the loaded model
+    assert re.fullmatch(r"[0-9a-f]{12}", meta2["model_version"]), meta2["model_version"]
+    assert M.model_version(m2.state_dict(), meta2) == meta2["model_version"]
+    assert M.model_version(m2.state_dict(), {**meta2, "patch_km": 11.0}) != meta2["model_version"]
     assert meta2["layers"]["landcover"] == specs["landcover"].to_dict()
     assert meta2["patch_px"] == 8 and meta2["patch_km"] == 10.0 and meta2["embedding_dim"] == 16
     assert meta2["architecture"]["width"] == 8 and meta2["train"] == {"seed": 3}
-    assert meta2["library_version"]
+    assert meta2["library_version"] == vectorgeo.__version__
     rng = np.random.default_rng(1)
     batch = {
         "landcover": rng.integers(0, 5, (6, 8, 8)).astype(np.uint8),
