@@ -241,3 +241,59 @@ def workflow_run(pg_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> W
     env = {"VECTORGEO_DATABASE_URL": url}
     out = run_snakemake(workdir, *configfiles(), "--cores", "2", env=env, timeout=900).stdout
     return WorkflowRun(workdir, url, env, out)
+
+
+# --- a small loaded database ----------------------------------------------------------------------------------
+@dataclass
+class LoadedRegion:
+    """One region loaded into its own database through the public store API (load_region, build_indexes).
+
+    Attributes:
+        url: The database.
+        region: The region cell (hex).
+        model_version: Model version of the rows.
+        h3: Every loaded cell (uint64, sorted).
+        lat: Cell centre latitudes.
+        lng: Cell centre longitudes.
+        embedding: Unit vectors (float32, (n, d)); rows of zeros where ``valid`` is False.
+        valid: Cells with an embedding (status 'ok').
+    """
+
+    url: str
+    region: str
+    model_version: str
+    h3: Any
+    lat: Any
+    lng: Any
+    embedding: Any
+    valid: Any
+
+
+# res-2 cell over southern Spain, the Strait of Gibraltar and northern Morocco
+SMALL_REGION = "82391ffffffffff"
+
+
+@pytest.fixture(scope="session")
+def loaded_region(pg_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> LoadedRegion:
+    """The 343 res-5 cells of :data:`SMALL_REGION` with random 8-d embeddings, every 7th cell without one."""
+    import h3
+    import numpy as np
+
+    from vectorgeo import geoparquet, store
+
+    cells = np.array(sorted(h3.str_to_int(c) for c in h3.cell_to_children(SMALL_REGION, 5)), dtype=np.uint64)
+    latlng = np.array([h3.cell_to_latlng(h3.int_to_str(int(c))) for c in cells])
+    rng = np.random.default_rng(42)
+    emb = rng.normal(size=(len(cells), 8)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    valid = np.arange(len(cells)) % 7 != 3
+    emb[~valid] = 0.0
+    status = np.where(valid, "ok", "nodata")
+    path = tmp_path_factory.mktemp("small-region") / f"{SMALL_REGION}_000000000000.parquet"
+    geoparquet.write_region(path, cells, latlng[:, 0], latlng[:, 1], emb, status, "small-1", region=SMALL_REGION)
+    url = create_database(pg_cluster, "small")
+    with store.connect(url) as conn:
+        marker = store.load_region(conn, path)
+        store.build_indexes(conn)
+    assert marker["rows"] == len(cells)
+    return LoadedRegion(url, SMALL_REGION, "small-1", cells, latlng[:, 0], latlng[:, 1], emb, valid)
