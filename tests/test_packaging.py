@@ -57,14 +57,7 @@ class Installed:
 
 def _ignore(folder: str, names: list[str]) -> set[str]:
     top = Path(folder).resolve() == ROOT
-    return {
-        n
-        for n in names
-        if (top and n in NOT_SOURCE)
-        or n == "__pycache__"
-        or n.endswith((".egg-info", "_cache"))
-        or n == ".pytest_cache"
-    }
+    return {n for n in names if (top and n in NOT_SOURCE) or n == "__pycache__" or n.endswith((".egg-info", "_cache"))}
 
 
 def _check(proc: subprocess.CompletedProcess[str], what: str) -> None:
