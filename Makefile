@@ -83,7 +83,7 @@ test: setup system
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/mypy
 	$(VENV)/bin/snakefmt --check .
-	$(VENV)/bin/pytest -q -ra
+	$(VENV)/bin/pytest -q -ra -m "not cuda"
 
 lint: $(PYENV)
 	$(VENV)/bin/ruff check src tests benchmarks scripts

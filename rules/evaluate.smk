@@ -53,6 +53,11 @@ rule evaluate:
             )
             for name, task in EVAL_TASKS.items()
         ],
+        # read beside each prepared label raster (and fetched with it from storage)
+        label_grids=[
+            results("eval", "labels", f"{name}.grid.json")
+            for name in EVAL_RASTER_TASKS
+        ],
     output:
         metrics=results("eval", "metrics.json"),
         report=results("eval", "report.html"),

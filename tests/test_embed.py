@@ -240,6 +240,19 @@ def test_embed_points_accepts_a_loaded_model(layers: dict, model_file: Path) -> 
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.cuda
+def test_cuda_region_embeddings_match_cpu(tmp_path: Path, layers: dict, model_file: Path, region_file: Path) -> None:
+    """The same region on the GPU: same cells and statuses, the same directions (TF32 convolutions allowed)."""
+    out = tmp_path / region_file.name
+    vg_embed.embed_region(model_file, None, layers, stencil_table(GIBRALTAR, 5), out, batch_size=64, device="cuda")
+    gpu, cpu = geoparquet.read_region(out), geoparquet.read_region(region_file)
+    np.testing.assert_array_equal(gpu.h3, cpu.h3)
+    np.testing.assert_array_equal(gpu.valid, cpu.valid)
+    assert gpu.model_version == cpu.model_version
+    cosine = np.sum(gpu.embedding[gpu.valid] * cpu.embedding[cpu.valid], axis=1)
+    assert cosine.min() > 0.999, cosine.min()
+
+
 # --- rollup ---------------------------------------------------------------------------------------------
 
 

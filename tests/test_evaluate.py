@@ -11,6 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import rasterio
+import torch
+import yaml
+from conftest import WorkflowRun, require_system
 from rasterio import Affine
 
 from vectorgeo import config as C
@@ -36,6 +39,7 @@ ELEVATION = LayerSpec.from_config(
 SPECS = {"landcover": LANDCOVER, "elevation": ELEVATION}
 
 BBOX = (0.0, 40.0, 10.0, 50.0)  # west, south, east, north
+CHROMIUM = "/usr/bin/chromium"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -221,7 +225,6 @@ def test_probe_recovers_known_function_of_patch() -> None:
 
 def test_patch_features_pca_raw_and_random_init() -> None:
     """pca_raw (fitted on a prefix, streamed over batches) keeps a label that lives in the encoded patch."""
-    torch = pytest.importorskip("torch")
     from vectorgeo import model as vg_model
 
     n, p = 900, 16
@@ -291,6 +294,15 @@ def test_country_labels_from_natural_earth(default_config: dict) -> None:
     lab = ev.task_labels(task, ev.vector_source_path(task), lat, lng)
     names = [lab.class_names[i] if v else None for i, v in zip(lab.y, lab.valid, strict=True)]
     assert names == ["France", "Germany", "Australia", None, "Japan"]
+
+
+def test_summarise_is_mean_and_population_std_over_folds() -> None:
+    scores = {"linear_r2": [0.2, 0.5, 0.9], "knn_r2": [0.4, 0.4]}
+    out = probes.summarise(scores, ["linear_r2", "knn_r2"])
+    assert out["linear_r2"]["mean"] == pytest.approx(np.mean([0.2, 0.5, 0.9]))
+    assert out["linear_r2"]["std"] == pytest.approx(np.std([0.2, 0.5, 0.9]))  # ddof=0
+    assert out["linear_r2"]["std"] != pytest.approx(np.std([0.2, 0.5, 0.9], ddof=1))
+    assert out["knn_r2"] == {"mean": pytest.approx(0.4), "std": 0.0}
 
 
 def test_unscored_folds_give_null_not_nan() -> None:
@@ -406,7 +418,6 @@ def test_elevation_note_says_whether_held_out() -> None:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A 10°×10° synthetic world: two layers, a trained-looking model, region files and three tasks."""
-    torch = pytest.importorskip("torch")
     from vectorgeo import model as vg_model
     from vectorgeo import sampling
 
@@ -530,7 +541,24 @@ def test_run_evaluation_end_to_end(world: dict, tmp_path: Path) -> None:
         for res in t["methods"].values():
             assert list(res) == list(want)
             for v in res.values():
-                assert set(v) == {"mean", "std"} and np.isfinite(v["mean"]) and v["std"] >= 0
+                assert set(v) == {"mean", "std"} and np.isfinite(v["mean"]) and np.isfinite(v["std"])
+    # mean and std are those of the per-fold scores: recompute one task × method from the same cells and folds
+    params = C.EvaluateConfig(max_cells=2000, map_cells=5000, folds=3, fold_resolution=2, pca_fit_cells=500)
+    cells = ev.read_cells(world["paths"], max(params.max_cells, params.map_cells), params.seed).head(params.max_cells)
+    task = world["tasks"]["side"]
+    labels = ev.task_labels(task, world["label_paths"]["side"], cells.lat, cells.lng)
+    lab = probes.drop_rare_classes(labels, task.min_class_cells)
+    idx = np.flatnonzero(lab.valid)
+    folds = probes.spatial_folds(cells.h3, params.fold_resolution, params.folds, params.seed)[idx]
+    per_fold = probes.probe_scores(
+        features.latlng_features(cells.lat, cells.lng)[idx], lab.y[idx], "classification", folds
+    )
+    assert len(per_fold["linear_macro_f1"]) == 3
+    got = m["tasks"]["side"]["methods"]["latlng"]["knn_macro_f1"]
+    assert got["mean"] == pytest.approx(np.mean(per_fold["knn_macro_f1"]))
+    assert got["std"] == pytest.approx(np.std(per_fold["knn_macro_f1"]))
+    # folds differ: some score varies across them
+    assert max(v["std"] for t in m["tasks"].values() for r in t["methods"].values() for v in r.values()) > 0.01
     # labels are aligned with cells: patch statistics predict the centre elevation, position the latitude band
     assert m["tasks"]["height"]["methods"]["class_histogram"]["linear_r2"]["mean"] > 0.9
     assert m["tasks"]["band"]["methods"]["latlng"]["linear_macro_f1"]["mean"] > 0.8
@@ -568,13 +596,12 @@ def test_run_evaluation_refuses_other_model(world: dict, tmp_path: Path) -> None
 @pytest.mark.browser
 def test_report_opens_offline_in_chromium(world: dict, tmp_path: Path) -> None:
     """The report renders in a real browser with the network cut off, and every figure has pixels."""
-    playwright = pytest.importorskip("playwright.sync_api")
+    from playwright.sync_api import sync_playwright
+
+    require_system("Chromium", [] if Path(CHROMIUM).exists() else [CHROMIUM], "browser.sh")
     run_world(world, tmp_path, methods=("embedding", "latlng"))
-    with playwright.sync_playwright() as p:
-        try:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium")
-        except Exception as e:  # chromium missing on this machine
-            pytest.skip(f"no chromium: {e}")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM)
         page = browser.new_page()
         requests: list[str] = []
         page.on("request", lambda r: requests.append(r.url))
@@ -594,26 +621,29 @@ def test_report_opens_offline_in_chromium(world: dict, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_workflow_evaluate_rule(tmp_path: Path) -> None:
+def test_workflow_evaluate_rule(workflow_run: WorkflowRun) -> None:
     """The tiny test config through the real workflow up to the report; a hyperparameter reruns only evaluate."""
-    from test_workflow import ROOT, configfiles, make_workdir, run_snakemake
+    from test_workflow import job_stats
 
-    if "rules/evaluate.smk" not in (ROOT / "Snakefile").read_text():
-        pytest.skip("the Snakefile does not include rules/evaluate.smk yet")
-    workdir = make_workdir(tmp_path / "wd", {"knn": {"evaluate": {"knn_k": 3}}})
-    run_snakemake(workdir, *configfiles(), "--cores", "2", "evaluate", timeout=900)
-    metrics = json.loads((workdir / "results" / "eval" / "metrics.json").read_text())
+    results = workflow_run.results
+    metrics = json.loads((results / "eval" / "metrics.json").read_text())
     assert set(metrics) == {"tasks", "n_cells", "folds"} and metrics["folds"] == 3
     assert set(metrics["tasks"]) == {"koppen", "elevation", "country"}
     for t in metrics["tasks"].values():
         assert set(t["methods"]) == set(C.METHODS)
-    report = (workdir / "results" / "eval" / "report.html").read_text()
+    # every cell with an embedding is evaluated (evaluate.max_cells 2000 is more than the tiny stencil has)
+    n_ok = 0
+    for p in (results / "embeddings").glob("*_*.parquet"):
+        n_ok += sum(s == "ok" for s in pq.read_table(p).column("status").to_pylist())
+    assert metrics["n_cells"] == n_ok > 0
+    report = (results / "eval" / "report.html").read_text()
     assert report.count("data:image/png;base64,") == 3  # scores, map, training curves
-    assert "https://" not in report
-    assert (workdir / "logs" / "evaluate" / "evaluate.log").stat().st_size > 0
-    assert (workdir / "benchmarks" / "evaluate" / "evaluate.tsv").exists()
-    assert "Nothing to be done" in run_snakemake(workdir, *configfiles(), "--cores", "2", "evaluate").stdout
-    dry = run_snakemake(workdir, *configfiles("knn"), "-n", "evaluate").stdout
-    from test_workflow import job_stats
-
+    assert "https://" not in report and "http://" not in report
+    assert f"{n_ok} cells evaluated" in report
+    assert "evaluating" in (workflow_run.workdir / "logs" / "evaluate" / "evaluate.log").read_text()
+    header = (workflow_run.workdir / "benchmarks" / "evaluate" / "evaluate.tsv").read_text().split()[0]
+    assert header == "s"  # Snakemake's benchmark table: seconds first
+    assert "Nothing to be done" in workflow_run.snakemake("--cores", "2", "evaluate").stdout
+    (workflow_run.workdir / "config" / "knn.yaml").write_text(yaml.safe_dump({"evaluate": {"knn_k": 3}}))
+    dry = workflow_run.snakemake("-n", "evaluate", overlays=("knn",)).stdout
     assert dict(job_stats(dry)) == {"evaluate": 1}

@@ -61,7 +61,7 @@ def test_schema_types(region_file: tuple[Path, dict]) -> None:
 
 
 def test_geopandas_reads_it(region_file: tuple[Path, dict]) -> None:
-    geopandas = pytest.importorskip("geopandas")
+    import geopandas
     path, a = region_file
     g = geopandas.read_parquet(path)
     assert g.crs.to_epsg() == 4326
@@ -71,7 +71,7 @@ def test_geopandas_reads_it(region_file: tuple[Path, dict]) -> None:
 
 
 def test_duckdb_reads_it(region_file: tuple[Path, dict]) -> None:
-    duckdb = pytest.importorskip("duckdb")
+    import duckdb
     path, a = region_file
     con = duckdb.connect()
     n, nulls, dim = con.execute(

@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from synthetic_shards import fixture_specs
 
+import vectorgeo
 from vectorgeo import model as M
 from vectorgeo.config import ModelConfig, TrainConfig
 from vectorgeo.errors import ConfigError, DataError
@@ -145,13 +146,15 @@ def test_save_load_round_trip_gives_identical_embeddings(tmp_path: Path) -> None
     m2, meta2 = M.load(path)
     assert not m2.training
     assert meta2 == saved
-    assert re.fullmatch(r"[0-9a-f]{12}", meta2["model_version"])
-    assert meta2["model_version"] == M.model_version(m2.state_dict(), meta2)
+    # the version is a 12-hex-digit hash of the weights and metadata, recomputed alike from the loaded model
+    assert re.fullmatch(r"[0-9a-f]{12}", meta2["model_version"]), meta2["model_version"]
+    assert M.model_version(m2.state_dict(), meta2) == meta2["model_version"]
+    assert M.model_version(m2.state_dict(), {**meta2, "patch_km": 11.0}) != meta2["model_version"]
     assert meta2["layers"]["landcover"] == specs["landcover"].to_dict()
     assert meta2["patch_px"] == 8 and meta2["patch_km"] == 10.0 and meta2["embedding_dim"] == 16
     assert meta2["architecture"] == {**ModelConfig().model_dump(), "width": 8, "stages": 3, "blocks_per_stage": 2}
     assert meta2["train"] == TrainConfig(seed=3, epochs=4).model_dump(mode="json")
-    assert meta2["library_version"]
+    assert meta2["library_version"] == vectorgeo.__version__
     rng = np.random.default_rng(1)
     batch = {
         "landcover": rng.integers(0, 5, (6, 8, 8)).astype(np.uint8),

@@ -1,10 +1,10 @@
 """The tiny workflow with every input and output in S3 (profiles/s3), against moto's S3 server.
 
-One module-scoped run builds the workflow up to the furthest existing stage (see
-test_workflow.STAGE_RULES) with the elevation layer read from an s3:// GeoTIFF. The tests then
-check the objects in the bucket by content, change that GeoTIFF and check that a dry run lists
-exactly the jobs downstream of it and that a second run re-uploads exactly their outputs, and
-rerun the stencil checkpoint with unchanged cells to check that no per-region job reruns.
+One module-scoped run builds every stage of the workflow (stencil to evaluate, the load rules into a
+database of the session's PostgreSQL) with the elevation layer read from an s3:// GeoTIFF. The tests
+then check the objects in the bucket and the loaded rows by content, change that GeoTIFF and check that
+a dry run lists exactly the jobs downstream of it and that a second run re-uploads exactly their
+outputs, and rerun the stencil checkpoint with unchanged cells to check that no per-region job reruns.
 """
 
 from __future__ import annotations
@@ -24,19 +24,20 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import create_database
 from test_workflow import (
     BIN,
+    PER_REGION_RULES,
+    TINY_JOBS,
     configfiles,
     finished_jobs,
-    furthest_stage,
     job_stats,
     make_workdir,
     planned_jobs,
-    reached,
     run_snakemake,
-    stage_targets,
 )
 
+from vectorgeo import store
 from vectorgeo.stencil import digest_cells
 
 pytestmark = pytest.mark.s3
@@ -90,8 +91,7 @@ class S3Run:
     client: Any
     workdir: Path
     env: dict[str, str]
-    stage: str
-    targets: list[str]
+    url: str
     all_jobs: Counter[str] = field(default_factory=Counter)
     elevation_version: int = 0
 
@@ -100,7 +100,7 @@ class S3Run:
             self.workdir,
             "--profile",
             str(Path(__file__).resolve().parents[1] / "profiles" / "s3"),
-            *(self.targets if targets is None else targets),  # before the options that take several values
+            *(targets or []),  # before the options that take several values (default: every final output)
             *configfiles("s3", *overlays),
             "--cores",
             "2",
@@ -183,7 +183,7 @@ def list_objects(client: Any, bucket: str = BUCKET, prefix: str = PREFIX) -> dic
 
 
 @pytest.fixture(scope="module")
-def s3run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Run]:
+def s3run(pg_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Run]:
     with moto_s3(tmp_path_factory.mktemp("moto")) as (client, env):
         overlays = {
             "s3": {
@@ -199,8 +199,8 @@ def s3run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Run]:
             "prune2": {"stencil": {"prune_resolution": 2}},
         }
         workdir = make_workdir(tmp_path_factory.mktemp("s3-workdir"), overlays)
-        stage = furthest_stage(workdir)
-        run = S3Run(client, workdir, env, stage, stage_targets(workdir, stage))
+        url = create_database(pg_cluster, "s3")
+        run = S3Run(client, workdir, {**env, "VECTORGEO_DATABASE_URL": url}, url)
         run.put_elevation(0)
         run.all_jobs = finished_jobs(run.snakemake())
         yield run
@@ -234,28 +234,47 @@ def test_outputs_are_objects_in_the_bucket(s3run: S3Run) -> None:
     )
     assert lat.min() >= 35.0 - 0.1 and lat.max() <= 38.0 + 0.1
 
-    if reached("sample", s3run.stage):
-        shards = sorted(k for k in objects if k.startswith("results/samples/") and k.endswith(".npz"))
-        assert shards == ["results/samples/shard-0.npz", "results/samples/shard-1.npz"]
-        with np.load(io.BytesIO(s3run.get(shards[0]))) as z:
-            assert z["anchor_elevation"].shape[0] == 512 and z["anchor_latlng"].shape == (512, 2)
-            assert np.nanmax(z["anchor_elevation"]) > 1000
+    assert s3run.all_jobs == Counter({**TINY_JOBS, **dict.fromkeys(PER_REGION_RULES, len(manifest["regions"]))})
 
-    if reached("train", s3run.stage):
-        assert {"results/model/model.pt", "results/model/metrics.json"} <= set(objects)
+    shards = sorted(k for k in objects if k.startswith("results/samples/") and k.endswith(".npz"))
+    assert shards == ["results/samples/shard-0.npz", "results/samples/shard-1.npz"]
+    with np.load(io.BytesIO(s3run.get(shards[0]))) as z:
+        assert z["anchor_elevation"].shape[0] == 512 and z["anchor_latlng"].shape == (512, 2)
+        assert np.nanmax(z["anchor_elevation"]) > 1000
 
-    if reached("embed", s3run.stage):
-        for region, entry in manifest["regions"].items():
-            key = f"results/embeddings/{region}_{entry['digest']}.parquet"
-            assert key in objects, sorted(objects)
-            table = pq.read_table(io.BytesIO(s3run.get(key)))
-            assert b"geo" in (table.schema.metadata or {})
-            assert np.array_equal(np.sort(table.column("h3").to_numpy()), stencil_cells[region])
-            ok = np.array([s == "ok" for s in table.column("status").to_pylist()])
-            assert ok.any()
-            emb = np.array([v for v, good in zip(table.column("embedding").to_pylist(), ok, strict=True) if good])
-            assert np.all(np.isfinite(emb))
-            assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-3)
+    assert {"results/model/model.pt", "results/model/metrics.json", "results/model/training.png"} <= set(objects)
+    model_version = json.loads(s3run.get("results/model/metrics.json"))["model_version"]
+
+    n_ok = 0
+    for region, entry in manifest["regions"].items():
+        key = f"results/embeddings/{region}_{entry['digest']}.parquet"
+        assert key in objects, sorted(objects)
+        table = pq.read_table(io.BytesIO(s3run.get(key)))
+        assert b"geo" in (table.schema.metadata or {})
+        assert np.array_equal(np.sort(table.column("h3").to_numpy()), stencil_cells[region])
+        ok = np.array([s == "ok" for s in table.column("status").to_pylist()])
+        assert ok.any()
+        n_ok += int(ok.sum())
+        emb = np.array([v for v, good in zip(table.column("embedding").to_pylist(), ok, strict=True) if good])
+        assert np.all(np.isfinite(emb))
+        assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-3)
+        marker = json.loads(s3run.get(f"results/loaded/{region}_{entry['digest']}.json"))
+        assert marker["rows"] == entry["cells"] and marker["model_version"] == model_version
+    rollup = json.loads(s3run.get("results/embeddings/rollup/summary.json"))
+    assert rollup["regions"] == len(manifest["regions"])
+
+    # the load rules read the embeddings from S3 and wrote every stencil cell once
+    total = sum(len(c) for c in stencil_cells.values())
+    index = json.loads(s3run.get("results/loaded/index.json"))
+    assert index["rows"] == total and index["model_version"] == model_version
+    with store.connect(s3run.url) as conn:
+        assert store.count(conn) == total
+        for region, cells in stencil_cells.items():
+            assert store.count(conn, region) == len(cells)
+
+    metrics = json.loads(s3run.get("results/eval/metrics.json"))
+    assert metrics["n_cells"] == n_ok and set(metrics["tasks"]) == {"koppen", "elevation", "country"}
+    assert s3run.get("results/eval/report.html").count(b"data:image/png;base64,") == 3
 
     # nothing but Snakemake's own bookkeeping stays in the working directory
     assert not (s3run.workdir / "results").exists()
@@ -272,23 +291,25 @@ def test_changed_input_reruns_and_reuploads_only_its_downstream(s3run: S3Run) ->
     counts = job_stats(dry)
     assert [w["layer"] for rule, w in planned if rule == "prepare_layer"] == ["elevation"], dry[-4000:]
     assert "stencil" not in counts  # the land mask did not change: the stencil and its regions stay
-    # everything else in the tiny workflow reads elevation, directly or through samples and model
-    expected = s3run.all_jobs - Counter({"prepare_layer": 2, "stencil": 1})
-    assert counts == expected, dry[-4000:]
-    if reached("embed", s3run.stage):
-        assert counts["embed_region"] == len(s3run.manifest()["regions"])
+    # everything else in the tiny workflow reads elevation, directly or through samples and model, except
+    # the evaluation labels (their own sources)
+    unchanged = Counter({"prepare_layer": 2, "stencil": 1, "prepare_eval_label": s3run.all_jobs["prepare_eval_label"]})
+    assert counts == s3run.all_jobs - unchanged, dry[-4000:]
+    regions = s3run.manifest()["regions"]
+    assert counts["embed_region"] == counts["load_region"] == len(regions)
 
     s3run.snakemake()
     after = s3run.objects()
     changed = {k for k in after if before.get(k) is None or before[k][1] != after[k][1]}
-    kept = ("results/stencil/", "results/layers/landcover.", "results/layers/land_mask.")
+    kept = ("results/stencil/", "results/layers/landcover.", "results/layers/land_mask.", "results/eval/labels/")
     results = {k for k in after if k.startswith("results/")}
     assert {k for k in changed if k.startswith("results/")} == {k for k in results if not k.startswith(kept)}
     assert "results/layers/elevation.npy" in changed
-    if reached("embed", s3run.stage):
-        assert {
-            f"results/embeddings/{r}_{v['digest']}.parquet" for r, v in s3run.manifest()["regions"].items()
-        } <= changed
+    assert {f"results/embeddings/{r}_{v['digest']}.parquet" for r, v in regions.items()} <= changed
+    assert {f"results/loaded/{r}_{v['digest']}.json" for r, v in regions.items()} <= changed
+    # the regions were replaced, not added again
+    with store.connect(s3run.url) as conn:
+        assert store.count(conn) == sum(v["cells"] for v in regions.values())
     # logs follow their jobs: re-uploaded for the rerun ones only
     assert "logs/prepare_layer/elevation.log" in changed
     assert (
@@ -306,8 +327,6 @@ def test_lost_region_output_is_rebuilt_alone(s3run: S3Run) -> None:
     The region files are the targets here: Snakemake does not rebuild a missing intermediate
     file whose consumers (the rollup) are up to date.
     """
-    if not reached("embed", s3run.stage):
-        pytest.skip("no per-region rule in the workflow yet")
     regions = sorted(s3run.manifest()["regions"].items())
     embeddings = [f"results/embeddings/{r}_{v['digest']}.parquet" for r, v in regions]
     region, entry = regions[len(regions) // 2]
@@ -323,24 +342,26 @@ def test_lost_region_output_is_rebuilt_alone(s3run: S3Run) -> None:
     after = s3run.objects()
     changed = {k for k in after if before.get(k) is None or before[k][1] != after[k][1]}
     assert {k for k in changed if k.startswith("results/")} == {key}
-    # the rollup reads every region: it is now stale, and nothing else is
-    assert dict(job_stats(s3run.snakemake("-n"))) == {"rollup": 1}
+    # what reads that region's embeddings is now stale (and what reads those outputs), nothing else is
+    downstream = {"rollup": 1, "load_region": 1, "build_index": 1, "evaluate": 1, "all": 1}
+    dry = s3run.snakemake("-n")
+    assert dict(job_stats(dry)) == downstream, dry[-4000:]
+    assert [w["region"] for rule, w in planned_jobs(dry) if rule == "load_region"] == [region]
     s3run.snakemake()
+    assert not job_stats(s3run.snakemake("-n"))
 
 
 def test_stencil_rerun_with_same_cells_keeps_every_region_output(s3run: S3Run) -> None:
     """A new stencil run whose regions keep their cells (and digests) reruns no per-region job."""
-    if not reached("embed", s3run.stage):
-        pytest.skip("no per-region rule in the workflow yet")
     before = s3run.objects()
     digests = {r: v["digest"] for r, v in s3run.manifest()["regions"].items()}
     out = s3run.snakemake(overlays=("prune2",))  # the stencil's params change, its cells do not
     assert "stencil" in {rule for rule, _ in planned_jobs(out)}
-    assert "embed_region" not in {rule for rule, _ in planned_jobs(out)}, out[-4000:]
+    assert not {"embed_region", "load_region"} & {rule for rule, _ in planned_jobs(out)}, out[-4000:]
     assert {r: v["digest"] for r, v in s3run.manifest()["regions"].items()} == digests
     after = s3run.objects()
     assert before["results/stencil/manifest.json"][1] != after["results/stencil/manifest.json"][1]
-    embeddings = [k for k in before if k.startswith("results/embeddings/")]
+    embeddings = [k for k in before if k.startswith(("results/embeddings/", "results/loaded/"))]
     assert embeddings and all(before[k] == after[k] for k in embeddings)
     # and the leftover local copy of the manifest did not block the checkpoint rerun
     assert "ProtectedOutputException" not in out

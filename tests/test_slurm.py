@@ -1,6 +1,7 @@
 """The tiny workflow through profiles/slurm on a real single-node SLURM cluster (setup/slurm.sh).
 
-The cluster has this machine's CPUs and memory, one fake GPU (gres on /dev/null) and no accounting
+Every stage runs (stencil to evaluate, the load rules into a database of the session's PostgreSQL), each
+job as a SLURM job. The cluster has this machine's CPUs and memory, one fake GPU (gres on /dev/null) and no accounting
 database, so the run adds the flags such a cluster needs (`--slurm-no-account`, squeue for job
 status) and fast status polling. GPU rules are given gpu=1 (as on a CUDA site) so that the run
 also checks that `gpu=1` jobs are scheduled with a GPU, one at a time.
@@ -21,22 +22,24 @@ from dataclasses import dataclass
 from datetime import datetime
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import create_database, require_system
 from test_workflow import (
     GPU_RULES,
+    PER_REGION_RULES,
     ROOT,
+    TINY_JOBS,
     configfiles,
     finished_jobs,
-    furthest_stage,
     make_workdir,
-    reached,
     run_snakemake,
-    stage_targets,
 )
 
+from vectorgeo import store
 from vectorgeo.stencil import digest_cells
 
 pytestmark = pytest.mark.slurm
@@ -68,8 +71,7 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     missing = [c for c in ("munged", "slurmctld", "slurmd", "sbatch") if shutil.which(c) is None]
-    if missing:
-        pytest.skip(f"SLURM is not installed ({', '.join(missing)} missing): run `bash setup/slurm.sh install`")
+    require_system("SLURM", missing, "slurm.sh install")
     # not below pytest's private (0700) temporary folder: munged wants a socket path others can search
     home = Path(tempfile.mkdtemp(prefix="vectorgeo-slurm-"))
     home.chmod(0o755)
@@ -104,24 +106,23 @@ def _jobcomp(cluster: Cluster) -> dict[str, dict[str, str]]:
     return records
 
 
-def test_workflow_runs_every_job_as_a_slurm_job(cluster: Cluster, tmp_path: Path) -> None:
+def test_workflow_runs_every_job_as_a_slurm_job(cluster: Cluster, pg_cluster: Any, tmp_path: Path) -> None:
     workdir = make_workdir(tmp_path)
-    stage = furthest_stage(workdir)
+    url = create_database(pg_cluster, "slurm")
     gpu = [f"{rule}:gpu=1" for rule in GPU_RULES]
     out = run_snakemake(
         workdir,
-        *stage_targets(workdir, stage),  # first: the options below take several values
         "--profile",
         str(ROOT / "profiles" / "slurm"),
         *SLURM_FLAGS,
         "--set-resources",
         *gpu,
         *configfiles(),
-        env=cluster.env,
+        env={**cluster.env, "VECTORGEO_DATABASE_URL": url},
         timeout=540,
     ).stdout
 
-    # every job Snakemake finished was submitted to SLURM (none ran in the main process)
+    # every job Snakemake finished was submitted to SLURM; only the target rule `all` (no command) ran locally
     submitted = SUBMITTED.findall(out)
     rule_of = {}
     for _, slurm_id, log in submitted:
@@ -131,9 +132,12 @@ def test_workflow_runs_every_job_as_a_slurm_job(cluster: Cluster, tmp_path: Path
         assert Path(log).is_file(), log  # kept job log
         assert "(100%) done" in Path(log).read_text(), Path(log).read_text()[-3000:]
     finished = finished_jobs(out)
-    assert finished and Counter(rule_of.values()) == finished, (finished, rule_of)
-    assert not re.search(r"^local(rule|checkpoint) ", out, flags=re.MULTILINE)
-    assert finished["prepare_layer"] == 3 and finished["stencil"] == 1
+    results = workdir / "results"
+    manifest = json.loads((results / "stencil" / "manifest.json").read_text())
+    assert len(manifest["regions"]) >= 2
+    assert finished == Counter({**TINY_JOBS, **dict.fromkeys(PER_REGION_RULES, len(manifest["regions"]))})
+    assert Counter(rule_of.values()) == finished - Counter({"all": 1}), (finished, rule_of)
+    assert re.findall(r"^local(?:rule|checkpoint) (\w+):", out, flags=re.MULTILINE) == ["all"]
 
     # SLURM's own record: each of those jobs completed, in this working directory
     record = _jobcomp(cluster)
@@ -149,36 +153,31 @@ def test_workflow_runs_every_job_as_a_slurm_job(cluster: Cluster, tmp_path: Path
     spans = sorted(
         (datetime.fromisoformat(record[i]["StartTime"]), datetime.fromisoformat(record[i]["EndTime"])) for i in gpu_jobs
     )
+    assert len(spans) == 1 + len(manifest["regions"])  # train_model, embed_region per region
     for (_, end), (start, _) in pairwise(spans):
         assert start >= end, spans
-    if reached("train", stage):
-        assert "train_model" in rule_of.values()
 
     # the outputs are right
-    results = workdir / "results"
-    manifest = json.loads((results / "stencil" / "manifest.json").read_text())
-    assert len(manifest["regions"]) >= 2
     cells = {}
     for region, entry in manifest["regions"].items():
         h3 = pq.read_table(results / "stencil" / "regions" / f"{region}.parquet").column("h3").to_numpy()
         assert len(h3) == entry["cells"] and digest_cells(h3) == entry["digest"]
         cells[region] = h3
-    if reached("sample", stage):
-        with np.load(results / "samples" / "shard-0.npz") as z:
-            assert z["anchor_landcover"].shape[0] == 512
-    if reached("train", stage):
-        metrics = json.loads((results / "model" / "metrics.json").read_text())
-        assert metrics
-    if reached("embed", stage):
-        assert finished["embed_region"] == len(manifest["regions"])
-        for region, entry in manifest["regions"].items():
-            table = pq.read_table(
-                io.BytesIO((results / "embeddings" / f"{region}_{entry['digest']}.parquet").read_bytes())
-            )
-            assert np.array_equal(np.sort(table.column("h3").to_numpy()), cells[region])
-            ok = [s == "ok" for s in table.column("status").to_pylist()]
-            emb = np.array([v for v, good in zip(table.column("embedding").to_pylist(), ok, strict=True) if good])
-            assert len(emb) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-3)
+    with np.load(results / "samples" / "shard-0.npz") as z:
+        assert z["anchor_landcover"].shape[0] == 512
+    metrics = json.loads((results / "model" / "metrics.json").read_text())
+    assert len(metrics["epochs"]) >= 1 and np.isfinite(metrics["epochs"][0]["train_loss"])
+    for region, entry in manifest["regions"].items():
+        table = pq.read_table(io.BytesIO((results / "embeddings" / f"{region}_{entry['digest']}.parquet").read_bytes()))
+        assert np.array_equal(np.sort(table.column("h3").to_numpy()), cells[region])
+        ok = [s == "ok" for s in table.column("status").to_pylist()]
+        emb = np.array([v for v, good in zip(table.column("embedding").to_pylist(), ok, strict=True) if good])
+        assert len(emb) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-3)
+    # the load jobs reached the database from the SLURM nodes: every stencil cell once
+    with store.connect(url) as conn:
+        assert store.count(conn) == sum(len(c) for c in cells.values())
+    assert json.loads((results / "loaded" / "index.json").read_text())["regions"] == len(cells)
+    assert (results / "eval" / "report.html").stat().st_size > 0
 
 
 @pytest.mark.s3

@@ -67,6 +67,16 @@ def test_loss_decreases_and_outputs_are_complete(shards: list[Path], tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "model.pt", "training.png"]
 
 
+@pytest.mark.cuda
+def test_training_on_cuda_gives_a_model_that_loads_on_cpu(shards: list[Path], tmp_path: Path) -> None:
+    metrics = _train(shards, tmp_path, epochs=2, patience=2, device="cuda")
+    assert len(metrics["epochs"]) == 2 and all(np.isfinite(e["train_loss"]) for e in metrics["epochs"])
+    assert metrics["epochs"][-1]["train_loss"] < metrics["epochs"][0]["train_loss"]
+    module, meta = M.load(tmp_path / "model.pt", map_location="cpu")
+    assert meta["model_version"] == metrics["model_version"]
+    assert all(p.device.type == "cpu" for p in module.parameters())
+
+
 def test_best_weights_are_restored_after_early_stopping(shards: list[Path], tmp_path: Path) -> None:
     metrics = _train(shards, tmp_path, epochs=30, patience=2, lr=0.01)
     assert metrics["stopped_early"]

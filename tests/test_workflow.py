@@ -1,8 +1,12 @@
-"""The workflow as Snakemake sees it: dry runs, lint, formatting and GPU resources.
+"""The workflow as Snakemake sees it (dry runs, lint, formatting, GPU resources) and one complete run.
 
-Also home of the helpers that test_s3.py and test_slurm.py use to run the real workflow in a
-fresh working directory (its own config/ folder and .snakemake/, the repository's Snakefile),
-so that tests never touch the repository's results/ or its Snakemake lock.
+The complete run (the session fixture ``workflow_run`` of conftest.py) takes the tiny config through every
+stage: stencil, sample, train, embed, rollup, load_region, build_index (into the session's PostgreSQL) and
+evaluate; the tests here check its database rows against the stencil.
+
+Also home of the helpers that the other workflow tests use to run the real workflow in a fresh working
+directory (its own config/ folder and .snakemake/, the repository's Snakefile), so that tests never touch
+the repository's results/ or its Snakemake lock.
 """
 
 from __future__ import annotations
@@ -17,20 +21,49 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import psycopg
+import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import WorkflowRun
+from psycopg import sql
+
+from vectorgeo import store
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SNAKEMAKE = BIN / "snakemake"
 TEST_CONFIG = "config/test.yaml"
-# Stages in order, each with the rule that marks it and the targets that build it. Tests build the
-# workflow up to the furthest stage that exists (load and evaluate need a database and more time;
-# they have their own tests). Targets are rules or files, never `--until`: it cannot see past the
-# stencil checkpoint.
-STAGES = ("stencil", "sample", "train", "embed")
-STAGE_RULE = {"stencil": "stencil", "sample": "sample_triplets", "train": "train_model", "embed": "rollup"}
 GPU_RULES = ("train_model", "embed_region")
+# every rule of the workflow; per-region rules run once per stencil region
+RULES = (
+    "all",
+    "build_index",
+    "embed_region",
+    "evaluate",
+    "load_region",
+    "mosaic_layer",
+    "prepare_eval_label",
+    "prepare_layer",
+    "rollup",
+    "sample_triplets",
+    "stencil",
+    "train_model",
+)
+PER_REGION_RULES = ("embed_region", "load_region")
+# jobs of a complete run of the tiny config, besides the per-region ones (mosaic_layer: no tiled source)
+TINY_JOBS = {
+    "prepare_layer": 3,  # landcover, elevation, land_mask
+    "stencil": 1,
+    "sample_triplets": 2,  # sample.shards
+    "train_model": 1,
+    "rollup": 1,
+    "build_index": 1,
+    "prepare_eval_label": 2,  # the raster tasks koppen and elevation (country is a vector task)
+    "evaluate": 1,
+    "all": 1,
+}
 
 
 def make_workdir(path: Path, overlays: dict[str, dict[str, Any]] | None = None) -> Path:
@@ -116,50 +149,49 @@ def workflow_rules(workdir: Path) -> list[str]:
     return [line.strip() for line in out.splitlines() if re.fullmatch(r"\s*\w+\s*", line)]
 
 
-def furthest_stage(workdir: Path) -> str:
-    """The last of STAGES whose rule exists in the workflow right now."""
-    rules = set(workflow_rules(workdir))
-    present = [stage for stage in STAGES if STAGE_RULE[stage] in rules]
-    assert present, f"none of {sorted(STAGE_RULE.values())} in the workflow's rules {sorted(rules)}"
-    return present[-1]
+def stencil_regions(results: Path) -> dict[str, dict[str, Any]]:
+    """The stencil manifest's regions: region -> {digest, cells}."""
+    return dict(json.loads((results / "stencil" / "manifest.json").read_text())["regions"])
 
 
-def stage_targets(workdir: Path, stage: str) -> list[str]:
-    """Snakemake targets that build the workflow up to and including ``stage``."""
-    if stage == "sample":
-        config = yaml.safe_load((workdir / TEST_CONFIG).read_text())
-        return [f"results/samples/shard-{i}.npz" for i in range(config["sample"]["shards"])]
-    return [STAGE_RULE[stage]]
-
-
-def reached(stage: str, furthest: str) -> bool:
-    """Whether a run up to ``furthest`` includes ``stage``."""
-    return STAGES.index(stage) <= STAGES.index(furthest)
+def stencil_cells(results: Path) -> dict[str, np.ndarray]:
+    """Region -> its cells (uint64), read from the stencil's region files."""
+    return {
+        r: pq.read_table(results / "stencil" / "regions" / f"{r}.parquet").column("h3").to_numpy()
+        for r in stencil_regions(results)
+    }
 
 
 # --- tests ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_workdir(
-        tmp_path_factory.mktemp("workflow"), {"cuda": {"train": {"device": "cuda"}, "embed": {"device": "cuda"}}}
+    """A fresh working directory: nothing run yet."""
+    return make_workdir(tmp_path_factory.mktemp("workflow"))
+
+
+@pytest.fixture(scope="module")
+def stenciled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A working directory where the stencil checkpoint ran, so that dry runs list the per-region jobs."""
+    wd = make_workdir(
+        tmp_path_factory.mktemp("stenciled"),
+        {"cuda": {"train": {"device": "cuda"}, "embed": {"device": "cuda"}}},
     )
+    run_snakemake(wd, *configfiles(), "--cores", "2", "stencil")
+    return wd
+
+
+def test_workflow_has_every_stage(workdir: Path) -> None:
+    assert sorted(workflow_rules(workdir)) == sorted(RULES)
 
 
 def test_dry_run_lists_every_stage(workdir: Path) -> None:
-    furthest = furthest_stage(workdir)
     out = run_snakemake(workdir, *configfiles(), "-n").stdout
-    counts = job_stats(out)
-    assert counts["prepare_layer"] == 3, out  # landcover, elevation, land_mask
     layers = {w["layer"] for rule, w in planned_jobs(out) if rule == "prepare_layer"}
     assert layers == {"landcover", "elevation", "land_mask"}
-    assert counts["stencil"] == 1
-    test_config = yaml.safe_load((workdir / TEST_CONFIG).read_text())
-    if reached("sample", furthest):
-        assert counts["sample_triplets"] == test_config["sample"]["shards"]
-    if reached("train", furthest):
-        assert counts["train_model"] == 1
+    tasks = {w["task"] for rule, w in planned_jobs(out) if rule == "prepare_eval_label"}
+    assert tasks == {"koppen", "elevation"}
     # a dry run cannot see past the stencil checkpoint: per-region jobs appear once it ran
-    assert "embed_region" not in counts
+    assert job_stats(out) == Counter(TINY_JOBS), out[-4000:]
 
 
 def test_lint_is_clean(workdir: Path) -> None:
@@ -191,31 +223,141 @@ def test_snakefmt_is_clean() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_gpu_rules_declare_gpu_when_cuda_is_configured(workdir: Path) -> None:
-    """With train.device and embed.device cuda, train/embed jobs ask for gpu=1 (and only they do)."""
-    furthest = furthest_stage(workdir)
-    if not reached("train", furthest):
-        pytest.skip(f"no GPU rule in the workflow yet (furthest stage: {furthest})")
-    # per-region jobs only show in a dry run once the stencil checkpoint has run (a few seconds)
-    run_snakemake(workdir, *configfiles("cuda"), "--cores", "2", "stencil")
-    targets = stage_targets(workdir, furthest)
-    out = run_snakemake(workdir, *targets, *configfiles("cuda"), "-n", "--resources", "gpu=1").stdout
-    jobs = planned_jobs(out)
-    rules = Counter(rule for rule, _ in jobs)
-    assert rules["train_model"] == 1, out[-4000:]
-    if reached("embed", furthest):
-        manifest = json.loads((workdir / "results" / "stencil" / "manifest.json").read_text())
-        assert rules["embed_region"] == len(manifest["regions"]) >= 2
-    for rule, w in jobs:
-        asks_gpu = re.search(r"\bgpu=1\b", w.get("__resources__", "")) is not None
-        assert asks_gpu == (rule in GPU_RULES), (rule, w.get("__resources__"))
-
-
-def test_without_cuda_no_job_asks_for_a_gpu(workdir: Path) -> None:
-    if os.path.isdir("/proc/driver/nvidia/gpus") and os.listdir("/proc/driver/nvidia/gpus"):
-        pytest.skip("this machine has an NVIDIA GPU, so device: auto means CUDA")
-    furthest = furthest_stage(workdir)
-    out = run_snakemake(workdir, *configfiles(), "-n", *stage_targets(workdir, furthest)).stdout
-    assert planned_jobs(out), out[-3000:]
+def _gpu_jobs(out: str) -> dict[str, set[bool]]:
+    """Rule -> whether its planned jobs ask for gpu=1 (a set: {True}, {False} or both)."""
+    asks: dict[str, set[bool]] = {}
     for rule, w in planned_jobs(out):
-        assert not re.search(r"\bgpu=[1-9]", w.get("__resources__", "")), (rule, w)
+        asks.setdefault(rule, set()).add(re.search(r"\bgpu=1\b", w.get("__resources__", "")) is not None)
+    return asks
+
+
+def test_gpu_rules_declare_gpu_when_cuda_is_configured(stenciled: Path) -> None:
+    """With train.device and embed.device cuda, train/embed jobs ask for gpu=1 (and only they do)."""
+    out = run_snakemake(stenciled, *configfiles("cuda"), "-n", "--resources", "gpu=1").stdout
+    regions = stencil_regions(stenciled / "results")
+    assert len(regions) >= 2
+    rules = Counter(rule for rule, _ in planned_jobs(out))
+    assert rules["train_model"] == 1, out[-4000:]
+    assert rules["embed_region"] == rules["load_region"] == len(regions)
+    assert _gpu_jobs(out) == {rule: {rule in GPU_RULES} for rule in rules}
+
+
+def test_without_cuda_no_job_asks_for_a_gpu(stenciled: Path) -> None:
+    """device: auto on a machine where no GPU is visible (CUDA_VISIBLE_DEVICES empty): no job asks for one."""
+    out = run_snakemake(stenciled, *configfiles(), "-n", env={"CUDA_VISIBLE_DEVICES": ""}).stdout
+    rules = Counter(rule for rule, _ in planned_jobs(out))
+    assert rules["train_model"] == 1 and rules["embed_region"] == len(stencil_regions(stenciled / "results"))
+    assert _gpu_jobs(out) == {rule: {False} for rule in rules}, out[-4000:]
+
+
+# --- the complete run ----------------------------------------------------------------------------------------
+def _db_cells(conn: psycopg.Connection, table: str) -> tuple[np.ndarray, int]:
+    """Every h3 of a loaded table (sorted, uint64, duplicates kept) and how many rows have an embedding."""
+    ident = sql.Identifier(table)
+    h3 = [r[0] for r in conn.execute(sql.SQL("SELECT h3 FROM {} ORDER BY h3").format(ident)).fetchall()]
+    with_embedding = conn.execute(sql.SQL("SELECT count(embedding) FROM {}").format(ident)).fetchone()
+    assert with_embedding is not None
+    return np.array(h3, dtype=np.int64).astype(np.uint64), int(with_embedding[0])
+
+
+def _ok_rows(results: Path) -> int:
+    """Rows with status 'ok' in the region embedding files of the current stencil."""
+    n = 0
+    for region, entry in stencil_regions(results).items():
+        status = pq.read_table(results / "embeddings" / f"{region}_{entry['digest']}.parquet").column("status")
+        n += sum(s == "ok" for s in status.to_pylist())
+    return n
+
+
+def test_complete_run_finishes_every_job(workflow_run: WorkflowRun) -> None:
+    regions = stencil_regions(workflow_run.results)
+    assert len(regions) >= 2
+    expected = Counter({**TINY_JOBS, **dict.fromkeys(PER_REGION_RULES, len(regions))})
+    assert finished_jobs(workflow_run.output) == expected, workflow_run.output[-4000:]
+    for region, entry in regions.items():
+        assert (workflow_run.results / "loaded" / f"{region}_{entry['digest']}.json").is_file()
+    assert not job_stats(workflow_run.snakemake("-n").stdout)
+
+
+def test_load_region_loads_every_stencil_cell_once(workflow_run: WorkflowRun) -> None:
+    results = workflow_run.results
+    regions = stencil_regions(results)
+    cells = stencil_cells(results)
+    total = sum(len(c) for c in cells.values())
+    assert total == sum(entry["cells"] for entry in regions.values()) > 0
+    markers = {
+        r: json.loads((results / "loaded" / f"{r}_{entry['digest']}.json").read_text()) for r, entry in regions.items()
+    }
+    summary = json.loads((results / "loaded" / "index.json").read_text())
+    model_version = json.loads((results / "model" / "metrics.json").read_text())["model_version"]
+    for region, marker in markers.items():
+        assert marker["region"] == region and marker["rows"] == len(cells[region])
+        assert marker["model_version"] == model_version and marker["table"] == summary["table"]
+    assert summary["rows"] == total and summary["regions"] == len(regions)
+    assert summary["model_version"] == model_version
+    with store.connect(workflow_run.url) as conn:
+        assert store.count(conn) == total
+        for region, c in cells.items():
+            assert store.count(conn, region) == len(c)
+        h3, with_embedding = _db_cells(conn, summary["table"])
+        indexes = conn.execute("SELECT indexdef FROM pg_indexes WHERE tablename = %s", (summary["table"],)).fetchall()
+    np.testing.assert_array_equal(h3, np.sort(np.concatenate(list(cells.values()))))  # each stencil cell once
+    assert with_embedding == _ok_rows(results) > 0
+    methods = sorted(re.search(r"USING (\w+)", d).group(1) for (d,) in indexes)  # type: ignore[union-attr]
+    assert methods == ["btree", "gist", "hnsw"], indexes  # primary key, geometry, embedding
+
+
+def test_loaded_embeddings_answer_similarity_queries(workflow_run: WorkflowRun) -> None:
+    """store.similar on the loaded rows gives the brute-force cosine neighbours of the region files."""
+    results = workflow_run.results
+    h3_parts: list[np.ndarray] = []
+    emb_parts: list[list[float]] = []
+    for region, entry in stencil_regions(results).items():
+        t = pq.read_table(results / "embeddings" / f"{region}_{entry['digest']}.parquet")
+        ok = np.array([s == "ok" for s in t.column("status").to_pylist()])
+        h3_parts.append(t.column("h3").to_numpy()[ok])
+        emb_parts += [v for v, good in zip(t.column("embedding").to_pylist(), ok, strict=True) if good]
+    h3 = np.concatenate(h3_parts)
+    emb = np.array(emb_parts, dtype=np.float64)
+    query = len(h3) // 2
+    sim = emb @ emb[query]
+    sim[query] = -np.inf  # the query cell itself is left out
+    want = h3[np.argsort(-sim, kind="stable")[:5]]
+    with store.connect(workflow_run.url) as conn:
+        got = store.similar(conn, h3=int(h3[query]), k=5, method="exact")
+    assert [r["h3"] for r in got] == [int(c) for c in want]
+    np.testing.assert_allclose([r["similarity"] for r in got], np.sort(sim)[::-1][:5], atol=1e-5)
+
+
+def test_rerun_of_the_load_rules_does_not_duplicate_rows(workflow_run: WorkflowRun) -> None:
+    results = workflow_run.results
+    regions = stencil_regions(results)
+    table = json.loads((results / "loaded" / "index.json").read_text())["table"]
+    with store.connect(workflow_run.url) as conn:
+        before = _db_cells(conn, table)
+
+    # every region again
+    out = workflow_run.snakemake("--cores", "2", "--forcerun", "load_region").stdout
+    assert finished_jobs(out) == Counter({"load_region": len(regions), "build_index": 1, "all": 1}), out[-4000:]
+    with store.connect(workflow_run.url) as conn:
+        after = _db_cells(conn, table)
+        assert store.count(conn) == len(before[0])
+    np.testing.assert_array_equal(after[0], before[0])
+    assert after[1] == before[1]
+
+    # one region whose marker is gone, asked for by name (Snakemake does not rebuild a missing intermediate
+    # file whose consumer is up to date): that region alone
+    region, entry = sorted(regions.items())[0]
+    marker = f"results/loaded/{region}_{entry['digest']}.json"
+    (workflow_run.workdir / marker).unlink()
+    out = workflow_run.snakemake("--cores", "2", marker).stdout
+    assert [(rule, w["region"]) for rule, w in planned_jobs(out)] == [("load_region", region)], out[-4000:]
+    # the index step reruns only when the new marker differs from the one it read (its load time may not)
+    out = workflow_run.snakemake("--cores", "2").stdout
+    assert set(finished_jobs(out)) <= {"build_index", "all"}, out[-4000:]
+    with store.connect(workflow_run.url) as conn:
+        again = _db_cells(conn, table)
+    np.testing.assert_array_equal(again[0], before[0])
+    assert again[1] == before[1]
+    assert json.loads((results / "loaded" / "index.json").read_text())["rows"] == len(before[0])
+    assert not job_stats(workflow_run.snakemake("-n").stdout)

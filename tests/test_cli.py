@@ -1,0 +1,156 @@
+"""The `vectorgeo` command as users type it: help, `db status`, `query`, and bad arguments."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+from conftest import ROOT, LoadedRegion, free_port
+
+from vectorgeo import store
+
+VECTORGEO = Path(sys.executable).parent / "vectorgeo"
+
+
+def vectorgeo(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the console script from ``cwd`` with no database settings but those in ``env``."""
+    base = {k: v for k, v in os.environ.items() if k not in ("VECTORGEO_DATABASE_URL", "VECTORGEO_HOME")}
+    return subprocess.run(
+        [str(VECTORGEO), *args], cwd=cwd, env={**base, **(env or {})}, capture_output=True, text=True, timeout=120
+    )
+
+
+def no_traceback(proc: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+
+
+def config_for(tmp_path: Path, **database: Any) -> Path:
+    """A copy of the default config with the given ``database`` keys."""
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["database"] = {**(cfg.get("database") or {}), **database}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_help_lists_the_commands(tmp_path: Path) -> None:
+    proc = vectorgeo("--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for command in ("db", "query", "serve", "run-summary"):
+        assert re.search(rf"^\s+{command}\s", proc.stdout, re.MULTILINE), proc.stdout
+    sub = vectorgeo("query", "--help", cwd=tmp_path)
+    assert sub.returncode == 0 and "--h3" in sub.stdout and "--radius-km" in sub.stdout
+
+
+def test_no_command_is_a_usage_error(tmp_path: Path) -> None:
+    proc = vectorgeo(cwd=tmp_path)
+    assert proc.returncode == 2 and "usage: vectorgeo" in proc.stderr
+    no_traceback(proc)
+
+
+# --- db status ---------------------------------------------------------------------------------------------
+def test_db_status_of_a_cluster_never_started(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    proc = vectorgeo("db", "status", cwd=tmp_path, env={"VECTORGEO_HOME": str(home)})
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("not initialised: ") and str(home / "pgdata") in proc.stdout
+    no_traceback(proc)
+    assert not home.exists()  # asking does not create anything
+
+
+def test_db_status_of_a_running_cluster_lists_its_datasets(
+    tmp_path: Path, pg_cluster: Any, loaded_region: LoadedRegion
+) -> None:
+    """The session cluster, named by VECTORGEO_HOME and a config file's port and database name."""
+    dbname = urlsplit(loaded_region.url).path.lstrip("/")
+    config = config_for(tmp_path, port=pg_cluster.port, dbname=dbname)
+    proc = vectorgeo(
+        "db", "status", "--config", str(config), cwd=tmp_path, env={"VECTORGEO_HOME": str(pg_cluster.home)}
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("running: postgresql://") and f"/{dbname}?" in lines[0]
+    n = len(loaded_region.h3)
+    assert f"model_version 'small-1': {n} rows, 1 regions, dim 8, res 5, indexed True" in proc.stdout
+    no_traceback(proc)
+
+
+def test_db_status_of_an_external_database(tmp_path: Path, loaded_region: LoadedRegion) -> None:
+    proc = vectorgeo("db", "status", cwd=tmp_path, env={"VECTORGEO_DATABASE_URL": loaded_region.url})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith(": reachable"), proc.stdout + proc.stderr
+    down = f"postgresql://postgres:secret@127.0.0.1:{free_port()}/nothing"
+    proc = vectorgeo("db", "status", cwd=tmp_path, env={"VECTORGEO_DATABASE_URL": down})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("vectorgeo db: error: ") and "cannot connect" in proc.stderr
+    assert "secret" not in proc.stderr  # the password is masked
+    no_traceback(proc)
+
+
+# --- query -------------------------------------------------------------------------------------------------
+def test_query_json_is_store_similar(tmp_path: Path, loaded_region: LoadedRegion) -> None:
+    s = loaded_region
+    cell = int(s.h3[s.valid][40])
+    env = {"VECTORGEO_DATABASE_URL": s.url}
+    proc = vectorgeo("query", "--h3", f"{cell:015x}", "-k", "7", "--method", "exact", "--json", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    with store.connect(s.url) as conn:
+        want = store.similar(conn, h3=cell, k=7, method="exact")
+    assert [r["h3"] for r in got] == [f"{r['h3']:015x}" for r in want]
+    assert [r["similarity"] for r in got] == pytest.approx([r["similarity"] for r in want], abs=1e-9)
+    assert [v for r in got for v in (r["lat"], r["lng"])] == pytest.approx(
+        [v for r in want for v in (r["lat"], r["lng"])]
+    )
+    assert len(got) == 7 and f"{cell:015x}" not in {r["h3"] for r in got}
+
+
+def test_query_point_table(tmp_path: Path, loaded_region: LoadedRegion) -> None:
+    s = loaded_region
+    i = int(s.valid.nonzero()[0][10])
+    args = ("query", "--lat", str(s.lat[i]), "--lng", str(s.lng[i]), "-k", "3", "--radius-km", "40")
+    proc = vectorgeo(*args, cwd=tmp_path, env={"VECTORGEO_DATABASE_URL": s.url})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["rank", "h3", "lat", "lng", "similarity"]
+    with store.connect(s.url) as conn:
+        want = store.similar_to_point(conn, float(s.lat[i]), float(s.lng[i]), k=3, radius_m=40_000.0)
+    rows = [line.split() for line in lines[1:]]
+    assert [r[0] for r in rows] == ["1", "2", "3"]
+    assert [r[1] for r in rows] == [f"{w['h3']:015x}" for w in want]
+    assert [float(r[4]) for r in rows] == pytest.approx([w["similarity"] for w in want], abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (("query", "-k", "many", "--h3", "85390ca3fffffff"), "-k"),  # argparse: not an int
+        (("query", "--h3", "85390ca3fffffff", "--method", "magic"), "--method"),  # argparse: not a choice
+        (("query", "--h3", "not-a-cell"), "h3"),
+        (("query", "--h3", "85390ca3fffffff", "-k", "0"), "k"),
+        (("query", "--lat", "36.1"), "--lat"),  # --lng missing
+        (("query",), "--h3"),  # neither a cell nor a point
+        (("db", "frobnicate"), "action"),
+    ],
+)
+def test_bad_argument_is_an_error_naming_it(
+    tmp_path: Path, loaded_region: LoadedRegion, args: tuple[str, ...], named: str
+) -> None:
+    proc = vectorgeo(*args, cwd=tmp_path, env={"VECTORGEO_DATABASE_URL": loaded_region.url})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout == ""
+    assert named in proc.stderr and "error" in proc.stderr, proc.stderr
+    no_traceback(proc)
+
+
+def test_console_script_is_installed() -> None:
+    assert VECTORGEO.is_file() and os.access(VECTORGEO, os.X_OK), f"{VECTORGEO}: run `make setup`"
+    assert shutil.which("vectorgeo", path=str(VECTORGEO.parent)) == str(VECTORGEO)
