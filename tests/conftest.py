@@ -279,7 +279,7 @@ def loaded_region(pg_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> 
     import h3
     import numpy as np
 
-    from vectorgeo import geoparquet, store
+    from vectorgeo import db, geoparquet, store
 
     cells = np.array(sorted(h3.str_to_int(c) for c in h3.cell_to_children(SMALL_REGION, 5)), dtype=np.uint64)
     latlng = np.array([h3.cell_to_latlng(h3.int_to_str(int(c))) for c in cells])
@@ -294,6 +294,6 @@ def loaded_region(pg_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> 
     url = create_database(pg_cluster, "small")
     with store.connect(url) as conn:
         marker = store.load_region(conn, path)
-        store.build_indexes(conn)
+        store.build_indexes(conn, store.IndexSettings.from_config(db.settings()))
     assert marker["rows"] == len(cells)
     return LoadedRegion(url, SMALL_REGION, "small-1", cells, latlng[:, 0], latlng[:, 1], emb, valid)

@@ -16,7 +16,9 @@ import pytest
 import yaml
 from conftest import ROOT, LoadedRegion, free_port
 
-from vectorgeo import store
+from vectorgeo import db, store
+
+QUERY = store.QuerySettings.from_config(db.settings())  # the default config's
 
 VECTORGEO = Path(sys.executable).parent / "vectorgeo"
 
@@ -104,7 +106,7 @@ def test_query_json_is_store_similar(tmp_path: Path, loaded_region: LoadedRegion
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)
     with store.connect(s.url) as conn:
-        want = store.similar(conn, h3=cell, k=7, method="exact")
+        want = store.similar(conn, QUERY, h3=cell, k=7, method="exact")
     assert [r["h3"] for r in got] == [f"{r['h3']:015x}" for r in want]
     assert [r["similarity"] for r in got] == pytest.approx([r["similarity"] for r in want], abs=1e-9)
     assert [v for r in got for v in (r["lat"], r["lng"])] == pytest.approx(
@@ -122,7 +124,7 @@ def test_query_point_table(tmp_path: Path, loaded_region: LoadedRegion) -> None:
     lines = proc.stdout.splitlines()
     assert lines[0].split() == ["rank", "h3", "lat", "lng", "similarity"]
     with store.connect(s.url) as conn:
-        want = store.similar_to_point(conn, float(s.lat[i]), float(s.lng[i]), k=3, radius_m=40_000.0)
+        want = store.similar_to_point(conn, QUERY, float(s.lat[i]), float(s.lng[i]), k=3, radius_m=40_000.0)
     rows = [line.split() for line in lines[1:]]
     assert [r[0] for r in rows] == ["1", "2", "3"]
     assert [r[1] for r in rows] == [f"{w['h3']:015x}" for w in want]

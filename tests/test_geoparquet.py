@@ -62,6 +62,7 @@ def test_schema_types(region_file: tuple[Path, dict]) -> None:
 
 def test_geopandas_reads_it(region_file: tuple[Path, dict]) -> None:
     import geopandas
+
     path, a = region_file
     g = geopandas.read_parquet(path)
     assert g.crs.to_epsg() == 4326
@@ -72,6 +73,7 @@ def test_geopandas_reads_it(region_file: tuple[Path, dict]) -> None:
 
 def test_duckdb_reads_it(region_file: tuple[Path, dict]) -> None:
     import duckdb
+
     path, a = region_file
     con = duckdb.connect()
     n, nulls, dim = con.execute(

@@ -15,8 +15,10 @@ import pytest
 import shapely
 from conftest import LoadedRegion
 
-from vectorgeo import store, tiles
+from vectorgeo import db, store, tiles
 from vectorgeo.errors import RequestError
+
+MAX_FEATURES = db.config_section(None, "serve")["tile_max_features"]  # the default config's
 
 R = 6378137.0  # the Web Mercator sphere
 
@@ -131,7 +133,7 @@ def test_tile_bounds_agree_with_postgis(pg_url: str) -> None:
 @pytest.fixture(scope="module")
 def tile_meta(loaded_region: LoadedRegion) -> tiles.TileMeta:
     with store.connect(loaded_region.url) as conn:
-        return tiles.ensure(conn)
+        return tiles.ensure(conn, max_features=MAX_FEATURES)
 
 
 def fetch(url: str, meta: tiles.TileMeta, z: int, x: int, y: int) -> list[dict[str, Any]]:
@@ -158,7 +160,7 @@ def test_tile_meta_describes_the_loaded_cells(loaded_region: LoadedRegion, tile_
     assert w == pytest.approx(s.lng[ok].min()) and e == pytest.approx(s.lng[ok].max())
     assert south == pytest.approx(s.lat[ok].min()) and n == pytest.approx(s.lat[ok].max())
     with store.connect(s.url) as conn:
-        assert tiles.ensure(conn).build_id == tile_meta.build_id  # up to date: not rebuilt
+        assert tiles.ensure(conn, max_features=MAX_FEATURES).build_id == tile_meta.build_id  # up to date: not rebuilt
         assert tiles.read_meta(conn, s.model_version) == tile_meta
 
 

@@ -29,7 +29,7 @@ import yaml
 from conftest import WorkflowRun
 from psycopg import sql
 
-from vectorgeo import store
+from vectorgeo import db, store
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -324,7 +324,9 @@ def test_loaded_embeddings_answer_similarity_queries(workflow_run: WorkflowRun) 
     sim[query] = -np.inf  # the query cell itself is left out
     want = h3[np.argsort(-sim, kind="stable")[:5]]
     with store.connect(workflow_run.url) as conn:
-        got = store.similar(conn, h3=int(h3[query]), k=5, method="exact")
+        got = store.similar(
+            conn, store.QuerySettings.from_config(db.settings()), h3=int(h3[query]), k=5, method="exact"
+        )
     assert [r["h3"] for r in got] == [int(c) for c in want]
     np.testing.assert_allclose([r["similarity"] for r in got], np.sort(sim)[::-1][:5], atol=1e-5)
 
