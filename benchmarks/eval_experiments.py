@@ -54,7 +54,8 @@ def digest(obj: Any) -> str:
 
 def prepared_npy(spec: Any, src: str | None = None) -> Path:
     """Prepare a layer once (cached by the part of its spec that the prepared file depends on)."""
-    from vectorgeo.layers import layer_source_files, prepare_layer
+    from vectorgeo.layers import layer_source_files
+    from vectorgeo.rasters import prepare_layer
 
     d = spec.to_dict()
     for k in ("normalize", "mean", "std"):  # encoding only; the prepared raster is the same

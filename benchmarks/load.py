@@ -39,7 +39,8 @@ from psycopg import sql
 
 from vectorgeo import db, h3cells, store
 from vectorgeo.config import load_config
-from vectorgeo.layers import Layer, land_mask_spec, layer_source_files, prepare_layer
+from vectorgeo.layers import Layer, land_mask_spec, layer_source_files
+from vectorgeo.rasters import prepare_layer
 
 ROOT = Path(__file__).resolve().parents[1]
 RADII_KM = (20, 50, 100, 200, 500, 1000, 2000)

@@ -17,7 +17,8 @@ import time
 import numpy as np
 
 from vectorgeo.config import load_config, parse
-from vectorgeo.layers import Layer, land_mask_spec, layer_source_files, layer_specs, prepare_layer
+from vectorgeo.layers import Layer, land_mask_spec, layer_source_files, layer_specs
+from vectorgeo.rasters import prepare_layer
 from vectorgeo.sampling import SampleStats, TripletSampler
 
 

@@ -19,7 +19,8 @@ import h3
 import numpy as np
 
 from vectorgeo.config import load_config
-from vectorgeo.layers import Layer, land_mask_spec, layer_source_files, prepare_layer
+from vectorgeo.layers import Layer, land_mask_spec, layer_source_files
+from vectorgeo.rasters import prepare_layer
 from vectorgeo.sampling import uniform_points
 from vectorgeo.stencil import write_stencil
 

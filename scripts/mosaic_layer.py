@@ -1,7 +1,7 @@
 """Snakemake adapter: mosaic a layer's tiles into one GeoTIFF."""
 
-from vectorgeo.layers import mosaic_tiles
 from vectorgeo.log import setup_logging
+from vectorgeo.rasters import mosaic_tiles
 
 log = setup_logging(snakemake.log[0])
 grid = mosaic_tiles(list(snakemake.input.tiles), snakemake.output[0])

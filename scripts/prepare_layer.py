@@ -1,7 +1,8 @@
 """Snakemake adapter: prepare one layer into a memory-mappable .npy + grid JSON."""
 
-from vectorgeo.layers import LayerSpec, prepare_layer
+from vectorgeo.layers import LayerSpec
 from vectorgeo.log import setup_logging
+from vectorgeo.rasters import prepare_layer
 
 log = setup_logging(snakemake.log[0])
 spec = LayerSpec.from_dict(snakemake.params.spec)

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from vectorgeo import embed as vg_embed
+from vectorgeo import rollup as vg_rollup
 from vectorgeo.atomic import write_json_atomic
 from vectorgeo.errors import VectorgeoError
 from vectorgeo.log import setup_logging
@@ -12,7 +12,7 @@ log = setup_logging(snakemake.log[0])
 regions = list(snakemake.input.regions)
 resolutions = list(snakemake.params.resolutions)
 try:
-    written = vg_embed.rollup(regions, resolutions, list(snakemake.output.rollups))
+    written = vg_rollup.rollup(regions, resolutions, list(snakemake.output.rollups))
 except VectorgeoError as e:
     log.error("%s", e)
     raise SystemExit(f"rollup: {e}") from None
@@ -22,7 +22,7 @@ for p, n in written.items():
 # (and of regions no longer in the stencil) are deleted here, after every current file exists.
 # Under S3 default storage these are the local storage-cache copies; superseded objects in the
 # bucket are left alone (nothing reads them: every consumer goes through the manifest's digests).
-removed = vg_embed.prune_superseded(Path(regions[0]).parent, regions) if regions else []
+removed = vg_rollup.prune_superseded(Path(regions[0]).parent, regions) if regions else []
 for f in removed:
     log.info("removed superseded %s", f)
 write_json_atomic(

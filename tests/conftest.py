@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from vectorgeo.config import load_config
-from vectorgeo.layers import Layer, LayerSpec, land_mask_spec, layer_source_files, layer_specs, prepare_layer
+from vectorgeo.layers import Layer, LayerSpec, land_mask_spec, layer_source_files, layer_specs
+from vectorgeo.rasters import prepare_layer
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".vectorgeo" / "test-layers"

@@ -17,6 +17,7 @@ import torch
 from vectorgeo import embed as vg_embed
 from vectorgeo import geoparquet
 from vectorgeo import model as vg_model
+from vectorgeo import rollup as vg_rollup
 from vectorgeo.config import EmbedConfig, section
 from vectorgeo.errors import ConfigError, DataError
 from vectorgeo.layers import Layer, LayerSpec
@@ -258,7 +259,7 @@ def test_cuda_region_embeddings_match_cpu(tmp_path: Path, layers: dict, model_fi
 
 def test_rollup_is_the_renormalised_mean_of_ok_children(tmp_path: Path, region_file: Path) -> None:
     outs = [tmp_path / "rollup" / "res3.parquet", tmp_path / "rollup" / "res4.parquet"]
-    written = vg_embed.rollup([region_file], [3, 4], outs)
+    written = vg_rollup.rollup([region_file], [3, 4], outs)
     data = geoparquet.read_region(region_file)
     for p, out in zip((3, 4), outs, strict=True):
         t = pq.read_table(out)
@@ -282,7 +283,7 @@ def test_prune_superseded_keeps_current_files_only(tmp_path: Path) -> None:
     for n in [*names, ".tmpfile.parquet.tmp", "notes.txt"]:
         (tmp_path / n).write_text("x")
     (tmp_path / "rollup").mkdir()
-    removed = vg_embed.prune_superseded(tmp_path, [tmp_path / names[1], tmp_path / names[2]])
+    removed = vg_rollup.prune_superseded(tmp_path, [tmp_path / names[1], tmp_path / names[2]])
     assert [p.name for p in removed] == [names[0]]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [names[1], names[2], ".tmpfile.parquet.tmp", "notes.txt", "rollup"]
@@ -385,12 +386,12 @@ def test_workflow_reruns_exactly_what_changed(
     assert "removed superseded" in log and MADRID in log
 
     # the audit of a finished stage 3 passes, and notices a stray file
-    audit = vg_embed.audit(workdir / "results")
+    audit = vg_rollup.audit(workdir / "results")
     assert audit["ok"], audit
     assert audit["rows"] == audit["stencil_cells"] > 0 and audit["model_version"] == version
     emb_dir = workdir / "results" / "embeddings"
     shutil.copy(emb_dir / next(iter(first)), emb_dir / f"{GIBRALTAR}_{'0' * 12}.parquet")
-    audit = vg_embed.audit(workdir / "results")
+    audit = vg_rollup.audit(workdir / "results")
     assert not audit["ok"] and audit["extra_files"] == [f"{GIBRALTAR}_{'0' * 12}.parquet"]
 
     # a corrupt model file: the job fails with a message naming the file, and leaves no output behind

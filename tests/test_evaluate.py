@@ -21,7 +21,8 @@ from vectorgeo import evaluate as ev
 from vectorgeo import features, h3cells, probes
 from vectorgeo.config import TrainConfig
 from vectorgeo.errors import ConfigError, DataError
-from vectorgeo.layers import NODATA_INDEX, LayerSpec, prepare_layer
+from vectorgeo.layers import NODATA_INDEX, LayerSpec
+from vectorgeo.rasters import prepare_layer
 
 LANDCOVER = LayerSpec.from_config(
     "landcover",

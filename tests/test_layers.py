@@ -5,17 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from vectorgeo.config import NODATA_INDEX
 from vectorgeo.errors import ConfigError, RasterError
-from vectorgeo.layers import (
-    NODATA_INDEX,
-    Grid,
-    Layer,
-    LayerSpec,
-    builtin_path,
-    inspect_source,
-    mosaic_tiles,
-    prepare_layer,
-)
+from vectorgeo.layers import Layer, LayerSpec
+from vectorgeo.rasters import Grid, inspect_source, mosaic_tiles, prepare_layer
+from vectorgeo.sources import builtin_path
 
 
 def at(layer: Layer, lat: float, lng: float):  # type: ignore[no-untyped-def]

@@ -13,7 +13,8 @@ from scipy.stats import chisquare
 
 from vectorgeo.config import SampleConfig, section
 from vectorgeo.errors import ConfigError, DataError
-from vectorgeo.layers import Grid, Layer, LayerSpec, prepare_layer
+from vectorgeo.layers import Layer, LayerSpec
+from vectorgeo.rasters import Grid, prepare_layer
 from vectorgeo.sampling import (
     SampleStats,
     TripletSampler,

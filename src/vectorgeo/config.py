@@ -16,6 +16,9 @@ description. From these models come
 Library users call :func:`load_config` (file → validated, completed dict) or :func:`parse`
 (dict → :class:`Config`). Either way a bad value raises :class:`~vectorgeo.errors.ConfigError`
 naming the dotted key and what was expected.
+
+This module is longer than the others on purpose: it declares every key with its description, and a
+reader (or the generated schema) finds them all in one place.
 """
 
 from __future__ import annotations
@@ -804,7 +807,7 @@ def schema_yaml() -> str:
 
 
 def _check_local(path: str, key: str) -> None:
-    from vectorgeo.layers import inspect_source
+    from vectorgeo.rasters import inspect_source
 
     if not os.path.exists(path):
         raise ConfigError(key, f"raster file '{path}' does not exist")
