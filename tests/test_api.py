@@ -530,8 +530,11 @@ def test_query_settings_decide_the_plan(synthetic, exact_scan_max_rows, exact):
     cell = a_valid_cell(synthetic, (46.0, 9.0))
 
     def gist_scans() -> int:
-        with app.state.vectorgeo.connection() as conn:  # the one pooled backend, which served the request
+        # the one pooled backend, which served the request; a request's transaction reads one stats snapshot:
+        # flush in one, read in the next
+        with app.state.vectorgeo.connection() as conn:
             conn.execute("SELECT pg_stat_force_next_flush()")
+        with app.state.vectorgeo.connection() as conn:
             row = conn.execute(
                 "SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = %s",
                 (store.dataset(conn).table + "_geom",),

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from vectorgeo import db, store
 from vectorgeo.api.errors import install_error_handlers
+from vectorgeo.api.limits import install_limits
 from vectorgeo.api.routers import cells, health, search, tiles, viewer
 from vectorgeo.api.settings import ServeSettings, serve_settings
 from vectorgeo.api.state import META_TTL_S, POOL_TIMEOUT_S, AppState
@@ -84,6 +85,7 @@ def create_app(
     )
     app.state.vectorgeo = state
     install_error_handlers(app)
+    install_limits(app, state.serve)
     for module in (search, cells, tiles, viewer, health):
         app.include_router(module.router)
     viewer.mount_assets(app)

@@ -10,6 +10,11 @@ are equally atomic and invisible to readers until commit, but COPY inserts in ba
 multi-insert) while ``INSERT ... SELECT`` inserts row by row, so staging made the load about 2x
 slower (measured: ~1M rows/s COPY into a temp table, then ~0.2M rows/s INSERT ... SELECT, against
 ~0.4M rows/s COPY into the indexed table).
+
+Loaders of the same region are serialised by a transaction-level advisory lock on (model version,
+region), taken before anything else: two loaders racing on one region both succeed, one after the
+other, and the table holds the rows of the one that committed last, each cell once. Catalog changes are
+serialised by the catalog lock (:data:`~vectorgeo.store.catalog.LOCK_KEY`).
 """
 
 from __future__ import annotations
@@ -138,6 +143,11 @@ def _replace_region(
 ) -> Dataset:
     """DELETE the region's key range, COPY the rows, record the region: one transaction."""
     with conn.transaction():
+        # the region lock first (one order for every loader: no deadlock), then the catalog lock
+        conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+            (f"vectorgeo region {model_version} {rows.region}",),
+        )
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
         if not catalog_exists(conn):
             conn.execute(CATALOG_SQL)
@@ -200,7 +210,7 @@ def load_arrays(
     except psycopg.errors.UniqueViolation as e:
         raise DataError(path, f"cells already loaded under another region: {e}; nothing was written") from None
     except psycopg.Error as e:
-        raise DatabaseError(f"loading {path} failed, nothing was written: {e}") from None
+        raise DatabaseError(f"loading {path} failed, nothing was written", detail=str(e).strip()) from None
 
 
 def load_region(conn: psycopg.Connection[Any], path: str | Path, region: int | str | None = None) -> dict[str, Any]:
