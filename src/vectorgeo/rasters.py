@@ -428,7 +428,7 @@ def _check_tile(name: str, ds: Any, g: Grid, first: str, ds0: Any, g0: Grid, key
         raise differs("CRS", ds.crs.to_string(), ds0.crs.to_string())
     if not (math.isclose(g.dx, g0.dx, rel_tol=1e-9) and math.isclose(g.dy, g0.dy, rel_tol=1e-9)):
         raise differs("pixel size", (g.dx, g.dy), (g0.dx, g0.dy))
-    off = ((g.x0 - g0.x0) / g0.dx, (g.y0 - g0.y0) / g0.dy)
+    off = ((g.x0 - g0.x0) / g0.dx + 0.0, (g.y0 - g0.y0) / g0.dy + 0.0)  # + 0.0: no "-0" in messages
     if any(abs(o - round(o)) > 1e-6 for o in off):
         raise differs("grid origin", (g.x0, g.y0), f"{(g0.x0, g0.y0)}; offset {off[0]:g}, {off[1]:g} pixels")
     same_nodata = ds.nodata == ds0.nodata or (
