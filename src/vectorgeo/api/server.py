@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -16,14 +17,26 @@ from vectorgeo.store import QuerySettings
 def app_for_config(config: Mapping[str, Any] | None, url: str) -> FastAPI:
     """The app with the ``serve`` settings and the ``database`` query settings of a config.
 
+    The cell inspector reads the prepared input layers of the workflow (``<results>/layers``, relative
+    to the project folder); without them it answers that they are missing.
+
     Args:
         config: Full config, or None for the defaults.
         url: Database URL.
     """
+    from vectorgeo.config import parse
+    from vectorgeo.inputs import InputLayers
+
+    cfg = parse(config if config is not None else {})
+    results = Path(cfg.results)
+    inputs = InputLayers.from_config(
+        cfg.model_dump(mode="json"), results if results.is_absolute() else db.project_dir() / results
+    )
     return create_app(
         url,
         serve=ServeSettings.from_config(serve_settings(config)),
         query=QuerySettings.from_config(db.settings(config)),
+        inputs=inputs,
     )
 
 
