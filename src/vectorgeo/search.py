@@ -204,16 +204,24 @@ class Answer:
     pos: np.ndarray
     neg: np.ndarray
 
-    def results(self) -> list[dict[str, Any]]:
-        """The results as ``{h3, lat, lng, score}`` (score: percent or probability, :meth:`ScoreMap.shown`)."""
+    def results(self, boundary: bool = False) -> list[dict[str, Any]]:
+        """The results as ``{h3, lat, lng, score}`` (score: percent or probability, :meth:`ScoreMap.shown`).
+
+        Args:
+            boundary: Add each cell's hexagon (``boundary``: [lng, lat] vertices, continuous across ±180°).
+        """
         v = self.score_map.vectors
         r = self.rows
         h3s = h3cells.to_strs(v.h3[r]).astype(str).tolist()
         shown = self.score_map.shown(r).tolist()
-        return [
+        out = [
             {"h3": h, "lat": la, "lng": lo, "score": s}
             for h, la, lo, s in zip(h3s, v.lat[r].tolist(), v.lng[r].tolist(), shown, strict=True)
         ]
+        if boundary:
+            for d, c in zip(out, v.h3[r].tolist(), strict=True):
+                d["boundary"] = h3cells.boundary(c)
+        return out
 
     def export(self) -> export.Results:
         """The results as columns for :mod:`vectorgeo.export`."""

@@ -100,6 +100,7 @@ class QueryResult(BaseModel):
     lat: float
     lng: float
     score: float = Field(description="Percentile among all cells (0–100, similar) or probability (0–1, classify).")
+    boundary: list[list[float]] | None = Field(default=None, description="Hexagon [lng, lat] (?boundary=true).")
 
 
 class QueryResponse(BaseModel):

@@ -61,6 +61,7 @@ def query(
         Literal["json", "geojson", "csv", "parquet"],
         Query(description="json (default), or a download: geojson (hexagons), csv, parquet (GeoParquet)."),
     ] = "json",
+    boundary_: Annotated[bool, Query(alias="boundary", description="Add each result's hexagon (JSON).")] = False,
 ) -> Any:
     """Search by example: score every loaded cell against the examples and return the best k (in an area).
 
@@ -103,7 +104,7 @@ def query(
         "area_cells": answer.area_cells,
         "k": k,
         "examples": [e.to_dict(vectors) for e in answer.examples],
-        "results": answer.results(),
+        "results": answer.results(boundary=boundary_),
     }
 
 
