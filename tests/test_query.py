@@ -35,12 +35,21 @@ def synthetic(pg_cluster, tmp_path_factory) -> Synthetic:
 
 
 @pytest.fixture(scope="module")
-def client(synthetic):
+def inputs(builtin_layers, default_config):
+    from vectorgeo.config import parse
+    from vectorgeo.inputs import InputLayers
+
+    sample = parse(default_config).sample
+    return InputLayers(builtin_layers, sample.patch_px, sample.patch_km)
+
+
+@pytest.fixture(scope="module")
+def client(synthetic, inputs):
     from fastapi.testclient import TestClient
 
     from vectorgeo.api import create_app
 
-    with TestClient(create_app(synthetic.url, serve=serve_with(), build_tiles=False)) as c:
+    with TestClient(create_app(synthetic.url, serve=serve_with(), build_tiles=False, inputs=inputs)) as c:
         yield c
 
 
@@ -370,3 +379,89 @@ def test_old_search_unchanged(client, synthetic):
     lat, lng = h3.cell_to_latlng(cell)
     r = client.post("/search", json={"lat": lat, "lon": lng, "circleRadiusMeters": 100_000, "limit": 5})
     assert r.status_code == 200 and set(r.json()) == {"locations", "scores"} and len(r.json()["scores"]) == 5
+
+
+# --- the embeddings in memory ----------------------------------------------------------------------------------
+def test_embeddings_in_memory_are_the_loaded_ones(client, synthetic):
+    v = client.app.state.vectorgeo.scores.vectors()
+    ok = synthetic.valid
+    np.testing.assert_array_equal(v.h3, synthetic.h3[ok])
+    np.testing.assert_allclose(v.lat, synthetic.lat[ok])
+    np.testing.assert_allclose(v.lng, synthetic.lng[ok])
+    np.testing.assert_allclose(v.embedding, synthetic.embedding[ok], atol=1e-6)
+    assert v.embedding.flags.c_contiguous and v.dim == 16 and v.model_version == "synthetic-api-v1"
+
+
+def test_reloaded_regions_are_read_again(pg_cluster, tmp_path):
+    """A region loaded while the app runs reaches the scores after the check interval (read in the background)."""
+    import time
+
+    from fastapi.testclient import TestClient
+    from test_api import make_synthetic
+
+    from vectorgeo import store
+    from vectorgeo.api import create_app
+
+    s = load_synthetic(pg_cluster, tmp_path / "a", bbox=(8.0, 45.0, 9.0, 46.0))
+    with TestClient(create_app(s.url, build_tiles=False, meta_ttl_s=0.0)) as c:
+        n0 = c.app.state.vectorgeo.scores.vectors().n
+        far = h3.latlng_to_cell(46.8, 14.8, 5)
+        assert c.post("/query", json={"positives": [far]}).status_code == 404
+        paths, _ = make_synthetic(tmp_path / "b", bbox=(14.0, 46.0, 15.5, 47.5))
+        with store.connect(s.url) as conn:
+            for p in paths:
+                store.load_region(conn, p)
+        deadline = time.monotonic() + 60
+        while c.app.state.vectorgeo.scores.vectors().n == n0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert c.app.state.vectorgeo.scores.vectors().n > n0
+        assert c.post("/query", json={"positives": [far]}).status_code == 200
+
+
+# --- the cell inspector and the basemap ---------------------------------------------------------------------
+def test_inspector_shows_the_patches_the_model_saw(client, synthetic, inputs):
+    from vectorgeo.sampling import gather_patches
+
+    cell = a_valid_cell(synthetic, (46.5, 9.5))
+    r = client.get(f"/cells/{cell}/inputs")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    lat, lng = h3.cell_to_latlng(cell)
+    assert body["h3"] == cell and body["lat"] == pytest.approx(lat) and body["patch_px"] == inputs.patch_px
+    values, _, _ = gather_patches(inputs.layers, np.array([lat]), np.array([lng]), inputs.patch_px, inputs.patch_km)
+    layers = {layer["name"]: layer for layer in body["layers"]}
+    assert list(layers) == list(inputs.layers)
+    lc = np.array(layers["landcover"]["values"], dtype=float)
+    np.testing.assert_array_equal(lc, values["landcover"][0].astype(float))  # the Alps: no nodata
+    names = [c["name"] for c in layers["landcover"]["legend"]]
+    assert names == inputs.layers["landcover"].spec.class_names and layers["landcover"]["legend"][2][
+        "colour"
+    ].startswith("#")
+    elev = np.array(layers["elevation"]["values"], dtype=float)
+    np.testing.assert_allclose(elev, values["elevation"][0], rtol=1e-6)
+    assert layers["elevation"]["unit"] == "m" and layers["elevation"]["max"] > 1500  # Alpine peaks
+    png = client.get(body["imagery"])
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    from PIL import Image
+
+    assert Image.open(io.BytesIO(png.content)).size == (64, 64)
+
+
+def test_inspector_without_layers_says_so(synthetic):
+    from fastapi.testclient import TestClient
+
+    from vectorgeo.api import create_app
+
+    with TestClient(create_app(synthetic.url, build_tiles=False), raise_server_exceptions=False) as c:
+        r = c.get(f"/cells/{a_valid_cell(synthetic)}/inputs")
+    assert r.status_code == 500 and "prepare_layer" in r.json()["message"]
+
+
+def test_basemap_tiles(client):
+    from PIL import Image
+
+    r = client.get("/basemap/1/1/0.jpg")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(r.content)).size == (256, 256)
+    assert client.get("/basemap/6/0/0.jpg").json()["param"] == "z"
+    assert client.get("/basemap/1/2/0.jpg").json()["param"] == "x"

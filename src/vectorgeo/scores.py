@@ -40,7 +40,7 @@ from vectorgeo.errors import RequestError
 from vectorgeo.store.vectors import CellVectors
 
 NEGATIVE_WEIGHT = 0.5
-L2 = 1.0
+L2 = 0.1
 BACKGROUND_MIN = 200
 BACKGROUND_PER_EXAMPLE = 20
 NEWTON_STEPS = 50
