@@ -60,8 +60,13 @@ def test_classify_scores_positives_above_negatives() -> None:
     neg = np.array([7, 99])
     smap = scores.score_all(v, "classify", pos, neg, "00000000000000000000")
     assert smap.kind == "probability" and smap.details["background"] == scores.BACKGROUND_MIN
-    assert (smap.readable[pos] > 0.5).all() and (smap.readable[neg] < 0.5).all()
-    np.testing.assert_allclose(smap.readable, 1 / (1 + np.exp(-smap.raw.astype(np.float64))), atol=1e-6)
+    assert (smap.readable(pos) > 0.5).all() and (smap.readable(neg) < 0.5).all()
+    every = np.arange(v.n)
+    np.testing.assert_allclose(smap.readable(every), 1 / (1 + np.exp(-smap.raw.astype(np.float64))), atol=1e-6)
+    starts = np.array([0, 100, 350])
+    probs = smap.readable(every)
+    want = [probs[:100].mean(), probs[100:350].mean(), probs[350:].mean()]
+    np.testing.assert_allclose(smap.rollup(3, starts), want, rtol=1e-5)  # parents: mean probability
     again = scores.score_all(v, "classify", pos, neg, "00000000000000000000")
     np.testing.assert_array_equal(again.raw, smap.raw)  # the background sample is seeded by the id
 
@@ -76,12 +81,13 @@ def test_similar_map_and_rollup() -> None:
     v = vectors()
     smap = scores.score_all(v, "similar", np.array([10]), np.zeros(0, np.int64), "x" * 20)
     np.testing.assert_allclose(smap.raw, v.embedding @ v.embedding[10], atol=1e-6)
-    assert smap.readable[10] == 1.0 and smap.shown(np.array([10])).tolist() == [100.0]
+    assert smap.readable(np.array([10])).tolist() == [1.0] and smap.shown(np.array([10])).tolist() == [100.0]
+    np.testing.assert_allclose(smap.readable(np.arange(v.n)), scores.percentiles(smap.raw))
     starts = np.array([0, 100, 350])
     roll = smap.rollup(4, starts)
-    np.testing.assert_allclose(
-        roll, [smap.readable[:100].mean(), smap.readable[100:350].mean(), smap.readable[350:].mean()], rtol=1e-6
-    )
+    # parents: the percentile among the cells of the children's mean similarity
+    means = [smap.raw[:100].mean(), smap.raw[100:350].mean(), smap.raw[350:].mean()]
+    np.testing.assert_allclose(roll, [(smap.raw < m).sum() / (v.n - 1) for m in means], atol=1e-6)
     assert smap.rollup(4, starts) is roll  # cached
     with pytest.raises(RequestError, match="mode"):
         scores.score_all(v, "nearest", np.array([1]), np.zeros(0, np.int64), "x" * 20)

@@ -10,8 +10,9 @@ matrix–vector product over its in-memory ``(n, d)`` float32 matrix :math:`E` (
 (:math:`\\bar e_P, \\bar e_N` the mean embeddings of the positives and negatives, :math:`\\beta` =
 :data:`NEGATIVE_WEIGHT`; :math:`q = \\hat p` without negatives) and the raw score is the
 cosine :math:`s_i = e_i \\cdot q`. Raw cosines of embeddings crowd near 1, so the readable score is the
-percentile: :math:`r_i = |\\{j : s_j < s_i\\}| / (n - 1)`, 0 for the least similar cell and 1 for the
+percentile: :math:`r(s) = |\\{j : s_j < s\\}| / (n - 1)`, 0 for the least similar cell and 1 for the
 most similar (tied cells share the lower rank), given in answers in percent (100 = the most similar).
+It is looked up in the sorted scores when needed (:func:`ranks_in`), never computed for every cell.
 
 ``classify``: an L2-regularised logistic regression :math:`P(y = 1 \\mid e) = \\sigma(w \\cdot e + b)`
 fitted by Newton's method on the positives (:math:`y = 1`), the negatives and a background sample of
@@ -22,8 +23,12 @@ rest). Features are standardised by the background's mean and spread, so that th
 the logit, the readable score the probability: the chance of the positive class under equal priors, a
 probability a person can read, not the frequency of the class in the world.
 
-Cost for :math:`n` cells of dimension :math:`d`: the product reads :math:`4 n d` bytes (memory bound),
-the percentiles sort :math:`n` floats (:math:`O(n \\log n)`), rollups and top-k are :math:`O(n)`.
+Rollups (a parent cell at low zooms): ``similar``: the percentile, among the cells, of the mean raw score
+of the parent's children; ``classify``: the mean probability of the children.
+
+Cost for :math:`n` cells of dimension :math:`d`: the product reads :math:`4 n d` bytes (memory bound; it
+runs in numpy's own loop, :func:`matvec`), ``similar`` sorts :math:`n` floats once (:math:`O(n \\log n)`,
+a radix-like sort that takes tens of milliseconds at 4M), top-k and rollups are :math:`O(n)`.
 """
 
 from __future__ import annotations
@@ -69,19 +74,30 @@ def similar_vector(positives: np.ndarray, negatives: np.ndarray, beta: float = N
     return unit(q)
 
 
+def matvec(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """``matrix @ vector`` in float32 through numpy's own SIMD loop (:func:`numpy.einsum`), not BLAS.
+
+    A threaded BLAS is no faster here (the product is memory bound) and its threads contend when
+    several requests score at once; einsum runs in the request's own thread.
+    """
+    out: np.ndarray = np.einsum("ij,j->i", matrix, np.asarray(vector, dtype=matrix.dtype))
+    return out
+
+
+def ranks_in(sorted_values: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """How many of ``sorted_values`` are strictly below each ``x`` (int64); ``x`` is looked up in sorted
+    order, so the binary searches walk the array forwards (many times faster than random look-ups)."""
+    x = np.asarray(x)
+    order = np.argsort(x, kind="stable")
+    out = np.empty(x.shape[0], dtype=np.int64)
+    out[order] = np.searchsorted(sorted_values, x[order], side="left")
+    return out
+
+
 def percentiles(raw: np.ndarray) -> np.ndarray:
-    """Percentile ranks in [0, 1] (float32): the fraction of the other cells scoring strictly lower."""
+    """Percentile ranks in [0, 1] (float32) of every value: the fraction of the others strictly lower."""
     n = raw.shape[0]
-    if n == 0:
-        return np.zeros(0, dtype=np.float32)
-    order = np.argsort(raw)
-    s = raw[order]
-    new = np.empty(n, dtype=bool)
-    new[0] = True
-    np.not_equal(s[1:], s[:-1], out=new[1:])
-    first = np.maximum.accumulate(np.where(new, np.arange(n), 0))
-    out = np.empty(n, dtype=np.float32)
-    out[order] = first / max(n - 1, 1)
+    out: np.ndarray = (ranks_in(np.sort(raw), raw) / max(n - 1, 1)).astype(np.float32)
     return out
 
 
@@ -122,11 +138,13 @@ def fit_logistic(
     beta = np.zeros(d + 1)
     reg = np.full(d + 1, l2)
     reg[-1] = 1e-9
+    # einsum, not BLAS: on matrices this small a threaded BLAS spends more time waking its threads than
+    # computing (tens of milliseconds a product on a busy machine, against about one)
     for _ in range(steps):
-        z = np.clip(xa @ beta, -40, 40)
+        z = np.clip(np.einsum("ij,j->i", xa, beta), -40, 40)
         p = 1.0 / (1.0 + np.exp(-z))
-        grad = xa.T @ (weight * (p - y)) + reg * beta
-        hess = (xa * (weight * p * (1 - p))[:, None]).T @ xa + np.diag(reg)
+        grad = np.einsum("ij,i->j", xa, weight * (p - y)) + reg * beta
+        hess = np.einsum("ij,ik->jk", xa * (weight * p * (1 - p))[:, None], xa) + np.diag(reg)
         step = np.linalg.solve(hess, grad)
         beta -= step
         if float(np.abs(step).max()) < 1e-8:
@@ -178,14 +196,14 @@ def score_id(vectors: CellVectors, mode: str, positives: Sequence[int], negative
 
 @dataclass
 class ScoreMap:
-    """Every cell's score for one query: raw (cosine or logit) and readable (percentile or probability).
+    """Every cell's raw score for one query (cosine or logit), and its readable scores on demand.
 
     Attributes:
         id: :func:`score_id`.
         mode: ``similar`` or ``classify``.
         vectors: The snapshot that was scored (rows line up with its arrays).
         raw: (n,) float32; orders the results.
-        readable: (n,) float32 in [0, 1]: the percentile (similar) or the probability (classify).
+        sorted_raw: ``similar``: ``raw`` sorted (the percentiles' reference); ``classify``: None.
         details: What the scoring used (e.g. the background size of classify).
     """
 
@@ -193,7 +211,7 @@ class ScoreMap:
     mode: str
     vectors: CellVectors
     raw: np.ndarray
-    readable: np.ndarray
+    sorted_raw: np.ndarray | None = None
     details: dict[str, Any] = field(default_factory=dict)
     _rollups: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -203,13 +221,25 @@ class ScoreMap:
         """``percentile`` or ``probability``."""
         return KINDS[self.mode]
 
+    def readable_of(self, raw: np.ndarray) -> np.ndarray:
+        """Readable scores in [0, 1] (float32) of raw scores: percentile among the cells, or probability."""
+        if self.sorted_raw is None:
+            return sigmoid(raw)
+        n = self.sorted_raw.shape[0]
+        out: np.ndarray = (ranks_in(self.sorted_raw, raw) / max(n - 1, 1)).astype(np.float32)
+        return out
+
+    def readable(self, rows: np.ndarray) -> np.ndarray:
+        """Readable scores in [0, 1] of some cells (rows of the snapshot)."""
+        return self.readable_of(self.raw[rows])
+
     def shown(self, rows: np.ndarray) -> np.ndarray:
         """Readable scores of some rows in the units answers use: percent (0–100) or probability (0–1)."""
-        out: np.ndarray = self.readable[rows].astype(np.float64) * SCALES[self.kind]
+        out: np.ndarray = self.readable(rows).astype(np.float64) * SCALES[self.kind]
         return out
 
     def rollup(self, level: int, starts: np.ndarray) -> np.ndarray:
-        """Mean readable score under each parent of one H3 level (float32), cached per level.
+        """Readable score of each parent of one H3 level (float32, module docstring), cached per level.
 
         Args:
             level: The level's resolution (cache key).
@@ -219,9 +249,14 @@ class ScoreMap:
         with self._lock:
             out = self._rollups.get(level)
         if out is None:
-            counts = np.diff(np.append(starts, self.readable.shape[0]))
-            sums = np.add.reduceat(self.readable.astype(np.float64), starts) if starts.size else np.zeros(0)
-            out = (sums / np.maximum(counts, 1)).astype(np.float32)
+            n = self.raw.shape[0]
+            counts = np.maximum(np.diff(np.append(starts, n)), 1)
+            if starts.size == 0:
+                out = np.zeros(0, dtype=np.float32)
+            elif self.sorted_raw is None:
+                out = (np.add.reduceat(sigmoid(self.raw).astype(np.float64), starts) / counts).astype(np.float32)
+            else:
+                out = self.readable_of(np.add.reduceat(self.raw.astype(np.float64), starts) / counts)
             with self._lock:
                 self._rollups[level] = out
         return out
@@ -235,14 +270,13 @@ def score_all(vectors: CellVectors, mode: str, pos: np.ndarray, neg: np.ndarray,
     """
     emb = vectors.embedding
     if mode == "similar":
-        q = similar_vector(emb[pos], emb[neg]).astype(np.float32)
-        raw = emb @ q
-        return ScoreMap(map_id, mode, vectors, raw, percentiles(raw), {"negative_weight": NEGATIVE_WEIGHT})
+        raw = matvec(emb, similar_vector(emb[pos], emb[neg]))
+        return ScoreMap(map_id, mode, vectors, raw, np.sort(raw), {"negative_weight": NEGATIVE_WEIGHT})
     if mode == "classify":
         seed = int(map_id[:8], 16)
         model = fit_classifier(vectors, pos, neg, seed)
-        raw = emb @ model.coef.astype(np.float32) + np.float32(model.intercept)
-        return ScoreMap(map_id, mode, vectors, raw, sigmoid(raw), {"background": model.background, "l2": L2})
+        raw = matvec(emb, model.coef) + np.float32(model.intercept)
+        return ScoreMap(map_id, mode, vectors, raw, None, {"background": model.background, "l2": L2})
     raise RequestError("mode", f"expected one of {', '.join(KINDS)}, got {mode!r}")
 
 

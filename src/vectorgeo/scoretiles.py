@@ -4,8 +4,8 @@ Independent of the base map's tiles: the hexagons come from the in-memory cells 
 :class:`~vectorgeo.store.vectors.CellVectors`, so a score map is drawn the moment it is scored.
 
 Levels: zoom :math:`z` shows H3 resolution :func:`vectorgeo.tiles.level_for_zoom` (the finest whose
-cells fit a tile within the feature cap); a parent's score is the mean readable score of its loaded
-children (:meth:`~vectorgeo.scores.ScoreMap.rollup`). Since the cells are sorted by h3 and a parent's
+cells fit a tile within the feature cap); a parent's score summarises its loaded children
+(:meth:`~vectorgeo.scores.ScoreMap.rollup`). Since the cells are sorted by h3 and a parent's
 descendants are one run of that order (:mod:`vectorgeo.h3cells`), a level is the run starts of the
 parent indexes, found in one pass.
 
@@ -190,7 +190,7 @@ def score_tile(smap: ScoreMap, levels: Levels, z: int, x: int, y: int, max_featu
     idx, shift = tile_cells(level, z, x, y)
     if idx.size == 0:
         return b""
-    values = smap.readable if level.res >= vectors.resolution else smap.rollup(level.res, level.starts)
+    full = level.res >= vectors.resolution  # then the level's cells are the rows themselves
     lng_c = level.lng[idx] + 360.0 * shift
     xy, offsets = hexagon_rings(level.cells[idx], lng_c)
     ring = np.repeat(np.arange(idx.size), np.diff(offsets))
@@ -210,6 +210,6 @@ def score_tile(smap: ScoreMap, levels: Levels, z: int, x: int, y: int, max_featu
     offsets_k = np.concatenate([[0], np.cumsum(np.diff(offsets)[keep])])
     props = {
         "h3": h3cells.to_strs(level.cells[idx[keep]]),
-        "score": values[idx[keep]].astype(np.float32),
+        "score": smap.readable(idx[keep]) if full else smap.rollup(level.res, level.starts)[idx[keep]],
     }
     return mvt.encode_polygons(LAYER, np.column_stack([tx[vkeep], ty[vkeep]]), offsets_k, props)
