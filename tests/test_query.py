@@ -452,9 +452,13 @@ def test_inspector_without_layers_says_so(synthetic):
 
     from vectorgeo.api import create_app
 
-    with TestClient(create_app(synthetic.url, build_tiles=False), raise_server_exceptions=False) as c:
-        r = c.get(f"/cells/{a_valid_cell(synthetic)}/inputs")
-    assert r.status_code == 500 and "prepare_layer" in r.json()["message"]
+    with TestClient(create_app(synthetic.url, build_tiles=False)) as c:
+        for path in ("inputs", "imagery.png"):
+            r = c.get(f"/cells/{a_valid_cell(synthetic)}/{path}")
+            assert (
+                r.status_code == 503 and r.json()["error"] == "unavailable" and "prepare_layer" in r.json()["message"]
+            )
+        assert c.get("/cells/000000000000000/inputs").json()["param"] == "h3"  # bad input first
 
 
 def test_basemap_tiles(client):

@@ -10,10 +10,10 @@ from fastapi import Path as PathParam
 from fastapi.responses import Response
 
 from vectorgeo import basemap, h3cells
+from vectorgeo.api.errors import error_response
 from vectorgeo.api.models import ERRORS
 from vectorgeo.api.query_models import CellInputs
 from vectorgeo.api.state import AppState, StateDep
-from vectorgeo.errors import DataError
 from vectorgeo.inputs import InputLayers
 from vectorgeo.validation import H3_PATTERN, parse_cell
 
@@ -23,10 +23,7 @@ CellParam = Annotated[str, PathParam(pattern=H3_PATTERN, description="H3 cell, 1
 IMAGERY_PX = 64
 
 
-def _inputs(state: AppState) -> InputLayers:
-    if state.inputs is None:
-        raise DataError("results/layers", "the prepared input layers are not there; run the workflow (prepare_layer)")
-    return state.inputs
+NO_LAYERS = "the model's prepared input layers are not there (results/layers); run the workflow (rule prepare_layer)"
 
 
 def _centre(state: AppState, h3: str) -> tuple[int, float, float]:
@@ -37,9 +34,14 @@ def _centre(state: AppState, h3: str) -> tuple[int, float, float]:
 
 @router.get("/cells/{h3}/inputs", response_model=CellInputs, responses=ERRORS)
 def cell_inputs(state: StateDep, h3: CellParam) -> Any:
-    """The patches the model saw at a cell: each input layer (classes with a legend, or values), north up."""
-    inputs = _inputs(state)
+    """The patches the model saw at a cell: each input layer (classes with a legend, or values), north up.
+
+    503 when the server has no prepared input layers.
+    """
     cell, lat, lng = _centre(state, h3)
+    inputs = state.inputs
+    if inputs is None:
+        return error_response(503, "unavailable", NO_LAYERS)
     return {
         "h3": h3cells.to_str(cell),
         "lat": lat,
@@ -58,8 +60,10 @@ def cell_inputs(state: StateDep, h3: CellParam) -> Any:
 )
 def cell_imagery(state: StateDep, h3: CellParam) -> Response:
     """Blue Marble imagery over the cell's patch footprint (context for a person; not a model input)."""
-    inputs = _inputs(state)
     _, lat, lng = _centre(state, h3)
+    inputs = state.inputs
+    if inputs is None:
+        return error_response(503, "unavailable", NO_LAYERS)
     zoomed = InputLayers(inputs.layers, IMAGERY_PX, inputs.patch_km)
     rows, cols = zoomed.axes(lat, lng)
     return Response(basemap.patch_image(rows, cols), media_type="image/png")
