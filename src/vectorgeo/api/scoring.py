@@ -172,11 +172,11 @@ class ScoreService:
 
     def score_map(self, map_id: str) -> scores.ScoreMap | None:
         """A kept score map, scored again when evicted; None when unknown or of an older snapshot."""
+        snap = self.snapshot()
         smap = self.maps.get(map_id)
         if smap is not None:
-            return smap
+            return smap if smap.vectors is snap.vectors else None
         d = self.definitions.get(map_id)
-        snap = self.snapshot()
         if d is None or d.signature != snap.vectors.signature:
             return None
         smap = scores.score_all(snap.vectors, d.mode, d.pos, d.neg, map_id)
@@ -189,7 +189,7 @@ class ScoreService:
         data = self.tile_cache.get(key)
         if data is None:
             snap = self.snapshot()
-            levels = snap.levels if snap.vectors is smap.vectors else scoretiles.Levels(smap.vectors)
+            levels = snap.levels if snap.vectors is smap.vectors else scoretiles.Levels(smap.vectors)  # rare: a reload
             raw = scoretiles.score_tile(smap, levels, z, x, y, self.max_features)
             data = gzip.compress(raw, compresslevel=5, mtime=0)
             self.tile_cache.put(key, data)
