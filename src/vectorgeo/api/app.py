@@ -13,10 +13,13 @@ from fastapi import FastAPI
 from vectorgeo import db, store
 from vectorgeo.api.errors import install_error_handlers
 from vectorgeo.api.limits import install_limits
-from vectorgeo.api.routers import cells, health, search, tiles, viewer
+from vectorgeo.api.routers import basemap, cells, health, search, tiles, viewer
+from vectorgeo.api.routers import inputs as inputs_router
+from vectorgeo.api.routers import query as query_router
 from vectorgeo.api.settings import ServeSettings, serve_settings
 from vectorgeo.api.state import META_TTL_S, POOL_TIMEOUT_S, AppState
 from vectorgeo.errors import VectorgeoError
+from vectorgeo.inputs import InputLayers
 from vectorgeo.store import QuerySettings
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,7 @@ def _warm_up(state: AppState) -> None:
         log.info("tiles of %s ready: %d cells at resolution %d", meta.model_version, meta.cells, meta.resolution)
     except VectorgeoError as e:
         log.warning("tiles not ready: %s", e)
+    state.scores.warm_up()
 
 
 @asynccontextmanager
@@ -83,6 +87,7 @@ def create_app(
     build_tiles: bool = True,
     pool_timeout_s: float = POOL_TIMEOUT_S,
     meta_ttl_s: float = META_TTL_S,
+    inputs: InputLayers | None = None,
 ) -> FastAPI:
     """The API and viewer app.
 
@@ -94,6 +99,7 @@ def create_app(
         pool_timeout_s: Seconds a request waits for a database connection before a 503.
         meta_ttl_s: Seconds between checks of the loaded resolution and tiles (reloaded regions show
             up after at most this long).
+        inputs: The model's prepared input layers, for the cell inspector (``/cells/{h3}/inputs``).
 
     Returns:
         The FastAPI application; the database is first contacted at start-up (lifespan).
@@ -104,6 +110,7 @@ def create_app(
         query or QuerySettings.from_config(db.settings()),
         pool_timeout_s=pool_timeout_s,
         meta_ttl_s=meta_ttl_s,
+        inputs=inputs,
     )
 
     app = FastAPI(
@@ -117,7 +124,7 @@ def create_app(
     app.state.vectorgeo = state
     install_error_handlers(app)
     install_limits(app, state.serve)
-    for module in (search, cells, tiles, viewer, health):
+    for module in (search, query_router, cells, inputs_router, tiles, basemap, viewer, health):
         app.include_router(module.router)
     viewer.mount_assets(app)
     _add_links(app)

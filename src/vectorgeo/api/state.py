@@ -32,8 +32,10 @@ from psycopg import IsolationLevel
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from vectorgeo import db, store, tiles
+from vectorgeo.api.scoring import ScoreService
 from vectorgeo.api.settings import ServeSettings
 from vectorgeo.errors import DatabaseError, QueryTimeout, VectorgeoError
+from vectorgeo.inputs import InputLayers
 from vectorgeo.store import QuerySettings
 
 log = logging.getLogger(__name__)
@@ -153,10 +155,18 @@ class AppState:
         query: Similarity query settings (``database`` config section).
         pool_timeout_s: Seconds a request waits for a database connection before it gets a 503.
         meta_ttl_s: Seconds between checks of the loaded resolution and tiles.
+        inputs: The model's prepared input layers (the cell inspector), or None.
     """
 
     def __init__(
-        self, url: str, serve: ServeSettings, query: QuerySettings, *, pool_timeout_s: float, meta_ttl_s: float
+        self,
+        url: str,
+        serve: ServeSettings,
+        query: QuerySettings,
+        *,
+        pool_timeout_s: float,
+        meta_ttl_s: float,
+        inputs: InputLayers | None = None,
     ) -> None:
         self.url = url
         self.serve = serve
@@ -177,6 +187,8 @@ class AppState:
         self.tiles = TileTracker(url, serve.tile_max_features, meta_ttl_s)
         self.tile_cache = TileCache(TILE_CACHE_SIZE)
         self._resolution: Checked[int] | None = None
+        self.scores = ScoreService(self.connection, meta_ttl_s, serve.tile_max_features)
+        self.inputs = inputs
 
     def open(self) -> None:
         """Start the pool (connections are made in the background; a database that is down is no error)."""
