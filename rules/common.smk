@@ -6,8 +6,10 @@ import os
 
 from vectorgeo import config as vg_config
 from vectorgeo import layers as vg_layers
+from vectorgeo import resources as vg_resources
 from vectorgeo import sources as vg_sources
 from vectorgeo import stencil as vg_stencil
+from vectorgeo import windows as vg_windows
 from vectorgeo.errors import VectorgeoError
 
 # The typed config (vectorgeo.config): cross-field checks, the local files it names, and every default
@@ -39,6 +41,18 @@ wildcard_constraints:
     digest="[0-9a-f]{12}",
     layer="|".join(ALL_LAYERS),
     i=r"\d+",
+
+
+def mem_mb(base_mb, factor=0.0):
+    """A mem_mb resource: base_mb plus factor x the job's input size, doubled at each retry
+    (vectorgeo.resources.mem_mb)."""
+
+    def estimate(wildcards, input, attempt):
+        return vg_resources.mem_mb(
+            base_mb, factor, input.size_mb if factor else 0.0, attempt
+        )
+
+    return estimate
 
 
 def results(*parts):
@@ -79,6 +93,12 @@ def layer_tiles(wildcards):
         f"layers.{wildcards.layer}.source",
     )
     return [storage(t) if vg_sources.is_remote(t) else local(t) for t in tiles]
+
+
+# every region a stencil of this config can hold (known before the stencil runs, see vectorgeo.windows)
+WINDOW_REGIONS = vg_windows.candidate_regions(
+    CFG.stencil.region_resolution, config["stencil"]["extent"]
+)
 
 
 def crop_bbox():

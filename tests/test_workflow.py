@@ -40,6 +40,7 @@ GPU_RULES = ("train_model", "embed_region")
 RULES = (
     "all",
     "build_index",
+    "cut_windows",
     "embed_region",
     "evaluate",
     "load_region",
@@ -56,6 +57,7 @@ PER_REGION_RULES = ("embed_region", "load_region")
 TINY_JOBS = {
     "prepare_layer": 3,  # landcover, elevation, land_mask
     "stencil": 1,
+    "cut_windows": 1,
     "sample_triplets": 2,  # sample.shards
     "train_model": 1,
     "rollup": 1,
@@ -190,8 +192,9 @@ def test_dry_run_lists_every_stage(workdir: Path) -> None:
     assert layers == {"landcover", "elevation", "land_mask"}
     tasks = {w["task"] for rule, w in planned_jobs(out) if rule == "prepare_eval_label"}
     assert tasks == {"koppen", "elevation"}
-    # a dry run cannot see past the stencil checkpoint: per-region jobs appear once it ran
-    assert job_stats(out) == Counter(TINY_JOBS), out[-4000:]
+    # a dry run cannot see past the stencil checkpoint: per-region jobs (and the windows they read)
+    # appear once it ran
+    assert job_stats(out) == Counter(TINY_JOBS) - Counter({"cut_windows": 1}), out[-4000:]
 
 
 def test_lint_is_clean(workdir: Path) -> None:
