@@ -136,12 +136,16 @@ def _check_rows(
 def _replace_region(
     conn: psycopg.Connection[Any], rows: _Rows, model_version: str, checksum: str, path: str
 ) -> Dataset:
-    """DELETE the region's key range, COPY the rows, record the region: one transaction."""
+    """Create the dataset when missing (a short transaction), then DELETE the region's key range, COPY
+    the rows and record the region in one transaction that locks only this region."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
         if not catalog_exists(conn):
             conn.execute(CATALOG_SQL)
         ds = create_dataset(conn, model_version, int(rows.embedding.shape[1]), rows.resolution, path)
+    with conn.transaction():
+        # H3 cell ids are >= 2**59, never equal to the catalog's or the tiles' lock keys
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (rows.region,))
         # the region's rows are one primary-key range: no region index needed
         conn.execute(sql.SQL("DELETE FROM {} WHERE h3 BETWEEN %s AND %s").format(ds.ident), (rows.lo, rows.hi))
         copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(ds.ident, sql.SQL(COPY_COLUMNS))
