@@ -4,7 +4,10 @@ import json
 import math
 import os
 
+from snakemake.logging import logger
+
 from vectorgeo import config as vg_config
+from vectorgeo import db as vg_db
 from vectorgeo import layers as vg_layers
 from vectorgeo import resources as vg_resources
 from vectorgeo import sources as vg_sources
@@ -160,6 +163,26 @@ def cuda_requested(device):
     # a driver probe, not a workflow path
     gpus = os.path.join(os.sep, "proc", "driver", "nvidia", "gpus")
     return os.path.isdir(gpus) and len(os.listdir(gpus)) > 0
+
+
+def share_database():
+    """One database for a run whose jobs run on other machines (SLURM), never one per node: the external
+    one, or the project-local server started here, once, by the main process; its URL goes to every job
+    through the environment (vectorgeo.db.share_database)."""
+    if workflow.local_exec or vg_db.external_url(config):
+        return
+    if not any(
+        job.rule.name in ("load_region", "build_index")
+        for job in workflow.dag.needrun_jobs()
+    ):
+        return
+    url = vg_db.share_database(config)
+    os.environ[vg_db.ENV_URL] = url
+    logger.info(f"database of every job of this run: {vg_db.mask_password(url)}")
+
+
+onstart:
+    share_database()
 
 
 def final_targets():
