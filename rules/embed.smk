@@ -84,3 +84,29 @@ rule rollup:
 
 
 FINAL_TARGETS.extend([*ROLLUP_TARGETS, results("embeddings", "rollup", "summary.json")])
+
+
+rule build_tiles:
+    input:
+        regions=lambda wildcards: region_targets(
+            results("embeddings", "{region}_{digest}.parquet")
+        ),
+    output:
+        archive=results("tiles", "cells.pmtiles"),
+    log:
+        "logs/build_tiles/build_tiles.log",
+    benchmark:
+        "benchmarks/build_tiles/build_tiles.tsv"
+    conda:
+        "../envs/torch.yaml"
+    resources:
+        # the cells' ids and colours, the rollup sums of one region at a time
+        mem_mb=mem_mb(1500, 0.5),
+        runtime=60,
+    params:
+        max_features=CFG.serve.tile_max_features,
+    script:
+        "../scripts/build_tiles.py"
+
+
+FINAL_TARGETS.append(rules.build_tiles.output.archive)

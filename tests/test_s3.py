@@ -384,7 +384,7 @@ def test_lost_region_output_is_rebuilt_alone(s3run: S3Run) -> None:
     changed = {k for k in after if before.get(k) is None or before[k][1] != after[k][1]}
     assert {k for k in changed if k.startswith("results/")} == {key}
     # what reads that region's embeddings is now stale (and what reads those outputs), nothing else is
-    downstream = {"rollup": 1, "load_region": 1, "build_index": 1, "evaluate": 1, "all": 1}
+    downstream = {"rollup": 1, "build_tiles": 1, "load_region": 1, "build_index": 1, "evaluate": 1, "all": 1}
     dry = s3run.snakemake("-n")
     assert dict(job_stats(dry)) == downstream, dry[-4000:]
     assert [w["region"] for rule, w in planned_jobs(dry) if rule == "load_region"] == [region]
@@ -475,6 +475,7 @@ def test_production_config_builds_its_dag(tmp_path: Path) -> None:
         "prepare_eval_label": 2,
         # the jobs that gather every region, waiting for the stencil checkpoint
         "rollup": 1,
+        "build_tiles": 1,
         "build_index": 1,
         "evaluate": 1,
         "all": 1,

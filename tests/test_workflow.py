@@ -40,6 +40,7 @@ GPU_RULES = ("train_model", "embed_region")
 RULES = (
     "all",
     "build_index",
+    "build_tiles",
     "cut_windows",
     "embed_region",
     "evaluate",
@@ -61,6 +62,7 @@ TINY_JOBS = {
     "sample_triplets": 2,  # sample.shards
     "train_model": 1,
     "rollup": 1,
+    "build_tiles": 1,
     "build_index": 1,
     "prepare_eval_label": 2,  # the raster tasks koppen and elevation (country is a vector task)
     "evaluate": 1,
