@@ -27,7 +27,9 @@ def test_tile_ids_follow_pmtiles() -> None:
     rng = np.random.default_rng(0)
     for z in range(12):
         x, y = rng.integers(0, 1 << z, 64), rng.integers(0, 1 << z, 64)
-        assert pyramid.tile_ids(z, x, y).tolist() == [zxy_to_tileid(z, int(a), int(b)) for a, b in zip(x, y)]
+        assert pyramid.tile_ids(z, x, y).tolist() == [
+            zxy_to_tileid(z, int(a), int(b)) for a, b in zip(x, y, strict=True)
+        ]
 
 
 def test_varints_and_zigzag() -> None:
@@ -132,3 +134,47 @@ def test_low_zooms_show_rollups(archive: tuple[Path, dict, dict]) -> None:
 def test_no_region_files_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(DataError):
         pyramid.build_pyramid([], tmp_path / "x.pmtiles", MAX_FEATURES)
+
+
+def test_api_serves_the_archive_of_the_active_version(loaded_region, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """With an archive of the active model version, tiles and /meta come from it (no tile tables are built),
+    and /tiles.pmtiles answers range requests; an archive of another version is not used."""
+    import psycopg
+    from fastapi.testclient import TestClient
+
+    from vectorgeo.api import create_app
+
+    lr = loaded_region
+    status = np.where(lr.valid, "ok", "nodata")
+    region_file = tmp_path / f"{lr.region}_000000000000.parquet"
+    gp.write_region(region_file, lr.h3, lr.lat, lr.lng, lr.embedding, status, lr.model_version, region=lr.region)
+    archive = tmp_path / "cells.pmtiles"
+    pyramid.build_pyramid([str(region_file)], archive, MAX_FEATURES)
+
+    def built() -> object:
+        with psycopg.connect(lr.url, autocommit=True) as conn:
+            if conn.execute("SELECT to_regclass('vectorgeo_tiles') IS NULL").fetchone()[0]:
+                return None
+            return conn.execute("SELECT built_at FROM vectorgeo_tiles").fetchall()
+
+    before = built()
+    with TestClient(create_app(lr.url, tile_archive=archive)) as c:
+        meta = c.get("/meta").json()
+        assert meta["resolution"] == 5 and meta["tile_maxzoom"] == tiles.max_zoom(5, MAX_FEATURES)
+        lat, lng = float(lr.lat[0]), float(lr.lng[0])
+        z = meta["tile_maxzoom"]
+        x, y = _tile_of(lat, lng, z)
+        r = c.get(f"/tiles/{z}/{x}/{y}.pbf")
+        assert r.status_code == 200 and r.headers["content-encoding"] == "gzip"
+        cells = {f["properties"]["h3"] for f in mapbox_vector_tile.decode(r.content)["cells"]["features"]}
+        assert cells and cells <= {h3.int_to_str(int(c)) for c in lr.h3}
+        assert c.get("/tiles/0/0/0.pbf").status_code == 200
+        part = c.get("/tiles.pmtiles", headers={"Range": "bytes=0-126"})
+        assert part.status_code == 206 and part.content[:7] == b"PMTiles" and len(part.content) == 127
+    assert built() == before  # no tile tables were built
+    other = tmp_path / "other.pmtiles"
+    gp.write_region(region_file, lr.h3, lr.lat, lr.lng, lr.embedding, status, "another-version", region=lr.region)
+    pyramid.build_pyramid([str(region_file)], other, MAX_FEATURES)
+    with TestClient(create_app(lr.url, tile_archive=other)) as c:
+        assert c.get("/tiles.pmtiles").status_code == 404
+        assert c.get("/tiles/0/0/0.pbf").status_code == 200  # from the database's tiles
