@@ -75,7 +75,7 @@ rule rollup:
     conda:
         "../envs/torch.yaml"
     resources:
-        mem_mb=4000,
+        mem_mb=mem_mb(2000),
         runtime=60,
     params:
         resolutions=CFG.embed.rollup_resolutions,
