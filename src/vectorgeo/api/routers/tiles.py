@@ -17,7 +17,7 @@ from fastapi.responses import FileResponse, Response
 
 from vectorgeo import tiles
 from vectorgeo.api.errors import NotFound
-from vectorgeo.api.models import ERRORS
+from vectorgeo.api.models import ERRORS, ErrorBody
 from vectorgeo.api.state import StateDep
 
 router = APIRouter(tags=["tiles"])
@@ -30,7 +30,12 @@ CACHE = {"Cache-Control": "public, max-age=300"}
 @router.get(
     "/tiles.pmtiles",
     response_class=FileResponse,
-    responses={200: {"content": {"application/vnd.pmtiles": {}}, "description": "The PMTiles archive."}, **ERRORS},
+    responses={
+        200: {"content": {"application/vnd.pmtiles": {}}, "description": "The PMTiles archive."},
+        206: {"content": {"application/vnd.pmtiles": {}}, "description": "The requested byte range."},
+        **ERRORS,
+        404: {"model": ErrorBody, "description": "No tile archive of the active model version."},
+    },
 )
 def archive(state: StateDep) -> FileResponse:
     """The tile archive of the active model version (HTTP range requests), for MapLibre's pmtiles protocol."""
@@ -57,9 +62,7 @@ def tile(
     if archive is not None:
         # zooms above the archive's are over-zoomed by clients (/meta says up to which zoom)
         stored = archive.tile(z, x, y)
-        return Response(
-            stored or EMPTY_TILE, media_type=MVT_MEDIA_TYPE, headers={"Content-Encoding": "gzip", **CACHE}
-        )
+        return Response(stored or EMPTY_TILE, media_type=MVT_MEDIA_TYPE, headers={"Content-Encoding": "gzip", **CACHE})
     meta = state.tile_meta()
     key = (meta.build_id, z, x, y)
     data = state.tile_cache.get(key)
