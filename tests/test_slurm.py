@@ -110,7 +110,9 @@ def _jobcomp(cluster: Cluster) -> dict[str, dict[str, str]]:
 
 def test_workflow_runs_every_job_as_a_slurm_job(cluster: Cluster, tmp_path: Path) -> None:
     workdir = make_workdir(tmp_path / "workdir", {"db": {"database": {"port": free_port()}}})
-    pg_home = tmp_path / "pg"  # where the run's one PostgreSQL server lives (VECTORGEO_HOME)
+    # where the run's one PostgreSQL server lives (VECTORGEO_HOME); not below pytest's private (0700)
+    # temporary folder, which the server's user cannot enter
+    pg_home = Path(tempfile.mkdtemp(prefix="vectorgeo-slurm-pg-"))
     gpu = [f"{rule}:gpu=1" for rule in GPU_RULES]
     env = {**cluster.env, "VECTORGEO_HOME": str(pg_home)}
     env.pop("VECTORGEO_DATABASE_URL", None)
@@ -129,6 +131,7 @@ def test_workflow_runs_every_job_as_a_slurm_job(cluster: Cluster, tmp_path: Path
         _check_run(cluster, workdir, pg_home, out)
     finally:
         db.Cluster(home=pg_home, port=yaml_port(workdir)).stop(mode="immediate")
+        shutil.rmtree(pg_home, ignore_errors=True)
 
 
 def yaml_port(workdir: Path) -> int:

@@ -367,6 +367,21 @@ class Cluster:
             for ext in EXTENSIONS:
                 conn.execute(f"CREATE EXTENSION IF NOT EXISTS {ext}")
 
+    def ready(self) -> bool:
+        """True when the server accepts connections to the database and its extensions exist."""
+        import psycopg
+
+        if not self.initialized():
+            return False
+        try:
+            with psycopg.connect(self.url(), autocommit=True, connect_timeout=5) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_extension WHERE extname = ANY(%s)", (list(EXTENSIONS),)
+                ).fetchone()
+        except psycopg.Error:
+            return False
+        return bool(row and row[0] == len(EXTENSIONS))
+
     def stop(self, mode: str = "fast") -> bool:
         """Stop the server; returns False when it was not running."""
         if not self.status():
@@ -437,8 +452,13 @@ def share_database(config: Mapping[str, Any] | None = None) -> str:
 
 
 def ensure_database(config: Mapping[str, Any] | None = None) -> str:
-    """The database URL, after starting the project-local cluster when no external URL is set."""
+    """The database URL, after starting the project-local cluster when no external URL is set.
+
+    A cluster that already serves the database with its extensions is used as it is: one connection,
+    no server commands (what every load job after the first finds).
+    """
     external = external_url(config)
     if external is not None:
         return external
-    return cluster(config).start()
+    c = cluster(config)
+    return c.url() if c.ready() else c.start()
