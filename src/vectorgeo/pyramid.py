@@ -37,6 +37,8 @@ from vectorgeo.tiles import EXTENT, MERCATOR_MAX_LAT, PCA_SAMPLE, level_for_zoom
 
 LAYER = "cells"
 KEYS = ("h3", "res", "children", "color")
+MAX_VERTICES = 10
+"""Most vertices of an H3 cell boundary (a hexagon crossing icosahedron edges)."""
 ARCHIVE = "cells.pmtiles"
 
 
@@ -346,6 +348,31 @@ def levels(files: Sequence[str], needed: set[int]) -> tuple[dict[int, Level], di
 # --- hexagons and tiles ------------------------------------------------------------------------------------
 
 
+HEXAGON_CHUNK = 200_000
+"""Cells whose boundaries are decoded at once (shapely geometries cost ~0.5 kB each)."""
+
+
+def _rings(cells: np.ndarray, V: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boundaries (lng, lat) of cells as (n, V, 2), padded by repeating the last vertex, and vertex counts."""
+    import pyarrow as pa
+    import shapely
+    from h3ronpy import vector
+
+    rings = np.empty((cells.size, V, 2), dtype=np.float64)
+    nverts = np.empty(cells.size, dtype=np.int64)
+    for s in range(0, cells.size, HEXAGON_CHUNK):
+        part = cells[s : s + HEXAGON_CHUNK]
+        wkb = pa.array(vector.cells_to_wkb_polygons(pa.array(part))).to_numpy(zero_copy_only=False)
+        coords, which = shapely.get_coordinates(shapely.from_wkb(wkb), return_index=True)
+        counts = np.bincount(which, minlength=part.size)  # ring length with the closing vertex
+        n = counts - 1
+        start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        k = np.minimum(np.arange(V)[None, :], n[:, None] - 1)
+        rings[s : s + part.size] = coords[start[:, None] + k]
+        nverts[s : s + part.size] = n
+    return rings, nverts
+
+
 def hexagons(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Web Mercator rings of cells in world units ([0, 1] across), ready to cut into tiles.
 
@@ -353,21 +380,12 @@ def hexagons(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         (index into ``cells`` (m,), vertices (m, V, 2) padded by repeating the last one, vertex counts (m,)).
         Cells beyond the Mercator latitude limit are dropped; a cell across the antimeridian appears twice.
     """
-    import pyarrow as pa
-    import shapely
-    from h3ronpy import vector
-
     cells = np.asarray(cells, dtype=np.uint64)
     if cells.size == 0:
         return np.zeros(0, np.int64), np.zeros((0, 6, 2)), np.zeros(0, np.int64)
-    wkb = pa.array(vector.cells_to_wkb_polygons(pa.array(cells))).to_numpy(zero_copy_only=False)
-    coords, which = shapely.get_coordinates(shapely.from_wkb(wkb), return_index=True)
-    counts = np.bincount(which, minlength=cells.size)  # ring length with the closing vertex
-    nverts = counts - 1
+    ring, nverts = _rings(cells, MAX_VERTICES)
     V = int(nverts.max())
-    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    k = np.minimum(np.arange(V)[None, :], nverts[:, None] - 1)
-    ring = coords[start[:, None] + k]  # (n, V, 2) lng, lat
+    ring = ring[:, :V]
     lng, lat = ring[..., 0], ring[..., 1]
     keep = (lat.min(axis=1) > -MERCATOR_MAX_LAT) & (lat.max(axis=1) < MERCATOR_MAX_LAT)
     wraps = keep & (lng.max(axis=1) - lng.min(axis=1) > 180.0)
