@@ -31,4 +31,4 @@ def mem_mb(base_mb: float, factor: float, input_mb: float, attempt: int = 1) -> 
         raise ValueError(f"mem_mb: base, factor and input size must be >= 0, got {base_mb}, {factor}, {input_mb}")
     if attempt < 1:
         raise ValueError(f"mem_mb: attempt must be >= 1, got {attempt}")
-    return int(math.ceil((base_mb + factor * input_mb) * 2 ** (attempt - 1)))
+    return math.ceil((base_mb + factor * input_mb) * (1 << (attempt - 1)))

@@ -16,7 +16,9 @@ Endpoints (OpenAPI at ``/docs`` and ``/openapi.json``), one router per concern i
 
 Limits (:mod:`vectorgeo.validation`): k ≤ 1000, radius ≤ 5,000 km, bbox within [-180, 180] × [-90, 90]
 with south < north. Errors are JSON ``{error, message, param}`` (:mod:`.errors`): bad input → 422 naming
-the parameter, unknown cell → 404, database down or nothing loaded → 503.
+the parameter, unknown cell → 404, a body over ``serve.max_body_bytes`` → 413 (:mod:`.limits`), database
+down, busy or too slow (``serve.statement_timeout_s``), or nothing loaded → 503 with ``Retry-After``.
+CORS only for the origins of ``serve.cors_allow_origins`` (none by default).
 
 The routes share one :class:`~vectorgeo.api.state.AppState` (connection pool, query settings, tile
 metadata), created by :func:`create_app` and kept on ``app.state``.

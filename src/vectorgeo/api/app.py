@@ -7,11 +7,13 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 
 from vectorgeo import db, store
 from vectorgeo.api.errors import install_error_handlers
+from vectorgeo.api.limits import install_limits
 from vectorgeo.api.routers import cells, health, search, tiles, viewer
 from vectorgeo.api.settings import ServeSettings, serve_settings
 from vectorgeo.api.state import META_TTL_S, POOL_TIMEOUT_S, AppState
@@ -19,6 +21,36 @@ from vectorgeo.errors import VectorgeoError
 from vectorgeo.store import QuerySettings
 
 log = logging.getLogger(__name__)
+
+LINKS: tuple[tuple[str, str, str, str, str, dict[str, str]], ...] = (
+    ("/point", "get", "CellAtPoint", "/cells/{h3}", "get", {"h3": "$response.body#/h3"}),
+    ("/cells/{h3}", "get", "SimilarToCell", "/similar", "get", {"h3": "$response.body#/h3"}),
+    ("/similar", "get", "MostSimilarCell", "/cells/{h3}", "get", {"h3": "$response.body#/results/0/h3"}),
+    ("/similar", "get", "SimilarToQueryCell", "/similar", "get", {"h3": "$response.body#/query/h3"}),
+    ("/search", "post", "FirstLocation", "/cells/{h3}", "get", {"h3": "$response.body#/locations/0/h3"}),
+)
+"""OpenAPI links (from path, method, link name, to path, method, parameters): how the answer of one operation
+feeds the next; clients and stateful API tests (schemathesis) follow them."""
+
+
+def _add_links(app: FastAPI) -> None:
+    """Add :data:`LINKS` to the app's OpenAPI schema (those whose two operations exist)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        paths = schema.get("paths", {})
+        for src, method, name, dst, dst_method, parameters in LINKS:
+            target = paths.get(dst, {}).get(dst_method)
+            ok = paths.get(src, {}).get(method, {}).get("responses", {}).get("200")
+            if target is None or ok is None:
+                continue
+            ok.setdefault("links", {})[name] = {"operationId": target["operationId"], "parameters": parameters}
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _warm_up(state: AppState) -> None:
@@ -94,7 +126,9 @@ def create_app(
     )
     app.state.vectorgeo = state
     install_error_handlers(app)
+    install_limits(app, state.serve)
     for module in (search, cells, tiles, viewer, health):
         app.include_router(module.router)
     viewer.mount_assets(app)
+    _add_links(app)
     return app

@@ -4,10 +4,19 @@ Thread safety: routes run in a thread pool. The connection pool is psycopg_pool'
 is behind a lock; the tile metadata and the loaded resolution are immutable snapshots
 (:class:`Checked`) replaced by one assignment, and the lock of :class:`TileTracker` serialises the
 checks and builds that replace them.
+
+Database faults: every query of a request runs in one ``REPEATABLE READ`` transaction, so a request
+sees one snapshot (a region reloaded meanwhile shows up entirely or not at all, never half); the
+server cancels any statement after ``serve.statement_timeout_s`` (a
+:class:`~vectorgeo.errors.QueryTimeout`); a connection lost mid-request, or none free within the pool
+timeout, is a :class:`~vectorgeo.errors.DatabaseError` with a short message (the driver's text goes
+to the log only), and the pool replaces broken connections, so the API recovers by itself once the
+database is back.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -20,11 +29,12 @@ from typing import Annotated, Any, Generic, TypeVar
 
 import psycopg
 from fastapi import Depends, Request
+from psycopg import IsolationLevel
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from vectorgeo import db, pyramid, store, tiles
 from vectorgeo.api.settings import ServeSettings
-from vectorgeo.errors import DatabaseError, VectorgeoError
+from vectorgeo.errors import DatabaseError, QueryTimeout, VectorgeoError
 from vectorgeo.store import QuerySettings
 
 log = logging.getLogger(__name__)
@@ -104,7 +114,7 @@ class TileTracker:
         with self._lock:
             current = self._current
             if current is None:
-                meta = tiles.ensure(conn, max_features=self._max_features)
+                meta = tiles.current(conn, max_features=self._max_features) or self._build()
                 self._current = Checked(meta, time.monotonic())
                 return meta
             if current.fresh(self._ttl_s) or self._building:
@@ -117,10 +127,14 @@ class TileTracker:
             threading.Thread(target=self._rebuild, name="vectorgeo-tiles", daemon=True).start()
             return current.value
 
+    def _build(self) -> tiles.TileMeta:
+        """Build the tiles on a connection of their own (no statement timeout, outside any request)."""
+        with store.connect(self._url) as conn:
+            return tiles.ensure(conn, max_features=self._max_features)
+
     def _rebuild(self) -> None:
         try:
-            with store.connect(self._url) as conn:
-                meta = tiles.ensure(conn, max_features=self._max_features)
+            meta = self._build()
             with self._lock:
                 self._current = Checked(meta, time.monotonic())
             log.info("tiles of %s rebuilt: %d cells", meta.model_version, meta.cells)
@@ -222,7 +236,7 @@ class AppState:
             min_size=1,
             max_size=serve.pool_size,
             open=False,
-            configure=store.configure,
+            configure=functools.partial(_configure, statement_timeout_s=serve.statement_timeout_s),
             check=ConnectionPool.check_connection,
             kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
             timeout=pool_timeout_s,
@@ -242,20 +256,30 @@ class AppState:
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
-        """A pooled connection (autocommit) for the block.
+        """A pooled connection for the block, inside one ``REPEATABLE READ`` transaction (one snapshot).
 
         Raises:
             DatabaseError: no connection within the pool timeout (the message says whether the database
                 cannot be reached or every connection is busy), or the connection broke during the block.
+            QueryTimeout: a statement ran longer than ``serve.statement_timeout_s``.
         """
         try:
-            with self.pool.connection() as conn:
+            with self.pool.connection() as conn, conn.transaction():
                 yield conn
         except (PoolTimeout, PoolClosed):
             raise DatabaseError(self._why_no_connection()) from None
+        except psycopg.errors.QueryCanceled as e:
+            log.warning("query cancelled: %s", e)
+            raise QueryTimeout(self._timeout_message(), detail=str(e).strip()) from None
         except psycopg.OperationalError as e:
             log.warning("database connection lost: %s", e)
-            raise DatabaseError("the database connection was lost; try again") from None
+            raise DatabaseError("the database connection was lost; try again", detail=str(e).strip()) from None
+
+    def _timeout_message(self) -> str:
+        return (
+            f"the query ran longer than {self.serve.statement_timeout_s:g} s and was cancelled; "
+            "narrow it (smaller k, radius or bbox) or try again"
+        )
 
     def _why_no_connection(self) -> str:
         """Why the pool gave no connection, from one direct attempt (details go to the log only)."""
@@ -294,6 +318,15 @@ class AppState:
             return meta
         with self.connection() as conn:
             return self.tiles.check(conn)
+
+
+def _configure(conn: psycopg.Connection[Any], *, statement_timeout_s: float) -> None:
+    """The pool's configure callback: the vector type (:func:`vectorgeo.store.configure`), the statement
+    timeout of the session, and REPEATABLE READ for the transaction of each request."""
+    store.configure(conn)
+    ms = max(1, round(statement_timeout_s * 1000))
+    conn.execute("SELECT set_config('statement_timeout', %s, false)", (f"{ms}ms",))
+    conn.isolation_level = IsolationLevel.REPEATABLE_READ
 
 
 async def get_state(request: Request) -> AppState:
