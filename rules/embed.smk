@@ -98,7 +98,7 @@ rule build_tiles:
     benchmark:
         "benchmarks/build_tiles/build_tiles.tsv"
     conda:
-        "../envs/torch.yaml"
+        "../envs/db.yaml"
     resources:
         # the cells' ids and colours, the rollup sums of one region at a time
         mem_mb=mem_mb(1500, 0.5),
