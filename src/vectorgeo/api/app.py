@@ -6,6 +6,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -56,8 +57,13 @@ def _add_links(app: FastAPI) -> None:
 
 
 def _warm_up(state: AppState) -> None:
-    """Build (or find) the tiles before the first request; a database that is down is only logged."""
+    """Find the tile archive, else build (or find) the database's tiles before the first request; a
+    database that is down is only logged."""
     try:
+        archive = state.tile_archive()
+        if archive is not None:
+            log.info("tiles of %s from %s", archive.metadata.get("model_version"), archive.path)
+            return
         with state.connection() as conn:
             meta = state.tiles.check(conn)
         log.info("tiles of %s ready: %d cells at resolution %d", meta.model_version, meta.cells, meta.resolution)
@@ -88,6 +94,7 @@ def create_app(
     pool_timeout_s: float = POOL_TIMEOUT_S,
     meta_ttl_s: float = META_TTL_S,
     inputs: InputLayers | None = None,
+    tile_archive: str | Path | None = None,
 ) -> FastAPI:
     """The API and viewer app.
 
@@ -100,6 +107,8 @@ def create_app(
         meta_ttl_s: Seconds between checks of the loaded resolution and tiles (reloaded regions show
             up after at most this long).
         inputs: The model's prepared input layers, for the cell inspector (``/cells/{h3}/inputs``).
+        tile_archive: The workflow's tile archive (``<results>/tiles/cells.pmtiles``); tiles come from it
+            when it holds the active model version, else from the database.
 
     Returns:
         The FastAPI application; the database is first contacted at start-up (lifespan).
@@ -111,6 +120,7 @@ def create_app(
         pool_timeout_s=pool_timeout_s,
         meta_ttl_s=meta_ttl_s,
         inputs=inputs,
+        tile_archive=tile_archive,
     )
 
     app = FastAPI(

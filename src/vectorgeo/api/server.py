@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from vectorgeo import db
+from vectorgeo import db, pyramid
 from vectorgeo.api.app import create_app
 from vectorgeo.api.settings import ServeSettings, serve_settings
 from vectorgeo.inputs import InputLayers
@@ -29,7 +29,8 @@ def _inputs(config: Mapping[str, Any] | None) -> InputLayers | None:
 
 
 def app_for_config(config: Mapping[str, Any] | None, url: str) -> FastAPI:
-    """The app with the ``serve`` settings and the ``database`` query settings of a config.
+    """The app with the ``serve`` settings and the ``database`` query settings of a config, serving the tiles
+    of the workflow's archive (``<results>/tiles/cells.pmtiles``, relative to the working directory).
 
     The cell inspector reads the prepared input layers of the workflow (``<results>/layers``, relative
     to the project folder, of a config with ``layers``); without them it answers that they are missing.
@@ -38,11 +39,15 @@ def app_for_config(config: Mapping[str, Any] | None, url: str) -> FastAPI:
         config: Full config, or None for the defaults.
         url: Database URL.
     """
+    from vectorgeo.config import Config
+
+    results = (config or {}).get("results") or Config.model_fields["results"].default
     return create_app(
         url,
         serve=ServeSettings.from_config(serve_settings(config)),
         query=QuerySettings.from_config(db.settings(config)),
         inputs=_inputs(config),
+        tile_archive=Path(results) / "tiles" / pyramid.ARCHIVE,
     )
 
 

@@ -21,9 +21,10 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Generic, TypeVar
 
 import psycopg
@@ -31,7 +32,7 @@ from fastapi import Depends, Request
 from psycopg import IsolationLevel
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
-from vectorgeo import db, store, tiles
+from vectorgeo import db, pyramid, store, tiles
 from vectorgeo.api.scoring import ScoreService
 from vectorgeo.api.settings import ServeSettings
 from vectorgeo.errors import DatabaseError, QueryTimeout, VectorgeoError
@@ -146,6 +147,66 @@ class TileTracker:
                 self._building = False
 
 
+class ArchiveTracker:
+    """The tile archive (a workflow output, :mod:`vectorgeo.pyramid`) when it holds the active model version.
+
+    Re-checked every ``ttl_s`` seconds (the file may be rebuilt, another version activated); when missing,
+    or of another version, tiles come from the database (:class:`TileTracker`).
+
+    Args:
+        path: The ``.pmtiles`` file (None: never use one).
+        ttl_s: Seconds between checks.
+    """
+
+    def __init__(self, path: str | Path | None, ttl_s: float) -> None:
+        self.path = Path(path) if path is not None else None
+        self._ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._current: Checked[pyramid.Archive | None] | None = None
+        self._stamp: tuple[int, int] | None = None
+
+    def get(self, active_version: Callable[[], str]) -> pyramid.Archive | None:
+        """The archive when it is there and holds the active model version, else None."""
+        current = self._current
+        if current is not None and current.fresh(self._ttl_s):
+            return current.value
+        with self._lock:
+            archive = current.value if current is not None else None
+            if self.path is None or not self.path.is_file():
+                self._current = Checked(None, time.monotonic())
+                return None
+            st = self.path.stat()
+            if archive is None or self._stamp != (st.st_mtime_ns, st.st_size):
+                try:
+                    archive = pyramid.Archive(self.path)
+                except Exception as e:  # a damaged or foreign file: serve from the database instead
+                    log.warning("tile archive %s unreadable: %s", self.path, e)
+                    archive = None
+                self._stamp = (st.st_mtime_ns, st.st_size)
+            usable = (
+                archive if archive is not None and archive.metadata.get("model_version") == active_version() else None
+            )
+            self._current = (
+                Checked(archive, time.monotonic()) if usable is not None else Checked(None, time.monotonic())
+            )
+            return usable
+
+    def meta(self, archive: pyramid.Archive) -> tiles.TileMeta:
+        """The archive as tile metadata (what /meta and the tile cache keys need)."""
+        m = archive.metadata
+        return tiles.TileMeta(
+            model_version=str(m["model_version"]),
+            table="",
+            signature=f"archive:{self._stamp}",
+            resolution=int(m["resolution"]),
+            cells=int(m["cells"]),
+            bounds=[float(v) for v in m["bounds"]],
+            max_features=int(m["max_features"]),
+            pca={},
+            build_id=f"archive-{self._stamp[0] if self._stamp else 0}",
+        )
+
+
 class AppState:
     """What every route needs: the connection pool, the settings, the tile metadata and caches.
 
@@ -167,6 +228,7 @@ class AppState:
         pool_timeout_s: float,
         meta_ttl_s: float,
         inputs: InputLayers | None = None,
+        tile_archive: str | Path | None = None,
     ) -> None:
         self.url = url
         self.serve = serve
@@ -185,6 +247,7 @@ class AppState:
             name="vectorgeo",
         )
         self.tiles = TileTracker(url, serve.tile_max_features, meta_ttl_s)
+        self.archive = ArchiveTracker(tile_archive, meta_ttl_s)
         self.tile_cache = TileCache(TILE_CACHE_SIZE)
         self._resolution: Checked[int] | None = None
         self.scores = ScoreService(self.connection, meta_ttl_s, serve.tile_max_features)
@@ -242,8 +305,20 @@ class AppState:
             self._resolution = current
         return current.value
 
+    def tile_archive(self) -> pyramid.Archive | None:
+        """The tile archive when it holds the active model version (checked every ``meta_ttl_s``)."""
+
+        def active() -> str:
+            with self.connection() as conn:
+                return store.dataset(conn).model_version
+
+        return self.archive.get(active)
+
     def tile_meta(self) -> tiles.TileMeta:
-        """The tiles in force; takes a connection only when a check is due."""
+        """The tiles in force: the archive's, else the database's (takes a connection only when a check is due)."""
+        archive = self.tile_archive()
+        if archive is not None:
+            return self.archive.meta(archive)
         meta = self.tiles.fresh()
         if meta is not None:
             return meta
