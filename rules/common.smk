@@ -172,7 +172,7 @@ def share_database():
     if workflow.local_exec or vg_db.external_url(config):
         return
     if not any(
-        job.rule.name in ("load_region", "build_index")
+        job.rule.name in ("load_regions", "build_index")
         for job in workflow.dag.needrun_jobs()
     ):
         return
