@@ -140,6 +140,13 @@ def region_targets(pattern):
     ]
 
 
+def after_stencil(path):
+    """``path``, as an input function's answer once the stencil checkpoint has run (the job is then
+    planned with the jobs that read the regions, not before)."""
+    checkpoints.stencil.get()
+    return path
+
+
 def stencil_region_file(wildcards):
     """A region's stencil file, once the stencil checkpoint has run.
 

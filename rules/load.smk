@@ -29,7 +29,9 @@ rule load_regions:
 
 rule build_index:
     input:
-        loaded=rules.load_regions.output.summary,
+        # after the stencil checkpoint, like load_regions: a stencil rerun that leaves every region as it
+        # was then reruns neither job (a plain input would be planned while load_regions still waited for it)
+        loaded=lambda wildcards: after_stencil(rules.load_regions.output.summary),
     output:
         summary=results("loaded", "index.json"),
     log:
