@@ -206,12 +206,14 @@ class Layer:
     def __init__(self, spec: LayerSpec, grid: Grid, array: np.ndarray) -> None:
         if array.shape != grid.shape:
             raise RasterError(spec.name, f"array shape {array.shape} does not match grid {grid.shape}")
+        if array.dtype == np.bool_:
+            array = array.view(np.uint8)  # decoding tables are indexed by value, never used as a boolean mask
         self.spec = spec
         self.grid = grid
         self.array = array
         self._lut: np.ndarray | None = None
         self._invalid_lut: np.ndarray | None = None
-        if spec.kind in ("categorical", "mask") and array.dtype in (np.uint8, np.int8, np.bool_):
+        if spec.kind in ("categorical", "mask") and array.dtype in (np.uint8, np.int8):
             self._build_luts()
 
     @classmethod

@@ -358,7 +358,9 @@ def _read_builtin(fmt: str, path: str, key: str) -> np.ndarray:
         with np.load(path) as z:
             if "mask" not in z.files:
                 raise RasterError(path, "has no array 'mask'; expected the GLOBE land mask npz", key)
-            return np.asarray(z["mask"])
+            mask = np.asarray(z["mask"])
+            # stored as bool; prepared masks are uint8 (1 = ocean), which the decoding tables index
+            return mask.view(np.uint8) if mask.dtype == np.bool_ else mask
     import h5py
 
     with h5py.File(path, "r") as h:
