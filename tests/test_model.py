@@ -99,18 +99,16 @@ def test_outputs_are_unit_vectors() -> None:
 
 def test_every_stage_has_its_residual_blocks_and_all_get_gradients() -> None:
     m = _model(stages=3, blocks_per_stage=3)
-    assert len(m.stages) == 3
-    for stage in m.stages:
+    assert len(m.trunks[0].stages) == 3
+    for stage in m.trunks[0].stages:
         assert len(stage) == 3
         assert all(isinstance(b, M.ResidualBlock) for b in stage)
     # projection skips where the shape changes (stage 1 and 2 downsample), identity elsewhere
-    assert [type(b.skip).__name__ for stage in m.stages for b in stage] == [
+    assert [type(b.skip).__name__ for stage in m.trunks[0].stages for b in stage] == [
         "Identity", "Identity", "Identity", "Sequential", "Identity", "Identity", "Sequential", "Identity", "Identity",
     ]  # fmt: skip
     names = {
-        n.split(".")[0] + "." + n.split(".")[1] + "." + n.split(".")[2]
-        for n, _ in m.named_parameters()
-        if n.startswith("stages.")
+        ".".join(n.split(".")[2:5]) for n, _ in m.named_parameters() if n.startswith("trunks.0.stages.")
     }
     assert names == {f"stages.{s}.{b}" for s in range(3) for b in range(3)}
     x = torch.randn(8, 7, 16, 16)
@@ -123,9 +121,9 @@ def test_every_stage_has_its_residual_blocks_and_all_get_gradients() -> None:
 
 def test_spatial_size_halves_between_stages() -> None:
     m = _model(stages=3)
-    h = m.stem(torch.randn(2, 7, 16, 16))
+    h = m.trunks[0].stem(torch.randn(2, 7, 16, 16))
     sizes = []
-    for stage in m.stages:
+    for stage in m.trunks[0].stages:
         h = stage(h)
         sizes.append(tuple(h.shape[1:]))
     assert sizes == [(8, 16, 16), (16, 8, 8), (32, 4, 4)]

@@ -134,16 +134,34 @@ class LayerConfig(Section):
     )
     scale: float = Field(1.0, description="Continuous only. Physical value = raw * scale + offset.")
     offset: float = Field(0.0, description="Continuous only. Physical value = raw * scale + offset.")
-    normalize: Literal["patch_minmax", "standardize"] = Field(
-        "patch_minmax",
+    bands: list[Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")]] | None = Field(
+        None,
         description=(
-            "Continuous only. Model input scaling: patch_minmax (per-patch min-max, relief only) or "
-            "standardize ((v - mean) / std with the global mean and std below)."
+            "Continuous only. Names of the raster's bands in order, for a multi-band raster (imagery: e.g. [red, "
+            "green, blue]); null = a single-band raster. The count must equal the raster's band count."
         ),
     )
-    mean: float = Field(0.0, description="Continuous only. Global mean (physical units) for normalize=standardize.")
-    std: float = Field(
-        1.0, gt=0, description="Continuous only. Global standard deviation (physical units) for normalize=standardize."
+    normalize: Literal["patch_minmax", "standardize", "both"] = Field(
+        "patch_minmax",
+        description=(
+            "Continuous only. Model input scaling: patch_minmax (per-patch min-max, relief only), standardize "
+            "((v - mean) / std with the global mean and std below, absolute level) or both (a relief channel and "
+            "a level channel)."
+        ),
+    )
+    mean: float | list[float] = Field(
+        0.0,
+        description=(
+            "Continuous only. Global mean (physical units) for normalize=standardize or both; one per band for a "
+            "multi-band layer (or one for all)."
+        ),
+    )
+    std: float | list[Annotated[float, Field(gt=0)]] = Field(
+        1.0,
+        description=(
+            "Continuous only. Global standard deviation (physical units, > 0) for normalize=standardize or both; "
+            "one per band for a multi-band layer (or one for all)."
+        ),
     )
 
     @model_validator(mode="after")
@@ -156,9 +174,40 @@ class LayerConfig(Section):
             unknown = [w for w in self.water if w not in self.classes]
             if unknown:
                 _fail("water", f"water values {unknown} are not in classes")
-        elif self.classes:
-            _fail("classes", "only categorical layers have classes")
+            if self.bands is not None:
+                _fail("bands", "only continuous layers have bands")
+        else:
+            if self.classes:
+                _fail("classes", "only categorical layers have classes")
+            self._check_bands()
         return self
+
+    def _check_bands(self) -> None:
+        if isinstance(self.std, float) and self.std <= 0:
+            _fail("std", f"must be > 0, got {self.std}")
+        n = len(self.bands) if self.bands is not None else 1
+        if self.bands is not None:
+            if not self.bands:
+                _fail("bands", "expected a non-empty list of band names, or null for a single-band raster")
+            if len(set(self.bands)) != len(self.bands):
+                _fail("bands", f"lists a band twice: {self.bands}")
+        name = builtin_name(self.source)
+        if name is not None and name in BUILTINS and BUILTINS[name].bands != n:
+            _fail(
+                "bands",
+                f"built-in '{name}' has {BUILTINS[name].bands} band(s), the layer lists {n}"
+                + ("" if self.bands else " (no bands list)")
+                + f"; expected {BUILTINS[name].bands} band names",
+            )
+        for key in ("mean", "std"):
+            v = getattr(self, key)
+            if isinstance(v, list) and len(v) != n:
+                _fail(key, f"has {len(v)} values for {n} band(s); expected one per band (or one number)")
+
+    @property
+    def n_bands(self) -> int:
+        """Bands of the raster (1 for a single-band layer)."""
+        return len(self.bands) if self.bands else 1
 
 
 class LandMaskConfig(Section):
@@ -393,6 +442,14 @@ class SampleConfig(Section):
     batch: int = Field(
         4096, ge=1, description="Candidate triplets drawn per vectorised batch (memory per batch grows with it)."
     )
+    context_scales: list[Annotated[float, Field(gt=1)]] = Field(
+        [8.0],
+        description=(
+            "Wide context patches besides the local one: each a patch_px x patch_px patch covering patch_km times "
+            "this factor (sampled more coarsely), so the model sees every location at several scales. [] = the "
+            "local patch only. Only the local patch decides whether a triplet or a cell is usable."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_band(self) -> SampleConfig:
@@ -402,6 +459,11 @@ class SampleConfig(Section):
                 f"must be < sample.neighbor_km_max ({self.neighbor_km_max}), got {self.neighbor_km_min}",
             )
         return self
+
+    @property
+    def scales(self) -> tuple[float, ...]:
+        """Footprint factors of every patch scale: 1 (the local patch), then the context scales."""
+        return (1.0, *(float(x) for x in self.context_scales))
 
     @property
     def margin_km(self) -> float:
@@ -429,7 +491,7 @@ Device = Literal["auto", "cpu", "cuda"]
 
 
 class TrainConfig(Section):
-    """Triplet training (stage 2). Same config and shards on CPU give identical weights."""
+    """Training on the sampled triplets (stage 2). Same config and shards on CPU give identical weights."""
 
     device: Device = Field(
         "auto",
@@ -449,7 +511,25 @@ class TrainConfig(Section):
     batch_size: int = Field(256, ge=2, description="Triplets per optimisation step.")
     lr: float = Field(0.002, gt=0, description="Peak AdamW learning rate.")
     weight_decay: float = Field(0.0001, ge=0, description="AdamW decoupled weight decay.")
+    objective: Literal["triplet", "infonce", "vicreg"] = Field(
+        "triplet",
+        description=(
+            "Training objective on the sampled triplets: triplet (margin loss, anchor nearer its neighbor than "
+            "its distant patch), infonce (anchor and neighbor are positives, the batch's other neighbors and "
+            "distant patches negatives; temperature below) or vicreg (invariance, variance and covariance terms "
+            "on anchor and neighbor). See vectorgeo.objectives."
+        ),
+    )
     margin: float = Field(0.5, gt=0, description="Triplet margin on unit-vector distances (which lie in [0, 2]).")
+    temperature: float = Field(0.1, gt=0, description="InfoNCE temperature (objective infonce).")
+    reconstruction: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "Weight of the reconstruction loss: a linear head predicts each patch's class fractions and band means "
+            "(every scale) from the embedding. 0 = no reconstruction head."
+        ),
+    )
     grad_clip: float = Field(
         1.0, gt=0, description="Maximum global gradient norm (clipped after backward, before the step)."
     )

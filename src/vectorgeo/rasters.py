@@ -153,7 +153,7 @@ def inspect_source(path: str) -> Grid:
         raise RasterError(path, f"cannot be read as a raster: {e}") from None
 
 
-def _atomic_npy(out: Path, shape: tuple[int, int], dtype: np.dtype[Any]) -> tuple[np.memmap, Path]:
+def _atomic_npy(out: Path, shape: tuple[int, ...], dtype: np.dtype[Any]) -> tuple[np.memmap, Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
@@ -234,14 +234,11 @@ def prepare_layer(
         arr[:] = mask[r0:r1, c0:c1]
         arr.flush()
         del arr, mask
-    elif fmt == "pvlib_h5":
-        import h5py
-
-        with h5py.File(source_path, "r") as h:
-            data = h["Altitude"][:]
+    elif fmt in ("pvlib_h5", "pvlib_linke_h5", "bmng_jpeg"):
+        data = _read_global_array(fmt, source_path)
         grid = Grid(-180.0, 90.0, 360.0 / data.shape[1], -180.0 / data.shape[0], data.shape[1], data.shape[0])
         (r0, r1, c0, c1), grid = crop_window(grid, crop)
-        arr, tmp = _atomic_npy(out_npy, grid.shape, data.dtype)
+        arr, tmp = _atomic_npy(out_npy, (*grid.shape, *data.shape[2:]), data.dtype)
         arr[:] = data[r0:r1, c0:c1]
         arr.flush()
         del arr
@@ -253,18 +250,92 @@ def prepare_layer(
         try:
             with rasterio.open(source_path) as ds:
                 full = _grid_from_rasterio(ds, source_path)
+                bands = _check_band_count(spec, ds.count)
                 (w0, w1, c0, c1), grid = crop_window(full, crop)
-                arr, tmp = _atomic_npy(out_npy, grid.shape, np.dtype(ds.dtypes[0]))
+                extra = (len(bands),) if bands else ()
+                arr, tmp = _atomic_npy(out_npy, (*grid.shape, *extra), np.dtype(ds.dtypes[0]))
                 for r0 in range(w0, w1, rows_per_block):
                     n = min(rows_per_block, w1 - r0)
-                    arr[r0 - w0 : r0 - w0 + n] = ds.read(1, window=Window(c0, r0, c1 - c0, n))
+                    win = Window(c0, r0, c1 - c0, n)
+                    if bands:  # (B, n, W) -> (n, W, B): a pixel's bands side by side
+                        arr[r0 - w0 : r0 - w0 + n] = np.moveaxis(ds.read(window=win), 0, -1)
+                    else:
+                        arr[r0 - w0 : r0 - w0 + n] = ds.read(1, window=win)
                 arr.flush()
                 del arr
         except RasterioIOError as e:
             raise RasterError(source_path, f"cannot be read as a raster: {e}") from None
+    try:
+        _check_bands_have_data(spec, tmp)
+    except Exception:
+        os.unlink(tmp)
+        raise
     os.replace(tmp, out_npy)
     write_json_atomic(out_grid, {"grid": grid.to_dict(), "layer": spec.to_dict()})
     return grid
+
+
+def _read_global_array(fmt: str, path: str) -> np.ndarray:
+    """A global plate carree built-in (west edge -180, north edge +90) as (H, W) or (H, W, B)."""
+    if fmt == "bmng_jpeg":
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    import h5py
+
+    with h5py.File(path, "r") as h:
+        if fmt == "pvlib_linke_h5":
+            monthly = h["LinkeTurbidity"][:]  # (2160, 4320, 12) uint8, TL * 20
+            return monthly.mean(axis=2, dtype=np.float32)
+        out: np.ndarray = h["Altitude"][:]
+        return out
+
+
+def _check_band_count(spec: LayerSpec, count: int) -> tuple[str, ...]:
+    """The layer's bands, checked against the raster's band count.
+
+    Raises:
+        ConfigError: naming ``layers.<name>.bands``.
+    """
+    from vectorgeo.errors import ConfigError
+
+    bands = tuple(spec.bands)
+    if (len(bands) or 1) != count:
+        raise ConfigError(
+            f"layers.{spec.name}.bands",
+            f"the raster has {count} band(s), the layer lists {len(bands) or 1}"
+            + (f" ({', '.join(bands)})" if bands else " (no bands list)")
+            + f"; expected {count} band names",
+        )
+    return bands
+
+
+def _check_bands_have_data(spec: LayerSpec, npy: str | Path) -> None:
+    """Every band of a multi-band layer has at least one valid (finite, not nodata) pixel.
+
+    Raises:
+        ConfigError: naming ``layers.<name>.bands`` and the empty band.
+    """
+    from vectorgeo.errors import ConfigError
+
+    if not spec.bands:
+        return
+    arr = np.load(npy, mmap_mode="r")
+    seen = np.zeros(len(spec.bands), dtype=bool)
+    for r0 in range(0, arr.shape[0], 512):
+        block = np.asarray(arr[r0 : r0 + 512])
+        ok = np.isfinite(block) if block.dtype.kind == "f" else np.ones(block.shape, bool)
+        if spec.nodata is not None:
+            ok &= block != spec.nodata
+        seen |= ok.reshape(-1, len(spec.bands)).any(axis=0)
+        if seen.all():
+            return
+    empty = [b for b, s in zip(spec.bands, seen, strict=True) if not s]
+    raise ConfigError(
+        f"layers.{spec.name}.bands",
+        f"band(s) {', '.join(empty)} have no valid pixel (all nodata); expected data in every band",
+    )
 
 
 def mosaic_tiles(tiles: Sequence[str | Path], out_tif: str | Path, rows_per_block: int = 2048) -> Grid:
