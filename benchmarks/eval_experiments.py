@@ -98,8 +98,14 @@ def usable_cells(config: dict[str, Any], layers: dict[str, Any], stencil: Path) 
 
     s, e, ev = config["sample"], config["embed"], config["evaluate"]
     key = digest(
-        [s["patch_px"], s["patch_km"], e["max_nodata_frac"], ev["seed"], str(stencil)]
-        + [{n: lay.spec.to_dict() for n, lay in layers.items()}]
+        [
+            s["patch_px"],
+            s["patch_km"],
+            e["max_nodata_frac"],
+            ev["seed"],
+            str(stencil),
+            {n: lay.spec.to_dict() for n, lay in layers.items()},
+        ]
     )
     path = CACHE / f"cells-{key}.npz"
     if path.exists():
@@ -184,7 +190,9 @@ def baseline_scores(
     methods = [m for m in params.methods if not m.startswith("embedding")]
     p2 = params.model_copy(update={"methods": methods})
     feats = vg_eval.baseline_features(cells["lat"], cells["lng"], layers, meta, p2)
-    feats = vg_eval.all_features(np.zeros((len(cells["h3"]), 1), np.float32), feats, cells["lat"], cells["lng"], methods)
+    feats = vg_eval.all_features(
+        np.zeros((len(cells["h3"]), 1), np.float32), feats, cells["lat"], cells["lng"], methods
+    )
     tasks, labels = task_labels(config, cells)
     out, _ = vg_probes.evaluate_features(feats, cells["h3"], tasks, labels, p2, n_jobs=2)
     path.write_text(json.dumps(out))

@@ -122,7 +122,12 @@ def test_default_tasks_parse(default_config: dict) -> None:
     tasks = ev.task_specs(default_config)
     assert set(tasks) == {"koppen", "elevation", "turbidity", "country"}
     tl = tasks["turbidity"].layer_spec()
-    assert (tl.kind, tl.scale, tasks["turbidity"].location, tasks["country"].location) == ("continuous", 0.05, False, True)
+    assert (tl.kind, tl.scale, tasks["turbidity"].location, tasks["country"].location) == (
+        "continuous",
+        0.05,
+        False,
+        True,
+    )
     assert tasks["koppen"].layer_spec().class_names == ["tropical", "arid", "temperate", "cold", "polar"]
     el = tasks["elevation"].layer_spec()
     assert (el.kind, el.scale, el.offset, el.nodata) == ("continuous", 28.0, -450.0, 255.0)

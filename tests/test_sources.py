@@ -34,7 +34,7 @@ def test_blue_marble_known_places(blue_marble: Layer) -> None:
     sahara = np.mean([rgb(blue_marble, lat, lng) for lat, lng in ((23.0, 12.0), (25.0, 5.0), (27.0, 25.0))], axis=0)
     amazon = np.mean([rgb(blue_marble, lat, lng) for lat, lng in ((-4.0, -62.0), (-8.0, -70.0))], axis=0)
     ocean = np.mean([rgb(blue_marble, lat, lng) for lat, lng in ((0.0, -150.0), (-30.0, -120.0), (10.0, 65.0))], axis=0)
-    r, g, b = sahara
+    r, _, b = sahara
     assert r > b + 40 and r > 120  # sand: red well above blue
     green_share = lambda c: c[1] / c.sum()  # noqa: E731
     assert green_share(amazon) > green_share(sahara) and amazon[1] > amazon[0]

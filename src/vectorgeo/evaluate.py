@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -527,9 +526,13 @@ def baseline_features(
             encode_fn=lambda b: vg_model.encode(b, meta).numpy(),
             embed_fn=random_init_embed_fn(meta, seed) if "random_init" in base else None,
             context_fn=lambda la, ln: sampling.patches(
-                layers, la, ln, params.context_px, patch_km * params.context_scales[0],
+                layers,
+                la,
+                ln,
+                params.context_px,
+                patch_km * params.context_scales[0],
                 [x / params.context_scales[0] for x in params.context_scales],
-            ),  # fmt: skip
+            ),
             context_scales=len(params.context_scales),
             pca_dim=int(meta.get("embedding_dim") or 0) or 16,
             pca_fit_cells=params.pca_fit_cells,

@@ -289,13 +289,14 @@ class Layer:
         if kind == "continuous":
             out = raw.astype(np.float32) * np.float32(self.spec.scale) + np.float32(self.spec.offset)
             multi = bool(self.spec.bands)
-            bad = np.broadcast_to(~inside[..., None], raw.shape).copy() if multi else ~inside
+            bad: np.ndarray = np.broadcast_to(~inside[..., None], raw.shape).copy() if multi else ~inside
             if self.spec.nodata is not None:
                 bad = bad | (raw == self.spec.nodata)
             if np.issubdtype(raw.dtype, np.floating):
                 bad = bad | np.isnan(raw)
             out[bad] = np.nan
-            return out, bad.any(axis=-1) if multi else bad
+            invalid: np.ndarray = np.asarray(bad.any(axis=-1)) if multi else bad
+            return out, invalid
         if self._lut is not None and self._invalid_lut is not None:
             vals = self._lut[raw]
             invalid = self._invalid_lut[raw] | ~inside

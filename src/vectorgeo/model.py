@@ -288,7 +288,8 @@ class Trunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features of a batch."""
-        return self.stages(self.stem(x)).mean(dim=(2, 3))
+        out: torch.Tensor = self.stages(self.stem(x)).mean(dim=(2, 3))
+        return out
 
 
 class Encoder(nn.Module):

@@ -160,7 +160,7 @@ def probe_scores(
             if train_fraction < 1.0:
                 rng = np.random.default_rng([seed, int(f)])
                 idx = np.flatnonzero(train)
-                keep = rng.permutation(len(idx))[: max(1, int(round(train_fraction * len(idx))))]
+                keep = rng.permutation(len(idx))[: max(1, round(train_fraction * len(idx)))]
                 train = np.zeros_like(train)
                 train[idx[keep]] = True
             got = _score_fold(
@@ -353,9 +353,7 @@ def evaluate_features(
         for m in methods:
             log.info("task %s method %s: %s", name, m, {k: v["mean"] for k, v in per_method[m].items()})
         ours, rivals = comparison_set("embedding", task.location, methods)
-        curve = {
-            str(f): {m: summarise(by_job[(name, m, f)], [main])[main] for m in methods} for f in fractions
-        }
+        curve = {str(f): {m: summarise(by_job[(name, m, f)], [main])[main] for m in methods} for f in fractions}
         margins = {}
         for f, per in curve.items():
             scored = [r for r in rivals if per[r]["mean"] is not None]

@@ -286,8 +286,9 @@ def _read_global_array(fmt: str, path: str) -> np.ndarray:
 
     with h5py.File(path, "r") as h:
         if fmt == "pvlib_linke_h5":
-            monthly = h["LinkeTurbidity"][:]  # (2160, 4320, 12) uint8, TL * 20
-            return monthly.mean(axis=2, dtype=np.float32)
+            monthly: np.ndarray = h["LinkeTurbidity"][:]  # (2160, 4320, 12) uint8, TL * 20
+            annual: np.ndarray = monthly.mean(axis=2, dtype=np.float32)
+            return annual
         out: np.ndarray = h["Altitude"][:]
         return out
 

@@ -232,8 +232,8 @@ def label_efficiency_figure(metrics: Mapping[str, Any]) -> str | None:
             if "+latlng" in m and not t.get("location"):
                 continue
             ys = [_num(scores[f][m]["mean"]) for f in fr]
-            ax.plot([float(f) for f in fr], ys, marker="o", label=m, color=METHOD_COLOURS.get(m.split("+")[0]),
-                    linestyle="--" if "+latlng" in m else "-", linewidth=2.2 if m.startswith("embedding") else 1.0)  # fmt: skip
+            style = {"linestyle": "--" if "+latlng" in m else "-", "linewidth": 2.2 if m.startswith("embedding") else 1}
+            ax.plot([float(f) for f in fr], ys, marker="o", label=m, color=METHOD_COLOURS.get(m.split("+")[0]), **style)
         ax.set_xscale("log")
         ax.set_title(name)
         ax.set_xlabel("fraction of training labels")

@@ -352,11 +352,11 @@ class TripletSampler:
         P = self.p.patch_px
         keys: dict[str, tuple[tuple[int, ...], np.dtype[Any]]] = {}
         for role in ROLES:
-            for k in range(len(self.p.scales)):
+            for scale in range(len(self.p.scales)):
                 for name, layer in self.layers.items():
                     dt = np.dtype(np.uint8) if layer.spec.kind == "categorical" else np.dtype(np.float32)
                     bands = (len(layer.spec.bands),) if layer.spec.bands else ()
-                    keys[f"{role}_{scale_key(name, k)}"] = ((n, P, P, *bands), dt)
+                    keys[f"{role}_{scale_key(name, scale)}"] = ((n, P, P, *bands), dt)
             keys[f"{role}_latlng"] = ((n, 2), np.dtype(np.float64))
         bar = None
         if progress:

@@ -161,9 +161,9 @@ def read_shard(
         raise DataError(p, f"patches were sampled at scales {own}; config sample scales are {list(scales)}")
     arrays: dict[str, np.ndarray] = {}
     n: int | None = None
-    keys = [(name, spec, name if k == 0 else f"{name}@{k}") for k in range(len(own)) for name, spec in specs.items()]
+    keys = [(spec, name if k == 0 else f"{name}@{k}") for k in range(len(own)) for name, spec in specs.items()]
     for role in ROLES:
-        for name, spec, pkey in keys:
+        for spec, pkey in keys:
             key = f"{role}_{pkey}"
             if key not in raw:
                 raise DataError(p, f"key '{key}' is missing; keys are {sorted(raw)}")

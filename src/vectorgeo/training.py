@@ -380,9 +380,7 @@ class TrainingData:
         order = rng.permutation(len(self.train_paths))
         for i in range(0, len(order), self.group):
             picked = [self.train_paths[j] for j in order[i : i + self.group]]
-            yield concat_shards(
-                [read_shard(p, self.specs, self.patch_px, self.patch_km, self.scales) for p in picked]
-            )
+            yield concat_shards([read_shard(p, self.specs, self.patch_px, self.patch_km, self.scales) for p in picked])
 
     def batches(self, rng: np.random.Generator, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """Shuffled batches of one epoch, roles stacked (uint8 / float32 patches)."""
@@ -410,7 +408,8 @@ def _step_context(
     head = None
     if cfg.reconstruction > 0 and isinstance(module, vg_model.Encoder):
         n_targets = vg_model.input_channels(specs) * n_scales
-        head = objectives.ReconstructionHead(module.head[-1].out_features, n_targets).to(device)
+        dim = int(module.head[-1].out_features)  # type: ignore[arg-type]
+        head = objectives.ReconstructionHead(dim, n_targets).to(device)
     ctx = StepContext(
         specs,
         device,
