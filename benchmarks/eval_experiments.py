@@ -35,6 +35,7 @@ import copy
 import glob
 import hashlib
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -322,6 +323,7 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "config" / "config.yaml"))
     ap.add_argument("--name", default="variant")
     ap.add_argument("--grid", action="store_true", help="run the objective ablation grid (see GRID)")
+    ap.add_argument("--only", default="", help="with --grid: comma-separated grid names to run (default all)")
     ap.add_argument("--split", choices=("selection", "test"), default="selection")
     ap.add_argument("--stencil", default=str(ROOT / "results" / "stencil"))
     ap.add_argument("--threads", type=int, default=2)
@@ -329,13 +331,16 @@ def main() -> None:
     a = ap.parse_args()
 
     torch.set_num_threads(a.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     CACHE.mkdir(parents=True, exist_ok=True)
     base = yaml.safe_load(Path(a.config).read_text())
     given = {}
     for o in a.overrides:
         k, v = o.split("=", 1)
         given[k] = yaml.safe_load(v)
-    variants = [(f"{a.name}-{n}", {**given, **o}) for n, o in GRID] if a.grid else [(a.name, given)]
+    only = [x for x in a.only.split(",") if x]
+    grid = [(n, o) for n, o in GRID if not only or n in only]
+    variants = [(f"{a.name}-{n}", {**given, **o}) for n, o in grid] if a.grid else [(a.name, given)]
     for name, overrides in variants:
         result = run_variant(base, overrides, name, a.split, Path(a.stencil), a.threads)
         line = json.dumps(result)

@@ -555,7 +555,7 @@ def test_run_evaluation_end_to_end(world: dict, tmp_path: Path) -> None:
     for name, t in m["tasks"].items():
         want = probes.CLASSIFICATION_METRICS if name != "height" else probes.REGRESSION_METRICS
         assert t["kind"] == ("regression" if name == "height" else "classification")
-        assert list(t["methods"]) == list(C.METHODS)
+        assert list(t["methods"]) == probes.task_methods(False, C.METHODS) == list(C.BASE_METHODS)
         for res in t["methods"].values():
             assert list(res) == list(want)
             for v in res.values():
@@ -657,8 +657,9 @@ def test_workflow_evaluate_rule(workflow_run: WorkflowRun) -> None:
     assert set(metrics) == {"tasks", "n_cells", "folds", "embedding_dim", "effective_rank", "goal"}
     assert metrics["folds"] == 3 and metrics["embedding_dim"] == 8
     assert set(metrics["tasks"]) == {"koppen", "elevation", "turbidity", "country"}
-    for t in metrics["tasks"].values():
-        assert set(t["methods"]) == set(C.METHODS)
+    for name, t in metrics["tasks"].items():
+        want = ["embedding", "latlng", *(f"{m}+latlng" for m in C.BASE_METHODS[:-1])] if name == "country" else []
+        assert list(t["methods"]) == (want or list(C.BASE_METHODS))
     # every cell with an embedding outside the selection blocks is evaluated (max_cells 2000 is more than the
     # tiny stencil has)
     ok = []

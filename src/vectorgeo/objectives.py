@@ -21,9 +21,9 @@ distant patch (``train.objective``):
   dimension) and covariance (squared off-diagonal covariances / d), weighted 25 / 25 / 1.
 
 Reconstruction (``train.reconstruction`` > 0 adds it with that weight): a linear head predicts, from the
-unit vector :math:`z`, the spatial mean of every encoded input channel of the patch at every scale: the
-class fractions of the categorical layers and the band means and valid fractions of the continuous ones
-(targets standardised per batch). It makes the embedding carry what a histogram baseline carries, so that
+unit vector :math:`z`, the spatial mean of every encoded input channel of the patch at every scale, and of
+the local patch's central quarter (about the cell's own footprint): the class fractions of the categorical
+layers and the band means and valid fractions of the continuous ones (targets standardised per batch). It makes the embedding carry what a histogram baseline carries, so that
 the contrastive part can add what it cannot (AlphaEarth and Presto reconstruct their inputs too).
 """
 
@@ -84,21 +84,30 @@ def objective_loss(
     return vicreg_loss(h)
 
 
-def reconstruction_targets(x: torch.Tensor) -> torch.Tensor:
-    """Spatial mean of every encoded input channel (N, S·C): class fractions, band means, valid fractions."""
-    return x.float().mean(dim=(2, 3))
+def reconstruction_targets(x: torch.Tensor, local_channels: int) -> torch.Tensor:
+    """Class fractions, band means and valid fractions: (N, S·C + C).
+
+    The spatial mean of every encoded input channel of ``x`` (N, S·C, P, P), then the mean of the first
+    ``local_channels`` (the local patch) over its central P/4 × P/4 pixels (about the cell's footprint).
+    """
+    p = x.shape[-1]
+    w = max(1, p // 4)
+    a = (p - w) // 2
+    centre = x[:, :local_channels, a : a + w, a : a + w].float().mean(dim=(2, 3))
+    return torch.cat([x.float().mean(dim=(2, 3)), centre], dim=1)
 
 
 class ReconstructionHead(nn.Module):
     """A linear map from the embedding to the standardised :func:`reconstruction_targets`."""
 
-    def __init__(self, embedding_dim: int, n_targets: int) -> None:
+    def __init__(self, embedding_dim: int, channels: int, n_scales: int) -> None:
         super().__init__()
-        self.linear = nn.Linear(embedding_dim, n_targets)
+        self.local_channels = channels
+        self.linear = nn.Linear(embedding_dim, channels * (n_scales + 1))
 
     def loss(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Mean squared error of the prediction from ``z`` against the batch-standardised targets of ``x``."""
-        t = reconstruction_targets(x)
+        t = reconstruction_targets(x, self.local_channels)
         t = (t - t.mean(dim=0)) / (t.std(dim=0) + 1e-3)
         return F.mse_loss(self.linear(z.float()), t.detach())
 

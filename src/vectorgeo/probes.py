@@ -261,6 +261,17 @@ def _job(
     )
 
 
+def task_methods(location: bool, methods: Sequence[str]) -> list[str]:
+    """The methods scored on a task: ``<method>+latlng`` only on location tasks, where they are the comparison.
+
+    A location task is scored with embedding, latlng and the ``+latlng`` methods; a content task with every
+    method that is not a ``+latlng`` one (position is no part of what such a task asks of the content).
+    """
+    if location:
+        return [m for m in methods if m in ("embedding", "latlng") or m.endswith("+latlng")]
+    return [m for m in methods if not m.endswith("+latlng")]
+
+
 def comparison_set(method: str, location: bool, methods: Sequence[str]) -> tuple[str, list[str]]:
     """The method that stands for the embedding on a task, and the baselines it is compared with.
 
@@ -273,21 +284,21 @@ def comparison_set(method: str, location: bool, methods: Sequence[str]) -> tuple
     return method, [m for m in SAME_INPUT_BASELINES if m in methods]
 
 
-def paired_differences(task_methods: Mapping[str, Any], main: str, ours: str, rivals: Sequence[str]) -> dict[str, Any]:
+def paired_differences(scores: Mapping[str, Any], main: str, ours: str, rivals: Sequence[str]) -> dict[str, Any]:
     """Per-fold differences ``ours - best rival`` (best by mean) on the main metric, and the folds won."""
-    if ours not in task_methods:
+    if ours not in scores:
         return {}
-    scored = [r for r in rivals if r in task_methods and task_methods[r][main]["mean"] is not None]
+    scored = [r for r in rivals if r in scores and scores[r][main]["mean"] is not None]
     if not scored:
         return {}
-    best = max(scored, key=lambda r: task_methods[r][main]["mean"])
-    a = np.asarray(task_methods[ours][main]["folds"], dtype=np.float64)
-    b = np.asarray(task_methods[best][main]["folds"], dtype=np.float64)
+    best = max(scored, key=lambda r: scores[r][main]["mean"])
+    a = np.asarray(scores[ours][main]["folds"], dtype=np.float64)
+    b = np.asarray(scores[best][main]["folds"], dtype=np.float64)
     if len(a) != len(b):
         return {}
     d = a - b
     wins = {
-        r: int(np.sum(a > np.asarray(task_methods[r][main]["folds"]))) for r in scored
+        r: int(np.sum(a > np.asarray(scores[r][main]["folds"]))) for r in scored
     }  # folds where ours beats each rival
     return {
         "method": ours,
@@ -340,7 +351,8 @@ def evaluate_features(
         prepared[name] = (idx, lab.y[idx], folds_all[idx], lab.class_names)
     methods = [m for m in params.methods if m in features]
     fractions = sorted({float(f) for f in params.label_fractions} | {1.0})
-    jobs = [(t, m, f) for t in tasks for f in fractions for m in methods]
+    by_task = {t: task_methods(task.location, methods) for t, task in tasks.items()}
+    jobs = [(t, m, f) for t in tasks for f in fractions for m in by_task[t]]
     results = Parallel(n_jobs=n_jobs, backend="loky" if n_jobs > 1 else "sequential")(
         delayed(_job)(features[m][prepared[t][0]], prepared[t][1], tasks[t].kind, prepared[t][2], params, f)
         for t, m, f in jobs
@@ -349,11 +361,11 @@ def evaluate_features(
     for name, task in tasks.items():
         idx, y, _, class_names = prepared[name]
         main = task.main_metric
-        per_method = {m: summarise(by_job[(name, m, 1.0)], task.metrics) for m in methods}
-        for m in methods:
+        per_method = {m: summarise(by_job[(name, m, 1.0)], task.metrics) for m in by_task[name]}
+        for m in by_task[name]:
             log.info("task %s method %s: %s", name, m, {k: v["mean"] for k, v in per_method[m].items()})
-        ours, rivals = comparison_set("embedding", task.location, methods)
-        curve = {str(f): {m: summarise(by_job[(name, m, f)], [main])[main] for m in methods} for f in fractions}
+        ours, rivals = comparison_set("embedding", task.location, by_task[name])
+        curve = {str(f): {m: summarise(by_job[(name, m, f)], [main])[main] for m in by_task[name]} for f in fractions}
         margins = {}
         for f, per in curve.items():
             scored = [r for r in rivals if per[r]["mean"] is not None]
@@ -371,7 +383,7 @@ def evaluate_features(
         details[name] = TaskResult(
             n_cells=len(idx),
             n_classes=len(np.unique(y)) if task.kind == "classification" else 0,
-            n_folds_scored=len(by_job[(name, methods[0], 1.0)].get(main, [])) if methods else 0,
+            n_folds_scored=len(by_job[(name, by_task[name][0], 1.0)].get(main, [])) if by_task[name] else 0,
             class_names=class_names,
         )
     return out, details

@@ -407,9 +407,8 @@ def _step_context(
                 scaler = torch.amp.GradScaler("cuda")
     head = None
     if cfg.reconstruction > 0 and isinstance(module, vg_model.Encoder):
-        n_targets = vg_model.input_channels(specs) * n_scales
         dim = int(module.head[-1].out_features)  # type: ignore[arg-type]
-        head = objectives.ReconstructionHead(dim, n_targets).to(device)
+        head = objectives.ReconstructionHead(dim, vg_model.input_channels(specs), n_scales).to(device)
     ctx = StepContext(
         specs,
         device,
