@@ -234,9 +234,13 @@ def run_variant(
     t0 = time.perf_counter()
     shards = sample_shards(config, layers, mask)
     t_sample = time.perf_counter() - t0
-    out_dir = CACHE / f"model-{name}"
+    # a model is cached by everything training depends on (a rerun, or --split test, reuses it)
+    out_dir = CACHE / f"model-{digest([config[k] for k in ('layers', 'sample', 'model', 'train')])}"
     t0 = time.perf_counter()
-    tm = train_from_config(config, shards, out_dir, threads=threads, progress=False)
+    if (out_dir / "metrics.json").exists() and (out_dir / "model.pt").exists():
+        tm = json.loads((out_dir / "metrics.json").read_text())
+    else:
+        tm = train_from_config(config, shards, out_dir, threads=threads, progress=False)
     t_train = time.perf_counter() - t0
 
     params = section(EvaluateConfig, config["evaluate"], "evaluate")
@@ -280,6 +284,7 @@ def run_variant(
         "effective_rank": round(effective_rank(torch.from_numpy(emb)), 2),
         "epochs": len(tm.get("epochs", [])),
         "train_triplets": tm.get("train_triplets"),
+        "train_seconds": tm.get("train_seconds"),
         "sample_s": round(t_sample, 1),
         "train_s": round(t_train, 1),
         "embed_s": round(t_embed, 1),

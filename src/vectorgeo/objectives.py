@@ -23,8 +23,9 @@ distant patch (``train.objective``):
 Reconstruction (``train.reconstruction`` > 0 adds it with that weight): a linear head predicts, from the
 unit vector :math:`z`, the spatial mean of every encoded input channel of the patch at every scale, and of
 the local patch's central quarter (about the cell's own footprint): the class fractions of the categorical
-layers and the band means and valid fractions of the continuous ones (targets standardised per batch). It makes the embedding carry what a histogram baseline carries, so that
-the contrastive part can add what it cannot (AlphaEarth and Presto reconstruct their inputs too).
+layers and the band means and valid fractions of the continuous ones (targets standardised per batch). It
+makes the embedding carry what a histogram baseline carries, so that the contrastive part can add what it
+cannot (AlphaEarth and Presto reconstruct their inputs too).
 """
 
 from __future__ import annotations
