@@ -322,6 +322,34 @@ def merge_scores(base: dict[str, Any], mine: dict[str, Any], tasks: dict[str, An
     return out
 
 
+def table(path: str) -> str:
+    """A markdown table (variant × task, main metric mean ± std; then the baselines) of a results file.
+
+    The method under test is ``embedding`` on content tasks and ``embedding+latlng`` on location tasks
+    (as the goal compares them); baselines are those scored on the task (:func:`vectorgeo.probes.task_methods`).
+    """
+    from vectorgeo.probes import task_methods
+
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    if not rows:
+        return ""
+    tasks = list(rows[0]["main"])
+    ours = {t: rows[0]["paired"][t]["method"] for t in tasks}
+    head = " | ".join(f"{t} ({ours[t]})" for t in tasks)
+    out = [f"| variant ({rows[0]['split']} blocks) | {head} | effective rank |", "|---|" + "---|" * (len(tasks) + 1)]
+    for r in rows:
+        cells = [f"{r['main'][t][ours[t]]['mean']:.3f} ± {r['main'][t][ours[t]]['std']:.3f}" for t in tasks]
+        out.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['effective_rank']} |")
+    for t in tasks:
+        location = ours[t] != "embedding"
+        base = rows[-1]["main"][t]
+        names = [m for m in task_methods(location, list(base)) if not m.startswith("embedding")]
+        out.append(f"\n| {t} baselines | " + " | ".join(names) + " |")
+        out.append("|---|" + "---|" * len(names))
+        out.append("| | " + " | ".join(f"{base[m]['mean']:.3f} ± {base[m]['std']:.3f}" for m in names) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("overrides", nargs="*", help="dotted key=value (YAML value), e.g. model.embedding_dim=32")
@@ -333,7 +361,11 @@ def main() -> None:
     ap.add_argument("--stencil", default=str(ROOT / "results" / "stencil"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="append each JSON line to this file (e.g. benchmarks/results/...)")
+    ap.add_argument("--table", default=None, help="print the markdown table of a results file and exit")
     a = ap.parse_args()
+    if a.table:
+        print(table(a.table))
+        return
 
     torch.set_num_threads(a.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)

@@ -655,7 +655,7 @@ def test_workflow_evaluate_rule(workflow_run: WorkflowRun) -> None:
     results = workflow_run.results
     metrics = json.loads((results / "eval" / "metrics.json").read_text())
     assert set(metrics) == {"tasks", "n_cells", "folds", "embedding_dim", "effective_rank", "goal"}
-    assert metrics["folds"] == 3 and metrics["embedding_dim"] == 8
+    assert metrics["folds"] == 3 and metrics["embedding_dim"] == 64
     assert set(metrics["tasks"]) == {"koppen", "elevation", "turbidity", "country"}
     for name, t in metrics["tasks"].items():
         want = ["embedding", "latlng", *(f"{m}+latlng" for m in C.BASE_METHODS[:-1])] if name == "country" else []
