@@ -37,7 +37,7 @@ from test_workflow import (
     run_snakemake,
 )
 
-from vectorgeo import store
+from vectorgeo import probes, store
 from vectorgeo.stencil import digest_cells
 
 pytestmark = pytest.mark.s3
@@ -246,6 +246,7 @@ def test_outputs_are_objects_in_the_bucket(s3run: S3Run) -> None:
     model_version = json.loads(s3run.get("results/model/metrics.json"))["model_version"]
 
     n_ok = 0
+    ok_cells: list[np.ndarray] = []
     for region, entry in manifest["regions"].items():
         key = f"results/embeddings/{region}_{entry['digest']}.parquet"
         assert key in objects, sorted(objects)
@@ -255,6 +256,7 @@ def test_outputs_are_objects_in_the_bucket(s3run: S3Run) -> None:
         ok = np.array([s == "ok" for s in table.column("status").to_pylist()])
         assert ok.any()
         n_ok += int(ok.sum())
+        ok_cells.append(table.column("h3").to_numpy()[ok])
         emb = np.array([v for v, good in zip(table.column("embedding").to_pylist(), ok, strict=True) if good])
         assert np.all(np.isfinite(emb))
         assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-3)
@@ -273,8 +275,11 @@ def test_outputs_are_objects_in_the_bucket(s3run: S3Run) -> None:
             assert store.count(conn, region) == len(cells)
 
     metrics = json.loads(s3run.get("results/eval/metrics.json"))
-    assert metrics["n_cells"] == n_ok and set(metrics["tasks"]) == {"koppen", "elevation", "country"}
-    assert s3run.get("results/eval/report.html").count(b"data:image/png;base64,") == 3
+    # every ok cell outside the selection blocks (fold_resolution 3 in the test config) is evaluated
+    held = probes.selection_blocks(np.concatenate(ok_cells).astype(np.uint64), 3, 0.2, 0)
+    assert metrics["n_cells"] == n_ok - int(held.sum()) and held.any()
+    assert set(metrics["tasks"]) == {"koppen", "elevation", "turbidity", "country"}
+    assert s3run.get("results/eval/report.html").count(b"data:image/png;base64,") == 4
 
     # nothing but Snakemake's own bookkeeping stays in the working directory
     assert not (s3run.workdir / "results").exists()
@@ -293,7 +298,7 @@ def test_changed_input_reruns_and_reuploads_only_its_downstream(s3run: S3Run) ->
     assert "stencil" not in counts  # the land mask did not change: the stencil and its regions stay
     # everything else in the tiny workflow reads elevation, directly or through samples and model, except
     # the evaluation labels (their own sources)
-    unchanged = Counter({"prepare_layer": 2, "stencil": 1, "prepare_eval_label": s3run.all_jobs["prepare_eval_label"]})
+    unchanged = Counter({"prepare_layer": 3, "stencil": 1, "prepare_eval_label": s3run.all_jobs["prepare_eval_label"]})
     assert counts == s3run.all_jobs - unchanged, dry[-4000:]
     regions = s3run.manifest()["regions"]
     assert counts["embed_region"] == counts["load_region"] == len(regions)
