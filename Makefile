@@ -83,7 +83,7 @@ test: setup system
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/mypy
 	$(VENV)/bin/snakefmt --check .
-	$(VENV)/bin/pytest -q -ra -m "not cuda"
+	$(VENV)/bin/pytest -q -ra -m "not cuda and not soak"
 
 lint: $(PYENV)
 	$(VENV)/bin/ruff check src tests benchmarks scripts

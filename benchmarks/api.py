@@ -1,17 +1,29 @@
-"""Bounded load on the search API: N concurrent clients for T seconds against POST /search on loopback.
+"""Bounded load on the API: N concurrent clients for T seconds per endpoint on loopback, and the time to
+score every cell for a search by example.
 
 By default the benchmark is self-contained: it starts a throw-away PostgreSQL cluster under /tmp, loads a
 synthetic dataset through the real writer and loader (every H3 cell of a box over Europe, unit
 embeddings that vary smoothly with position), indexes it, starts ``vectorgeo serve`` on a free
 127.0.0.1 port in its own process, and drives it with asyncio + httpx clients, each sending one request
-at a time (the old Lambda's body: a random loaded cell's centre, a radius, a limit). With
-``--database-url`` it uses an already loaded database instead.
+at a time. With ``--database-url`` it uses an already loaded database instead. Endpoints:
 
-Prints one JSON object on its last line: requests, errors (non-200 answers and transport errors), p50_ms,
-p95_ms, rps, plus the set-up.
+- ``search``: ``POST /search``, the old Lambda's body (a random loaded cell's centre, a radius, a limit);
+- ``query``: ``POST /query``, search by example over every loaded cell (two random positives, one
+  negative, k, no area: the whole score map is computed each time, nothing cached), ``similar`` and
+  ``classify`` alternating;
+- ``scores``: ``GET /scores/{id}/{z}/{x}/{y}.pbf``, random tiles of a few score maps at zooms 0..max over
+  the loaded bounds.
 
-    .venv/bin/python benchmarks/api.py                      # 20 clients, 20 s
-    .venv/bin/python benchmarks/api.py --clients 5 --seconds 5
+Scoring time (in process, no HTTP): :func:`vectorgeo.search.run` (matrix–vector product, percentiles or
+logistic fit, top k) over the loaded embeddings as read by :func:`vectorgeo.store.vectors.load_vectors`,
+and over a synthetic ``--synthetic-cells`` × ``--dim`` matrix (default 4M × 64), median of
+``--repeats`` runs per mode.
+
+Prints one JSON object on its last line: per endpoint requests, errors (non-200 answers and transport
+errors), p50_ms, p95_ms, rps; the scoring times; plus the set-up.
+
+    .venv/bin/python benchmarks/api.py                      # 20 clients, 20 s per endpoint
+    .venv/bin/python benchmarks/api.py --clients 5 --seconds 5 --synthetic-cells 1000000
 """
 
 from __future__ import annotations
@@ -26,7 +38,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import h3
 import httpx
@@ -66,43 +80,132 @@ def synthetic_regions(folder: Path, bbox: tuple[float, float, float, float], res
     return paths
 
 
-async def client(
-    base: str,
-    centres: np.ndarray,
-    args: argparse.Namespace,
-    seed: int,
-    stop: float,
-    latencies: list[float],
-    errors: list[str],
-) -> None:
+Request = Callable[[httpx.AsyncClient, np.random.Generator], Awaitable[bool]]
+
+
+def search_request(centres: np.ndarray, args: argparse.Namespace) -> Request:
+    """POST /search with a random loaded cell's centre."""
+
+    async def send(http: httpx.AsyncClient, rng: np.random.Generator) -> bool:
+        lat, lon = centres[rng.integers(len(centres))]
+        body = {
+            "lat": float(lat),
+            "lon": float(lon),
+            "circleRadiusMeters": args.radius_km * 1000.0,
+            "limit": args.limit,
+        }
+        r = await http.post("/search", json=body)
+        return r.status_code == 200 and len(r.json()["locations"]) > 0
+
+    return send
+
+
+def query_request(centres: np.ndarray, args: argparse.Namespace) -> Request:
+    """POST /query with two random positives and a negative, similar and classify alternating."""
+    n = [0]
+
+    async def send(http: httpx.AsyncClient, rng: np.random.Generator) -> bool:
+        pts = centres[rng.integers(len(centres), size=3)]
+        n[0] += 1
+        body = {
+            "positives": [{"lat": float(a), "lng": float(b)} for a, b in pts[:2]],
+            "negatives": [{"lat": float(pts[2, 0]), "lng": float(pts[2, 1])}],
+            "mode": "similar" if n[0] % 2 else "classify",
+            "k": args.limit,
+        }
+        r = await http.post("/query", json=body)
+        return r.status_code == 200 and len(r.json()["results"]) > 0
+
+    return send
+
+
+def tile_request(maps: list[str], bounds: list[float], maxzoom: int) -> Request:
+    """GET a random score tile of one of ``maps`` over the loaded bounds."""
+    w, s, e, n = bounds
+
+    async def send(http: httpx.AsyncClient, rng: np.random.Generator) -> bool:
+        z = int(rng.integers(0, maxzoom + 1))
+        lat, lng = rng.uniform(s, n), rng.uniform(w, e)
+        x, y = tile_xy(lat, lng, z)
+        r = await http.get(f"/scores/{maps[rng.integers(len(maps))]}/{z}/{x}/{y}.pbf")
+        return r.status_code == 200
+
+    return send
+
+
+def tile_xy(lat: float, lng: float, z: int) -> tuple[int, int]:
+    n = 2**z
+    x = min(n - 1, int((lng + 180) / 360 * n))
+    y = min(n - 1, int((1 - np.log(np.tan(np.radians(lat)) + 1 / np.cos(np.radians(lat))) / np.pi) / 2 * n))
+    return x, y
+
+
+async def client(base: str, send: Request, seed: int, stop: float, latencies: list[float], errors: list[str]) -> None:
     rng = np.random.default_rng(seed)
-    async with httpx.AsyncClient(base_url=base, timeout=30.0) as http:
+    async with httpx.AsyncClient(base_url=base, timeout=60.0) as http:
         while time.perf_counter() < stop:
-            lat, lon = centres[rng.integers(len(centres))]
-            body = {
-                "lat": float(lat),
-                "lon": float(lon),
-                "circleRadiusMeters": args.radius_km * 1000.0,
-                "limit": args.limit,
-            }
             t0 = time.perf_counter()
             try:
-                r = await http.post("/search", json=body)
-                ok = r.status_code == 200 and len(r.json()["locations"]) > 0
-                if not ok:
-                    errors.append(f"{r.status_code}: {r.text[:200]}")
+                if not await send(http, rng):
+                    errors.append("bad answer")
             except httpx.HTTPError as e:
                 errors.append(f"{type(e).__name__}: {e}")
             latencies.append(time.perf_counter() - t0)
 
 
-async def drive(base: str, centres: np.ndarray, args: argparse.Namespace) -> tuple[list[float], list[str], float]:
+async def drive(base: str, send: Request, clients: int, seconds: float) -> tuple[list[float], list[str], float]:
     latencies: list[float] = []
     errors: list[str] = []
     t0 = time.perf_counter()
-    stop = t0 + args.seconds
-    await asyncio.gather(*(client(base, centres, args, i, stop, latencies, errors) for i in range(args.clients)))
+    stop = t0 + seconds
+    await asyncio.gather(*(client(base, send, i, stop, latencies, errors) for i in range(clients)))
     return latencies, errors, time.perf_counter() - t0
+
+
+def load(base: str, send: Request, args: argparse.Namespace) -> dict[str, Any]:
+    """Warm up for a second, then N clients for T seconds: the latency figures."""
+    asyncio.run(drive(base, send, args.clients, 1.0))
+    latencies, errors, wall = asyncio.run(drive(base, send, args.clients, args.seconds))
+    lat_ms = np.array(latencies) * 1000.0
+    return {
+        "requests": len(latencies),
+        "errors": len(errors),
+        "p50_ms": round(float(np.percentile(lat_ms, 50)), 2) if len(lat_ms) else None,
+        "p95_ms": round(float(np.percentile(lat_ms, 95)), 2) if len(lat_ms) else None,
+        "rps": round(len(latencies) / wall, 1),
+        "first_errors": errors[:3],
+    }
+
+
+def scoring_times(vectors: Any, repeats: int) -> dict[str, Any]:
+    """Median seconds of a search by example over every cell (similar and classify), no cache."""
+    from vectorgeo import search
+
+    rng = np.random.default_rng(1)
+    out: dict[str, Any] = {"cells": vectors.n, "dim": vectors.dim}
+    for mode in ("similar", "classify"):
+        times = []
+        for _ in range(repeats):
+            rows = rng.integers(vectors.n, size=3)
+            q = search.Query([int(vectors.h3[rows[0]]), int(vectors.h3[rows[1]])], [int(vectors.h3[rows[2]])], mode, 50)
+            t0 = time.perf_counter()
+            search.run(vectors, q)
+            times.append(time.perf_counter() - t0)
+        out[f"{mode}_s"] = round(float(np.median(times)), 4)
+    return out
+
+
+def synthetic_vectors(n: int, dim: int) -> Any:
+    """``n`` random unit vectors of dimension ``dim`` on made-up sorted cells (scoring needs no geometry)."""
+    from vectorgeo.store.vectors import CellVectors
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((n, dim), dtype=np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    h3_ = np.arange(n, dtype=np.uint64) * np.uint64(1 << 20) + np.uint64(0x8600000000000000)
+    lat = rng.uniform(-60, 80, n)
+    lng = rng.uniform(-180, 180, n)
+    return CellVectors("synthetic", 6, "synthetic", h3_, lat, lng, emb, np.zeros(0, dtype=np.uint64))
 
 
 def main() -> None:
@@ -115,11 +218,17 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=64, help="embedding dimension of the synthetic cells")
     ap.add_argument("--bbox", type=float, nargs=4, default=[-10.0, 36.0, 30.0, 60.0], metavar=("W", "S", "E", "N"))
     ap.add_argument("--database-url", help="use this loaded database instead of a synthetic one")
+    ap.add_argument(
+        "--endpoints", nargs="+", default=["search", "query", "scores"], choices=["search", "query", "scores"]
+    )
+    ap.add_argument("--synthetic-cells", type=int, default=4_000_000, help="cells of the synthetic scoring matrix")
+    ap.add_argument("--repeats", type=int, default=5, help="scoring runs per mode (the median is reported)")
     args = ap.parse_args()
 
     from vectorgeo import db, store, tiles
     from vectorgeo.api import ServeSettings, serve_settings
     from vectorgeo.config import load_config
+    from vectorgeo.store.vectors import load_vectors
 
     config = load_config(ROOT / "config" / "config.yaml")
 
@@ -175,20 +284,35 @@ def main() -> None:
             if server.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"server did not start: {server.stderr.read() if server.stderr else ''}")
             time.sleep(0.2)
-        # warm-up: the first requests open the pool's connections
-        asyncio.run(drive(base, centres, argparse.Namespace(**{**vars(args), "seconds": 1.0})))
+        endpoints: dict[str, Any] = {}
+        if "search" in args.endpoints:
+            endpoints["search"] = load(base, search_request(centres, args), args)
+        if "query" in args.endpoints:
+            endpoints["query"] = load(base, query_request(centres, args), args)
+        if "scores" in args.endpoints:
+            maps = []
+            for i in range(4):
+                pts = centres[np.random.default_rng(i).integers(len(centres), size=2)]
+                body = {"positives": [{"lat": float(a), "lng": float(b)} for a, b in pts], "k": 1}
+                answer = httpx.post(f"{base}/query", json=body, timeout=120).json()
+                maps.append(answer["score_id"])
+            meta = httpx.get(f"{base}/meta", timeout=60).json()
+            endpoints["scores"] = load(base, tile_request(maps, meta["bounds"], answer["tile_maxzoom"]), args)
 
-        latencies, errors, wall = asyncio.run(drive(base, centres, args))
-        lat_ms = np.array(latencies) * 1000.0
+        t2 = time.perf_counter()
+        with store.connect(url) as conn:
+            loaded = load_vectors(conn)
+        read_s = time.perf_counter() - t2
+        scoring = {"loaded": {**scoring_times(loaded, args.repeats), "read_from_database_s": round(read_s, 2)}}
+        del loaded
+        if args.synthetic_cells:
+            scoring["synthetic"] = scoring_times(synthetic_vectors(args.synthetic_cells, args.dim), args.repeats)
         result = {
-            "benchmark": "api_search",
-            "requests": len(latencies),
-            "errors": len(errors),
-            "p50_ms": round(float(np.percentile(lat_ms, 50)), 2) if len(lat_ms) else None,
-            "p95_ms": round(float(np.percentile(lat_ms, 95)), 2) if len(lat_ms) else None,
-            "rps": round(len(latencies) / wall, 1),
+            "benchmark": "api",
+            "endpoints": endpoints,
+            "scoring": scoring,
             "clients": args.clients,
-            "seconds": round(wall, 2),
+            "seconds": args.seconds,
             "limit": args.limit,
             "radius_km": args.radius_km,
             "cells": n,
@@ -198,7 +322,6 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "setup_s": round(setup_s, 1),
             "tiles_build_s": round(tiles_build_s, 2),
-            "first_errors": errors[:3],
         }
         print(json.dumps(result))
     finally:

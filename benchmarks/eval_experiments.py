@@ -151,8 +151,11 @@ def sample_shards(config: dict[str, Any], layers: dict[str, Any], mask: Any) -> 
     s = config["sample"]
     # shard i depends on (seed, i) and the sampling parameters, not on how many shards there are
     key = digest(
-        [{k: v for k, v in s.items() if k != "shards"}, {n: lay.spec.to_dict() for n, lay in layers.items()}]
-        + [mask.spec.to_dict()]
+        [
+            {k: v for k, v in s.items() if k != "shards"},
+            {n: lay.spec.to_dict() for n, lay in layers.items()},
+            mask.spec.to_dict(),
+        ]
     )
     folder = CACHE / f"shards-{key}"
     folder.mkdir(parents=True, exist_ok=True)

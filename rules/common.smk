@@ -4,10 +4,15 @@ import json
 import math
 import os
 
+from snakemake.logging import logger
+
 from vectorgeo import config as vg_config
+from vectorgeo import db as vg_db
 from vectorgeo import layers as vg_layers
+from vectorgeo import resources as vg_resources
 from vectorgeo import sources as vg_sources
 from vectorgeo import stencil as vg_stencil
+from vectorgeo import windows as vg_windows
 from vectorgeo.errors import VectorgeoError
 
 # The typed config (vectorgeo.config): cross-field checks, the local files it names, and every default
@@ -39,6 +44,18 @@ wildcard_constraints:
     digest="[0-9a-f]{12}",
     layer="|".join(ALL_LAYERS),
     i=r"\d+",
+
+
+def mem_mb(base_mb, factor=0.0):
+    """A mem_mb resource: base_mb plus factor x the job's input size, doubled at each retry
+    (vectorgeo.resources.mem_mb)."""
+
+    def estimate(wildcards, input, attempt):
+        return vg_resources.mem_mb(
+            base_mb, factor, input.size_mb if factor else 0.0, attempt
+        )
+
+    return estimate
 
 
 def results(*parts):
@@ -79,6 +96,12 @@ def layer_tiles(wildcards):
         f"layers.{wildcards.layer}.source",
     )
     return [storage(t) if vg_sources.is_remote(t) else local(t) for t in tiles]
+
+
+# every region a stencil of this config can hold (known before the stencil runs, see vectorgeo.windows)
+WINDOW_REGIONS = vg_windows.candidate_regions(
+    CFG.stencil.region_resolution, config["stencil"]["extent"]
+)
 
 
 def crop_bbox():
@@ -140,6 +163,26 @@ def cuda_requested(device):
     # a driver probe, not a workflow path
     gpus = os.path.join(os.sep, "proc", "driver", "nvidia", "gpus")
     return os.path.isdir(gpus) and len(os.listdir(gpus)) > 0
+
+
+def share_database():
+    """One database for a run whose jobs run on other machines (SLURM), never one per node: the external
+    one, or the project-local server started here, once, by the main process; its URL goes to every job
+    through the environment (vectorgeo.db.share_database)."""
+    if workflow.local_exec or vg_db.external_url(config):
+        return
+    if not any(
+        job.rule.name in ("load_region", "build_index")
+        for job in workflow.dag.needrun_jobs()
+    ):
+        return
+    url = vg_db.share_database(config)
+    os.environ[vg_db.ENV_URL] = url
+    logger.info(f"database of every job of this run: {vg_db.mask_password(url)}")
+
+
+onstart:
+    share_database()
 
 
 def final_targets():

@@ -10,7 +10,7 @@ rule mosaic_layer:
     conda:
         "../envs/geo.yaml"
     resources:
-        mem_mb=2000,
+        mem_mb=mem_mb(2000),
         runtime=120,
     script:
         "../scripts/mosaic_layer.py"
@@ -29,7 +29,8 @@ rule prepare_layer:
     conda:
         "../envs/geo.yaml"
     resources:
-        mem_mb=4000,
+        # GeoTIFFs are read in row blocks; built-ins (e.g. the 933 MB GLOBE mask) whole
+        mem_mb=mem_mb(2000, 0.5),
         runtime=60,
     params:
         spec=lambda wildcards: ALL_LAYERS[wildcards.layer].to_dict(),

@@ -3,9 +3,36 @@ ROLLUP_TARGETS = expand(
 )
 
 
-rule embed_region:
+rule cut_windows:
     input:
         unpack(model_layer_npys),
+        grids=[layer_grid(name) for name in LAYER_SPECS],
+    output:
+        [results("windows", f"{region}.npz") for region in WINDOW_REGIONS],
+    log:
+        "logs/cut_windows/cut_windows.log",
+    benchmark:
+        "benchmarks/cut_windows/cut_windows.tsv"
+    conda:
+        "../envs/geo.yaml"
+    resources:
+        # layers are memory-mapped; one window at a time is in memory
+        mem_mb=mem_mb(2000),
+        runtime=120,
+    params:
+        layers={name: spec.to_dict() for name, spec in LAYER_SPECS.items()},
+        # the widest patch the model reads: the local patch times the largest context scale
+        patch_km=CFG.sample.patch_km * max(CFG.sample.scales),
+    script:
+        "../scripts/cut_windows.py"
+
+
+rule embed_region:
+    input:
+        # the region's window of each layer, not the world (vectorgeo.windows); ancient: cut_windows
+        # rewrites every window when the candidate regions change, and the grids below (rewritten with
+        # their layers) are what reruns a region when a layer changes
+        windows=ancient(results("windows", "{region}.npz")),
         grids=[layer_grid(name) for name in LAYER_SPECS],
         stencil=stencil_region_file,
         model=results("model", "model.pt"),
@@ -22,7 +49,8 @@ rule embed_region:
     threads: 4 if cuda_requested(CFG.embed.device) else 1
     resources:
         gpu=1 if cuda_requested(CFG.embed.device) else 0,
-        mem_mb=4000,
+        # torch and the model, the window (uncompressed), the region's embeddings
+        mem_mb=mem_mb(1500, 2.0),
         runtime=120,
     params:
         layers={name: spec.to_dict() for name, spec in LAYER_SPECS.items()},
@@ -48,7 +76,7 @@ rule rollup:
     conda:
         "../envs/torch.yaml"
     resources:
-        mem_mb=4000,
+        mem_mb=mem_mb(2000),
         runtime=60,
     params:
         resolutions=CFG.embed.rollup_resolutions,
@@ -57,3 +85,29 @@ rule rollup:
 
 
 FINAL_TARGETS.extend([*ROLLUP_TARGETS, results("embeddings", "rollup", "summary.json")])
+
+
+rule build_tiles:
+    input:
+        regions=lambda wildcards: region_targets(
+            results("embeddings", "{region}_{digest}.parquet")
+        ),
+    output:
+        archive=results("tiles", "cells.pmtiles"),
+    log:
+        "logs/build_tiles/build_tiles.log",
+    benchmark:
+        "benchmarks/build_tiles/build_tiles.tsv"
+    conda:
+        "../envs/db.yaml"
+    resources:
+        # the cells' ids and colours, the rollup sums of one region at a time
+        mem_mb=mem_mb(1500, 0.5),
+        runtime=60,
+    params:
+        max_features=CFG.serve.tile_max_features,
+    script:
+        "../scripts/build_tiles.py"
+
+
+FINAL_TARGETS.append(rules.build_tiles.output.archive)

@@ -26,7 +26,7 @@ rule prepare_eval_label:
     conda:
         "../envs/geo.yaml"
     resources:
-        mem_mb=2000,
+        mem_mb=mem_mb(2500),
         runtime=30,
     params:
         spec=lambda wildcards: EVAL_TASKS[wildcards.task].layer_spec().to_dict(),
@@ -69,7 +69,7 @@ rule evaluate:
         "../envs/eval.yaml"
     threads: 2
     resources:
-        mem_mb=6000,
+        mem_mb=mem_mb(3000, 0.5),
         runtime=30,
     params:
         layer_names=list(LAYER_SPECS),

@@ -11,7 +11,8 @@ rule load_region:
         "../envs/db.yaml"
     resources:
         db=1,
-        mem_mb=2000,
+        # the region's arrays and the COPY stream
+        mem_mb=mem_mb(500, 4.0),
         runtime=30,
     params:
         # the database the rows go to (the URL itself, which may hold a password, is read at run time)
@@ -35,7 +36,7 @@ rule build_index:
         "../envs/db.yaml"
     resources:
         db=1,
-        mem_mb=2000,
+        mem_mb=mem_mb(1000),
         runtime=120,
     params:
         database=CFG.database.to_params(

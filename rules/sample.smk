@@ -12,7 +12,8 @@ rule sample_triplets:
     conda:
         "../envs/geo.yaml"
     resources:
-        mem_mb=3000,
+        # layers are memory-mapped (pages touched count in RSS: 1.05 GB with the 933 MB GLOBE mask)
+        mem_mb=mem_mb(2000),
         runtime=30,
     params:
         layers={name: spec.to_dict() for name, spec in LAYER_SPECS.items()},

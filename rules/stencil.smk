@@ -12,7 +12,8 @@ checkpoint stencil:
     conda:
         "../envs/geo.yaml"
     resources:
-        mem_mb=4000,
+        # the mask is memory-mapped; the pyramid is built in blocks (1.1 GB peak at res 6 on GLOBE)
+        mem_mb=mem_mb(2000),
         runtime=60,
     params:
         spec=MASK_SPEC.to_dict(),

@@ -14,7 +14,8 @@ rule train_model:
     threads: 8
     resources:
         gpu=1 if cuda_requested(CFG.train.device) else 0,
-        mem_mb=4000,
+        # shards are streamed (vectorgeo.shards): memory does not grow with their number
+        mem_mb=mem_mb(3000),
         runtime=60,
     params:
         layers={name: spec.to_dict() for name, spec in LAYER_SPECS.items()},

@@ -4,9 +4,10 @@ import torch
 
 from vectorgeo import embed as vg_embed
 from vectorgeo import model as vg_model
+from vectorgeo import windows as vg_windows
 from vectorgeo.config import EmbedConfig, section
 from vectorgeo.errors import VectorgeoError
-from vectorgeo.layers import Layer, LayerSpec
+from vectorgeo.layers import LayerSpec
 from vectorgeo.log import setup_logging
 from vectorgeo.stencil import read_region
 
@@ -25,7 +26,8 @@ try:
     # the model's layers must be the config's, encoded the same way: names the layer at fault
     specs = {name: LayerSpec.from_dict(d) for name, d in snakemake.params.layers.items()}
     vg_model.check_layers(meta, specs)
-    layers = {name: Layer.open(specs[name], snakemake.input[name]) for name in vg_model.specs_of(meta)}
+    # the region's window of each layer (lookups outside it fail loudly)
+    layers = vg_windows.open_window(snakemake.input.windows, {name: specs[name] for name in vg_model.specs_of(meta)})
     table = read_region(snakemake.input.stencil)
     log.info(
         "region %s (%d cells) with model %s on %s, batch %d, max_nodata_frac %.2f",

@@ -5,11 +5,24 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from vectorgeo.atomic import atomic_path, write_json_atomic, write_text_atomic
+from vectorgeo.atomic import (
+    OTHER_HOST_STALE_S,
+    _host,
+    atomic_path,
+    clean_stale,
+    scratch_dir,
+    stale_temp_files,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 class Boom(Exception):
@@ -87,3 +100,83 @@ def test_write_text_atomic_is_utf8(tmp_path: Path) -> None:
     path = tmp_path / "t.txt"
     write_text_atomic(path, "Köppen–Geiger ±\n")
     assert path.read_bytes() == "Köppen–Geiger ±\n".encode()
+
+
+# --- writers killed outright -----------------------------------------------------------------------------------
+def _writer(final: Path, then: str) -> subprocess.Popen[str]:
+    """A process that opens a temp file for ``final``, writes half of it, prints "ready" and then ``then``s."""
+    code = f"""
+import os, signal, sys, time
+from vectorgeo.atomic import atomic_path
+with atomic_path({str(final)!r}) as tmp:
+    tmp.write_bytes(b"half of it")
+    print("ready", flush=True)
+    if {then!r} == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(120)
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, text=True, stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_a_killed_writers_temp_file_is_removed_by_the_next_write(tmp_path: Path) -> None:
+    final = tmp_path / "out.parquet"
+    proc = _writer(final, "die")
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    left = os.listdir(tmp_path)
+    assert len(left) == 1 and left[0].startswith(".out.parquet.") and not final.exists()  # nothing under the name
+    assert [p.name for p in stale_temp_files(final)] == left
+    write_text_atomic(final, "complete\n")  # the rerun
+    assert os.listdir(tmp_path) == ["out.parquet"] and final.read_text() == "complete\n"
+
+
+def test_a_running_writers_temp_file_is_left_alone(tmp_path: Path) -> None:
+    final = tmp_path / "out.json"
+    proc = _writer(final, "sleep")
+    try:
+        assert stale_temp_files(final) == []
+        write_json_atomic(final, {"v": 1})
+        assert len(os.listdir(tmp_path)) == 2  # ours in place, theirs still being written
+        assert clean_stale(final) == []
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert len(clean_stale(final)) == 1 and os.listdir(tmp_path) == ["out.json"]
+
+
+def test_other_hosts_temp_files_are_removed_only_when_old(tmp_path: Path) -> None:
+    final = tmp_path / "m.npy"
+    theirs = tmp_path / ".m.npy.node17-4242.abcd1234.tmp"
+    theirs.write_bytes(b"...")
+    unrelated = tmp_path / ".m.npy.x.node17-4242.abcd1234.tmp"  # a temp file of "m.npy.x", not of "m.npy"
+    unrelated.write_bytes(b"...")
+    assert stale_temp_files(final) == []
+    old = time.time() - OTHER_HOST_STALE_S - 60
+    os.utime(theirs, (old, old))
+    os.utime(unrelated, (old, old))
+    assert stale_temp_files(final) == [theirs]
+    write_text_atomic(final, "x")
+    assert sorted(os.listdir(tmp_path)) == [unrelated.name, "m.npy"]
+
+
+def test_scratch_dir_is_removed_and_a_killed_writers_is_cleaned(tmp_path: Path) -> None:
+    final = tmp_path / "shard.npz"
+    with scratch_dir(final) as d:
+        assert d.is_dir() and d.parent == tmp_path
+        (d / "piece.npy").write_bytes(b"x")
+    assert os.listdir(tmp_path) == []
+    dead = tmp_path / f".shard.npz.{_host()}-{_dead_pid()}.zz99.d"
+    dead.mkdir()
+    (dead / "piece.npy").write_bytes(b"x")
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(b"zip")
+    assert os.listdir(tmp_path) == ["shard.npz"]
+
+
+def _dead_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid

@@ -131,9 +131,58 @@ def test_query_point_table(tmp_path: Path, loaded_region: LoadedRegion) -> None:
     assert [float(r[4]) for r in rows] == pytest.approx([w["similarity"] for w in want], abs=1e-4)
 
 
+def test_query_by_example_writes_geoparquet(tmp_path: Path, loaded_region: LoadedRegion) -> None:
+    """``--positive``/``--negative`` score every embedding; ``--out`` writes the results (GeoParquet, CSV)."""
+    import geopandas
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    s = loaded_region
+    ok = np.flatnonzero(s.valid)
+    pos, neg = [int(s.h3[ok[5]]), int(s.h3[ok[60]])], [int(s.h3[ok[200]])]
+    emb = s.embedding[ok].astype(np.float64)
+    row = {int(s.h3[i]): j for j, i in enumerate(ok)}
+    q = emb[[row[c] for c in pos]].mean(0)
+    q /= np.linalg.norm(q)
+    m = emb[row[neg[0]]] / np.linalg.norm(emb[row[neg[0]]])
+    q = q - 0.5 * m
+    sim = emb @ (q / np.linalg.norm(q))
+    sim[[row[c] for c in pos + neg]] = -np.inf
+    want = [f"{int(s.h3[ok[j]]):015x}" for j in np.argsort(-sim, kind="stable")[:15]]
+
+    env = {"VECTORGEO_DATABASE_URL": s.url}
+    lat, lng = s.lat[ok[60]], s.lng[ok[60]]  # the second positive as a point
+    args = ["query", "--positive", f"{pos[0]:015x}", "--positive", f"{lat},{lng}", "--negative", f"{neg[0]:015x}"]
+    out = tmp_path / "results.parquet"
+    proc = vectorgeo(*args, "-k", "15", "--out", str(out), cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "15 results (percentile) written to" in proc.stdout
+    t = pq.read_table(out)
+    assert t.column("h3").to_pylist() == want and t.column("rank").to_pylist() == list(range(1, 16))
+    assert (np.diff(t.column("score").to_numpy()) <= 0).all() and t.column("score").to_numpy()[0] > 99
+    gdf = geopandas.read_parquet(out)  # a GeoParquet file that GeoPandas reads as it is
+    assert gdf.crs.to_epsg() == 4326 and (gdf.geometry.geom_type == "Polygon").all()
+    assert gdf.geometry.contains(geopandas.GeoSeries.from_xy(gdf["lng"], gdf["lat"], crs=4326)).all()
+
+    csv = tmp_path / "results.csv"
+    proc = vectorgeo(*args, "-k", "15", "--out", str(csv), cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert [ln.split(",")[1].strip('"') for ln in csv.read_text().splitlines()[1:]] == want
+    table = vectorgeo(*args, "-k", "3", "--mode", "classify", cwd=tmp_path, env=env)
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[0].split() == ["rank", "h3", "lat", "lng", "probability"]
+    assert len(table.stdout.splitlines()) == 4
+
+
 @pytest.mark.parametrize(
     ("args", "named"),
     [
+        (("query", "--positive", "85390ca3fffffff", "--h3", "85390ca3fffffff"), "--positive"),
+        (("query", "--positive", "85390ca3fffffff", "--out", "x.xlsx"), "--out"),
+        (("query", "--positive", "0,-30"), "--positive"),  # Atlantic: not loaded
+        (("query", "--positive", "91,0"), "--positive"),
+        (("query", "--negative", "85390ca3fffffff"), "--positive"),  # no positive
+        (("query", "--positive", "85390ca3fffffff", "--mode", "nearest"), "--mode"),
         (("query", "-k", "many", "--h3", "85390ca3fffffff"), "-k"),  # argparse: not an int
         (("query", "--h3", "85390ca3fffffff", "--method", "magic"), "--method"),  # argparse: not a choice
         (("query", "--h3", "not-a-cell"), "h3"),

@@ -54,6 +54,10 @@ def test_start_stop_keeps_data(own_cluster: db.Cluster) -> None:
     pid = c.pid()
     c.start()
     assert c.pid() == pid
+    # a job finds the running cluster ready (one connection, no server command); a stopped one is started
+    assert c.ready()
+    c.stop()
+    assert not c.ready()
 
 
 def test_tcp_needs_the_password(own_cluster: db.Cluster) -> None:

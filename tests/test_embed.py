@@ -292,7 +292,7 @@ def test_prune_superseded_keeps_current_files_only(tmp_path: Path) -> None:
 
 # --- the workflow ---------------------------------------------------------------------------------------
 
-RULES = ["--allowed-rules", "stencil", "embed_region", "rollup"]
+RULES = ["--allowed-rules", "stencil", "cut_windows", "embed_region", "rollup"]
 
 
 def _link_layers(dst: Path, layers: dict[str, Layer], land_mask: Layer) -> None:

@@ -1,18 +1,24 @@
 """The tiny workflow with every input and output in S3 (profiles/s3), against moto's S3 server.
 
 One module-scoped run builds every stage of the workflow (stencil to evaluate, the load rules into a
-database of the session's PostgreSQL) with the elevation layer read from an s3:// GeoTIFF. The tests
-then check the objects in the bucket and the loaded rows by content, change that GeoTIFF and check that
-a dry run lists exactly the jobs downstream of it and that a second run re-uploads exactly their
-outputs, and rerun the stencil checkpoint with unchanged cells to check that no per-region job reruns.
+database of the session's PostgreSQL) shaped like the production run: the elevation layer is a list of
+s3:// GeoTIFF tiles that the mosaic_layer rule merges, every output goes to S3 (default storage), and
+region jobs read only their region's window. The tests then check the objects in the bucket and the
+loaded rows by content, change a tile and check that a dry run lists exactly the jobs downstream of it
+and that a second run re-uploads exactly their outputs, count the bytes a region job downloads, and
+rerun the stencil checkpoint with unchanged cells to check that no per-region job reruns. Another test
+dry-runs config/production.yaml as it is, against stand-in objects at its keys.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -24,6 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from conftest import create_database
 from test_workflow import (
     BIN,
@@ -39,15 +46,19 @@ from test_workflow import (
 
 from vectorgeo import probes, store
 from vectorgeo.stencil import digest_cells
+from vectorgeo.windows import window_nbytes
 
 pytestmark = pytest.mark.s3
 
 BUCKET = "vectorgeo-test"
 PREFIX = "run"
-ELEVATION_KEY = "inputs/elevation.tif"
-# covers the test extent plus the sampling margin that prepared layers are cropped to
-ELEVATION_BOUNDS = (-12.0, 31.0, 2.0, 42.0)
+# two tiles that together cover the test extent plus the sampling margin that prepared layers are cropped to
+ELEVATION_TILES = {
+    "inputs/elevation/west.tif": (-12.0, 31.0, -5.0, 42.0),
+    "inputs/elevation/east.tif": (-5.0, 31.0, 2.0, 42.0),
+}
 ELEVATION_STEP = 0.05
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:
@@ -56,12 +67,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def elevation_tif(version: int) -> bytes:
-    """A synthetic elevation GeoTIFF (int16 metres): a mountain range, plus a hill that grows with version."""
+def elevation_tif(version: int, bounds: tuple[float, float, float, float]) -> bytes:
+    """A synthetic elevation GeoTIFF tile (int16 metres): a mountain range, plus a hill that grows with version."""
     import rasterio
     from rasterio.transform import from_origin
 
-    w, s, e, n = ELEVATION_BOUNDS
+    w, s, e, n = bounds
     lng = w + ELEVATION_STEP * (np.arange(round((e - w) / ELEVATION_STEP)) + 0.5)
     lat = n - ELEVATION_STEP * (np.arange(round((n - s) / ELEVATION_STEP)) + 0.5)
     la, lo = np.meshgrid(lat, lng, indexing="ij")
@@ -92,6 +103,7 @@ class S3Run:
     workdir: Path
     env: dict[str, str]
     url: str
+    moto_log: Path
     all_jobs: Counter[str] = field(default_factory=Counter)
     elevation_version: int = 0
 
@@ -118,7 +130,8 @@ class S3Run:
     def put_elevation(self, version: int) -> None:
         # S3 modification times have a resolution of one second: make the new input strictly newer
         time.sleep(1.1)
-        self.client.put_object(Bucket=BUCKET, Key=ELEVATION_KEY, Body=elevation_tif(version))
+        for key, bounds in ELEVATION_TILES.items():
+            self.client.put_object(Bucket=BUCKET, Key=key, Body=elevation_tif(version, bounds))
         self.elevation_version = version
 
     def manifest(self) -> dict[str, Any]:
@@ -182,14 +195,29 @@ def list_objects(client: Any, bucket: str = BUCKET, prefix: str = PREFIX) -> dic
     return out
 
 
+def gets(moto_log: Path, offset: int, prefix: str = PREFIX) -> list[str]:
+    """Keys (below ``prefix``) of the objects downloaded (GET, whole or in ranges) since ``offset`` of moto's
+    request log, each once."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", moto_log.read_bytes()[offset:].decode(errors="replace"))  # colours
+    paths = re.findall(r'"GET /([^ ?"]+)[^"]* HTTP/[0-9.]+" 20[06]', text)
+    keys = []
+    for path in paths:
+        for head in (f"{BUCKET}/{prefix}/", f"{prefix}/"):  # path-style or virtual-host-style requests
+            if path.startswith(head) and path[len(head) :] not in keys:
+                keys.append(path[len(head) :])
+                break
+    return keys
+
+
 @pytest.fixture(scope="module")
 def s3run(pg_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Run]:
-    with moto_s3(tmp_path_factory.mktemp("moto")) as (client, env):
+    moto_dir = tmp_path_factory.mktemp("moto")
+    with moto_s3(moto_dir) as (client, env):
         overlays = {
             "s3": {
                 "layers": {
                     "elevation": {
-                        "source": f"s3://{BUCKET}/{ELEVATION_KEY}",
+                        "source": [f"s3://{BUCKET}/{key}" for key in ELEVATION_TILES],
                         "nodata": -32768,
                         "scale": 1.0,
                         "offset": 0.0,
@@ -200,7 +228,7 @@ def s3run(pg_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         }
         workdir = make_workdir(tmp_path_factory.mktemp("s3-workdir"), overlays)
         url = create_database(pg_cluster, "s3")
-        run = S3Run(client, workdir, {**env, "VECTORGEO_DATABASE_URL": url}, url)
+        run = S3Run(client, workdir, {**env, "VECTORGEO_DATABASE_URL": url}, url, moto_dir / "moto.log")
         run.put_elevation(0)
         run.all_jobs = finished_jobs(run.snakemake())
         yield run
@@ -213,7 +241,8 @@ def test_outputs_are_objects_in_the_bucket(s3run: S3Run) -> None:
         assert f"results/layers/{layer}.grid.json" in objects
         assert f"logs/prepare_layer/{layer}.log" in objects
     grid = json.loads(s3run.get("results/layers/elevation.grid.json"))
-    assert grid["layer"]["source"] == f"s3://{BUCKET}/{ELEVATION_KEY}"
+    assert grid["layer"]["source"] == [f"s3://{BUCKET}/{key}" for key in ELEVATION_TILES]
+    assert "results/layers/elevation.mosaic.tif" in objects
     elevation = np.load(io.BytesIO(s3run.get("results/layers/elevation.npy")))
     assert elevation.dtype == np.int16 and elevation.max() > 1500  # the synthetic mountains, cropped
 
@@ -234,7 +263,8 @@ def test_outputs_are_objects_in_the_bucket(s3run: S3Run) -> None:
     )
     assert lat.min() >= 35.0 - 0.1 and lat.max() <= 38.0 + 0.1
 
-    assert s3run.all_jobs == Counter({**TINY_JOBS, **dict.fromkeys(PER_REGION_RULES, len(manifest["regions"]))})
+    per_region = dict.fromkeys(PER_REGION_RULES, len(manifest["regions"]))
+    assert s3run.all_jobs == Counter({**TINY_JOBS, "mosaic_layer": 1, **per_region})
 
     shards = sorted(k for k in objects if k.startswith("results/samples/") and k.endswith(".npz"))
     assert shards == ["results/samples/shard-0.npz", "results/samples/shard-1.npz"]
@@ -343,17 +373,36 @@ def test_lost_region_output_is_rebuilt_alone(s3run: S3Run) -> None:
     planned = [(w["region"], w["digest"]) for rule, w in planned_jobs(dry) if rule == "embed_region"]
     assert planned == [(region, entry["digest"])], dry[-4000:]
     assert dict(job_stats(dry)) == {"embed_region": 1}
+    # as on a fresh node: no local copies of objects, so every input the job reads is downloaded
+    shutil.rmtree(s3run.workdir / ".snakemake" / "storage", ignore_errors=True)
+    offset = s3run.moto_log.stat().st_size
     s3run.snakemake(targets=embeddings)
+
+    # the region job downloaded its window (and small files), never a whole layer
+    downloaded = [k for k in gets(s3run.moto_log, offset) if k != "results/stencil/manifest.json"]
+    window_key = f"results/windows/{region}.npz"
+    assert window_key in downloaded and not [k for k in downloaded if k.endswith(".npy")], downloaded
+    window = pq_free_window_bytes(s3run.get(window_key))
+    transferred = sum(s3run.client.head_object(Bucket=BUCKET, Key=f"{PREFIX}/{k}")["ContentLength"] for k in downloaded)
+    assert transferred <= 2 * window, (transferred, window, downloaded)
     after = s3run.objects()
     changed = {k for k in after if before.get(k) is None or before[k][1] != after[k][1]}
     assert {k for k in changed if k.startswith("results/")} == {key}
     # what reads that region's embeddings is now stale (and what reads those outputs), nothing else is
-    downstream = {"rollup": 1, "load_region": 1, "build_index": 1, "evaluate": 1, "all": 1}
+    downstream = {"rollup": 1, "build_tiles": 1, "load_region": 1, "build_index": 1, "evaluate": 1, "all": 1}
     dry = s3run.snakemake("-n")
     assert dict(job_stats(dry)) == downstream, dry[-4000:]
     assert [w["region"] for rule, w in planned_jobs(dry) if rule == "load_region"] == [region]
     s3run.snakemake()
     assert not job_stats(s3run.snakemake("-n"))
+
+
+def pq_free_window_bytes(content: bytes) -> int:
+    """Raw bytes of the layer windows in a window file's content."""
+    with tempfile.NamedTemporaryFile(suffix=".npz") as f:
+        f.write(content)
+        f.flush()
+        return window_nbytes(f.name)
 
 
 def test_stencil_rerun_with_same_cells_keeps_every_region_output(s3run: S3Run) -> None:
@@ -374,3 +423,70 @@ def test_stencil_rerun_with_same_cells_keeps_every_region_output(s3run: S3Run) -
     out = s3run.snakemake()
     assert {rule for rule, _ in planned_jobs(out)} == {"stencil"}, out[-4000:]
     assert all(before[k] == s3run.objects()[k] for k in embeddings)
+
+
+def tiny_tif(dtype: str = "uint8") -> bytes:
+    """A 2 x 2 GeoTIFF: a stand-in object where only the key matters (a dry run reads no data)."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    buf = io.BytesIO()
+    with rasterio.open(
+        buf,
+        "w",
+        driver="GTiff",
+        width=2,
+        height=2,
+        count=1,
+        dtype=dtype,
+        crs="EPSG:4326",
+        transform=from_origin(0.0, 1.0, 0.5, 0.5),
+    ) as ds:
+        ds.write(np.zeros((2, 2), dtype=dtype), 1)
+    return buf.getvalue()
+
+
+def test_production_config_builds_its_dag(tmp_path: Path) -> None:
+    """config/production.yaml, unchanged, through profiles/s3: the DAG up to the stencil checkpoint.
+
+    Its inputs are stand-ins at the production keys (the LC100 map, 84 GMTED tiles) in a moto bucket.
+    """
+    production = yaml.safe_load((ROOT / "config" / "production.yaml").read_text())
+    sources = [production["layers"]["landcover"]["source"], production["land_mask"]["source"]]
+    tiles = production["layers"]["elevation"]["source"]
+    assert isinstance(tiles, list) and len(tiles) == 84
+    workdir = make_workdir(tmp_path / "workdir")
+    with moto_s3(tmp_path) as (client, env):
+        for url in {*sources, *tiles}:
+            bucket, _, key = url.removeprefix("s3://").partition("/")
+            if bucket not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
+                client.create_bucket(Bucket=bucket)
+            client.put_object(Bucket=bucket, Key=key, Body=tiny_tif())
+        out = run_snakemake(
+            workdir,
+            "-n",
+            "--profile",
+            str(ROOT / "profiles" / "s3"),
+            "--configfile",
+            "config/production.yaml",
+            env=env,
+        ).stdout
+    expected = {
+        "mosaic_layer": 1,  # the GMTED tiles, merged once
+        "prepare_layer": 3,  # landcover, elevation, land_mask
+        "stencil": 1,
+        "sample_triplets": production["sample"]["shards"],
+        "train_model": 1,
+        "prepare_eval_label": 2,
+        # the jobs that gather every region, waiting for the stencil checkpoint
+        "rollup": 1,
+        "build_tiles": 1,
+        "build_index": 1,
+        "evaluate": 1,
+        "all": 1,
+    }
+    assert job_stats(out) == Counter(expected), out[-4000:]
+    planned = planned_jobs(out)
+    assert {w["layer"] for rule, w in planned if rule == "mosaic_layer"} == {"elevation"}
+    for url in tiles:
+        assert url.removeprefix("s3://") in out, url

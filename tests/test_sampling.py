@@ -184,13 +184,16 @@ def test_changing_patch_km_makes_only_sampling_and_downstream_stale(workflow_run
     (workflow_run.workdir / "config" / "patch.yaml").write_text(yaml.safe_dump({"sample": {"patch_km": 60}}))
     stale = job_stats(workflow_run.snakemake("-n", overlays=("patch",)).stdout)
     n = len(stencil_regions(workflow_run.results))
-    # the model is trained on the samples; embeddings, loads, rollups and the evaluation follow from it
+    # the model is trained on the samples; embeddings, loads, rollups, tiles and the evaluation follow from
+    # it; the region windows are cut for the patch size
     assert stale == Counter(
         {
             "sample_triplets": 2,
             "train_model": 1,
+            "cut_windows": 1,
             "embed_region": n,
             "rollup": 1,
+            "build_tiles": 1,
             "load_region": n,
             "build_index": 1,
             "evaluate": 1,

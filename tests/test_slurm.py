@@ -1,10 +1,12 @@
 """The tiny workflow through profiles/slurm on a real single-node SLURM cluster (setup/slurm.sh).
 
-Every stage runs (stencil to evaluate, the load rules into a database of the session's PostgreSQL), each
-job as a SLURM job. The cluster has this machine's CPUs and memory, one fake GPU (gres on /dev/null) and no accounting
-database, so the run adds the flags such a cluster needs (`--slurm-no-account`, squeue for job
-status) and fast status polling. GPU rules are given gpu=1 (as on a CUDA site) so that the run
-also checks that `gpu=1` jobs are scheduled with a GPU, one at a time.
+Every stage runs (stencil to evaluate, the load rules included), each job as a SLURM job. No database
+URL is given: the main Snakemake process starts the project-local server once for the run and every load
+job, on whatever node, uses that one server (never one per node). The cluster has this machine's CPUs and
+memory, one fake GPU (gres on /dev/null) and no accounting database, so the run adds the flags such a
+cluster needs (`--slurm-no-account`, squeue for job status) and fast status polling. GPU rules are given
+gpu=1 (as on a CUDA site) so that the run also checks that `gpu=1` jobs are scheduled with a GPU, one at
+a time.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import tempfile
 from collections import Counter
@@ -22,12 +25,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import create_database, require_system
+from conftest import free_port, require_system
 from test_workflow import (
     GPU_RULES,
     PER_REGION_RULES,
@@ -39,7 +41,7 @@ from test_workflow import (
     run_snakemake,
 )
 
-from vectorgeo import store
+from vectorgeo import db, store
 from vectorgeo.stencil import digest_cells
 
 pytestmark = pytest.mark.slurm
@@ -106,21 +108,39 @@ def _jobcomp(cluster: Cluster) -> dict[str, dict[str, str]]:
     return records
 
 
-def test_workflow_runs_every_job_as_a_slurm_job(cluster: Cluster, pg_cluster: Any, tmp_path: Path) -> None:
-    workdir = make_workdir(tmp_path)
-    url = create_database(pg_cluster, "slurm")
+def test_workflow_runs_every_job_as_a_slurm_job(cluster: Cluster, tmp_path: Path) -> None:
+    workdir = make_workdir(tmp_path / "workdir", {"db": {"database": {"port": free_port()}}})
+    # where the run's one PostgreSQL server lives (VECTORGEO_HOME); not below pytest's private (0700)
+    # temporary folder, which the server's user cannot enter
+    pg_home = Path(tempfile.mkdtemp(prefix="vectorgeo-slurm-pg-"))
     gpu = [f"{rule}:gpu=1" for rule in GPU_RULES]
-    out = run_snakemake(
-        workdir,
-        "--profile",
-        str(ROOT / "profiles" / "slurm"),
-        *SLURM_FLAGS,
-        "--set-resources",
-        *gpu,
-        *configfiles(),
-        env={**cluster.env, "VECTORGEO_DATABASE_URL": url},
-        timeout=540,
-    ).stdout
+    env = {**cluster.env, "VECTORGEO_HOME": str(pg_home)}
+    env.pop("VECTORGEO_DATABASE_URL", None)
+    try:
+        out = run_snakemake(
+            workdir,
+            "--profile",
+            str(ROOT / "profiles" / "slurm"),
+            *SLURM_FLAGS,
+            "--set-resources",
+            *gpu,
+            *configfiles("db"),
+            env=env,
+            timeout=540,
+        ).stdout
+        _check_run(cluster, workdir, pg_home, out)
+    finally:
+        db.Cluster(home=pg_home, port=yaml_port(workdir)).stop(mode="immediate")
+        shutil.rmtree(pg_home, ignore_errors=True)
+
+
+def yaml_port(workdir: Path) -> int:
+    import yaml
+
+    return int(yaml.safe_load((workdir / "config" / "db.yaml").read_text())["database"]["port"])
+
+
+def _check_run(cluster: Cluster, workdir: Path, pg_home: Path, out: str) -> None:
 
     # every job Snakemake finished was submitted to SLURM; only the target rule `all` (no command) ran locally
     submitted = SUBMITTED.findall(out)
@@ -173,9 +193,22 @@ def test_workflow_runs_every_job_as_a_slurm_job(cluster: Cluster, pg_cluster: An
         ok = [s == "ok" for s in table.column("status").to_pylist()]
         emb = np.array([v for v, good in zip(table.column("embedding").to_pylist(), ok, strict=True) if good])
         assert len(emb) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-3)
-    # the load jobs reached the database from the SLURM nodes: every stencil cell once
-    with store.connect(url) as conn:
+    # one server for the whole run, started once by the main process before the first job: every load
+    # job used it through the URL the main process passed on
+    server = db.Cluster(home=pg_home, port=yaml_port(workdir))
+    assert server.status()
+    assert (pg_home / "postgres.log").read_text().count("database system is ready to accept connections") == 1
+    assert not (workdir / ".vectorgeo").exists()
+    markers = [json.loads(p.read_text()) for p in (results / "loaded").glob("*_*.json")]
+    assert len(markers) == len(cells)
+    shared = db.mask_password(server.url(tcp=True, host=socket.gethostname()))
+    assert {m["database"] for m in markers} == {shared}
+    with store.connect(server.url()) as conn:
+        started = conn.execute("SELECT pg_postmaster_start_time()").fetchone()[0]
+        # the load jobs reached the database from the SLURM nodes: every stencil cell once
         assert store.count(conn) == sum(len(c) for c in cells.values())
+    first_job = min(datetime.fromisoformat(record[i]["StartTime"]) for i in rule_of)
+    assert started.astimezone().replace(tzinfo=None) <= first_job
     assert json.loads((results / "loaded" / "index.json").read_text())["regions"] == len(cells)
     assert (results / "eval" / "report.html").stat().st_size > 0
 

@@ -375,3 +375,51 @@ def test_cli_query(small_table, pg_cluster, monkeypatch: pytest.MonkeyPatch, cap
     assert len(rows) == 3 and all(isinstance(r["h3"], str) for r in rows)
     assert cli.main(["query", "--h3", "nonsense"]) == 2
     assert "parameter 'h3'" in capsys.readouterr().err
+
+
+def test_regions_load_concurrently(pg_database, tmp_path: Path) -> None:
+    """No global lock during a region's COPY: a region loads while another region's transaction is open,
+    loads from several threads at once give every row once, and a reload of a region waits for its
+    previous load instead of duplicating it."""
+    import threading
+
+    url = pg_database("parallel")
+    regions = [c for c in h3.get_res0_cells() if not h3.is_pentagon(c)][:6]
+    paths = [write(tmp_path, region=r, seed=i) for i, r in enumerate(regions)]
+    with store.connect(url) as c:
+        store.load_region(c, paths[0])  # creates the dataset
+        table = store.dataset(c).table
+    proc = _pause_mid_copy(url, paths[1], table)
+    try:
+        with store.connect(url) as c:
+            c.execute("SET lock_timeout = '2s'")  # behind a global lock, this load would time out
+            store.load_region(c, paths[2])
+            assert proc.poll() is None  # the other region's COPY is still under way
+            assert store.count(c) == 2 * N_R3  # its rows are not visible before its commit
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        _drop_pause(url, table)
+    with store.connect(url) as c:
+        assert store.count(c) == 3 * N_R3
+
+    errors: list[BaseException] = []
+
+    def load(path: Path) -> None:
+        try:
+            with store.connect(url) as conn:
+                store.load_region(conn, path)
+        except BaseException as e:  # reported by the test thread
+            errors.append(e)
+
+    # every region at once, each twice (a rerun while the first load may still be running)
+    threads = [threading.Thread(target=load, args=(p,)) for p in [*paths, *paths]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    with store.connect(url) as conn:
+        assert distinct_count(conn) == (len(regions) * N_R3, len(regions) * N_R3)
+        for r in regions:
+            assert store.count(conn, r) == N_R3

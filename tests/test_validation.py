@@ -95,3 +95,72 @@ def test_api_patterns_agree_with_the_checks() -> None:
         assert re.fullmatch(v.BBOX_PATTERN, text)
         assert len(v.parse_bbox(text)) == 4
     assert not re.fullmatch(v.BBOX_PATTERN, "1,2,3")
+
+
+# --- search by example ----------------------------------------------------------------------------------------
+def test_examples() -> None:
+    cell = h3.str_to_int(CELL)
+    lat, lng = h3.cell_to_latlng(CELL)
+    assert v.parse_example(CELL, "positives[0]", 5) == cell
+    assert v.parse_example({"lat": lat, "lng": lng}, "positives[0]", 5) == cell
+    assert v.parse_example(f"{lat}, {lng}", "positives[0]", 5) == cell
+    assert v.parse_example(h3.cell_to_center_child(CELL, 9), "p", 5) == cell  # a finer cell: its parent
+    for bad, param in (
+        ({"lat": 91, "lng": 0}, "positives[0].lat"),
+        ({"lat": 0, "lng": 181}, "positives[0].lng"),
+        ({"lat": 0}, "positives[0]"),
+        ({"lat": 0, "lng": 0, "x": 1}, "positives[0]"),
+        ("1,2,3", "positives[0]"),
+        ("a,b", "positives[0]"),
+        (h3.cell_to_parent(CELL, 3), "positives[0]"),
+        (True, "positives[0]"),
+    ):
+        with refused(param):
+            v.parse_example(bad, "positives[0]", 5)
+    with refused("p"):
+        v.parse_example({"lat": 1, "lng": 2}, "p")  # a point needs the resolution
+    assert v.parse_examples(None, "negatives", 5, required=False) == []
+    with refused("positives"):
+        v.parse_examples([], "positives", 5, required=True)
+    with refused("positives"):
+        v.parse_examples([CELL] * (v.MAX_EXAMPLES + 1), "positives", 5, required=True)
+    with refused("negatives"):
+        v.parse_examples(CELL, "negatives", 5, required=False)
+    with refused("positives[1]"):
+        v.parse_examples([CELL, "x"], "positives", 5, required=True)
+
+
+def test_result_count_and_format() -> None:
+    assert v.check_result_count(v.MAX_K, "json") == v.MAX_K
+    assert v.check_result_count(v.MAX_EXPORT, "parquet") == v.MAX_EXPORT
+    for k, fmt in ((v.MAX_K + 1, "json"), (v.MAX_EXPORT + 1, "csv"), (0, "csv"), (True, "json"), (1.0, "json")):
+        with refused("k"):
+            v.check_result_count(k, fmt)
+    assert v.check_mode("classify") == "classify" and v.check_format("csv") == "csv"
+    with refused("mode"):
+        v.check_mode("nearest")
+    with refused("format"):
+        v.check_format("xlsx")
+
+
+def test_polygon() -> None:
+    square = {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]]]}
+    assert v.parse_polygon(square).area == 1.0
+    assert v.parse_polygon({"type": "Feature", "properties": {}, "geometry": square}).area == 1.0
+    multi = {"type": "MultiPolygon", "coordinates": [square["coordinates"], [[[5, 5], [6, 5], [6, 6], [5, 5]]]]}
+    assert v.parse_polygon(multi).geom_type == "MultiPolygon"
+    t = np.linspace(0, 2 * np.pi, v.MAX_POLYGON_VERTICES + 1)
+    big = [[float(np.cos(a)), float(np.sin(a))] for a in t]
+    for bad in (
+        {"type": "Point", "coordinates": [0, 0]},
+        {"type": "Polygon", "coordinates": "x"},
+        {"type": "Polygon", "coordinates": [[[0, 0], [1, 0]]]},  # too few vertices
+        {"type": "Polygon", "coordinates": [[[0, 0], [2, 2], [2, 0], [0, 2], [0, 0]]]},  # self-intersecting
+        {"type": "Polygon", "coordinates": [[[0, 0], [200, 0], [200, 1], [0, 0]]]},
+        {"type": "Polygon", "coordinates": [[["a", 0], [1, 0], [1, 1], ["a", 0]]]},
+        {"type": "Polygon", "coordinates": [[*big, big[0]]]},
+        {"type": "MultiPolygon", "coordinates": 5},
+        [1, 2],
+    ):
+        with refused("polygon"):
+            v.parse_polygon(bad)

@@ -40,6 +40,8 @@ GPU_RULES = ("train_model", "embed_region")
 RULES = (
     "all",
     "build_index",
+    "build_tiles",
+    "cut_windows",
     "embed_region",
     "evaluate",
     "load_region",
@@ -56,9 +58,11 @@ PER_REGION_RULES = ("embed_region", "load_region")
 TINY_JOBS = {
     "prepare_layer": 4,  # landcover, elevation, imagery, land_mask
     "stencil": 1,
+    "cut_windows": 1,
     "sample_triplets": 2,  # sample.shards
     "train_model": 1,
     "rollup": 1,
+    "build_tiles": 1,
     "build_index": 1,
     "prepare_eval_label": 3,  # the raster tasks koppen, elevation, turbidity (country is a vector task)
     "evaluate": 1,
@@ -190,8 +194,9 @@ def test_dry_run_lists_every_stage(workdir: Path) -> None:
     assert layers == {"landcover", "elevation", "imagery", "land_mask"}
     tasks = {w["task"] for rule, w in planned_jobs(out) if rule == "prepare_eval_label"}
     assert tasks == {"koppen", "elevation", "turbidity"}
-    # a dry run cannot see past the stencil checkpoint: per-region jobs appear once it ran
-    assert job_stats(out) == Counter(TINY_JOBS), out[-4000:]
+    # a dry run cannot see past the stencil checkpoint: per-region jobs (and the windows they read)
+    # appear once it ran
+    assert job_stats(out) == Counter(TINY_JOBS) - Counter({"cut_windows": 1}), out[-4000:]
 
 
 def test_lint_is_clean(workdir: Path) -> None:

@@ -1,22 +1,99 @@
 """Atomic file output: write a temp file in the destination's folder, then rename it into place.
 
 A crash never leaves a half-written file under its final name, and a failed write removes its temp file.
+
+A process killed outright (SIGKILL, out of memory, a node lost) cannot remove its temp file. Temp names
+therefore carry the writer's host and process id (``.<name>.<host>-<pid>.<random><suffix>``), and every
+new write of ``<name>`` first removes the temp files of ``<name>`` whose writer on this host is no longer
+running (:func:`clean_stale`): the rerun that replaces a killed job's output also removes what it left.
+A temp file of a writer on another host (a cluster node sharing the folder) is removed only once it has
+not changed for :data:`OTHER_HOST_STALE_S` seconds: its process id means nothing here.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+OTHER_HOST_STALE_S = 2 * 24 * 3600.0
+"""Age (seconds since the last change) after which a temp file of a writer on another host counts as left."""
+
+
+def _host() -> str:
+    """This host's name with every character other than ``[A-Za-z0-9_]`` replaced by ``_``."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+
+
+def _prefix(path: Path) -> str:
+    """The start of every temp name of ``path`` written by this process."""
+    return f".{path.name}.{_host()}-{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    """True when a process with this id runs on this host (or may: one of another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_temp_files(path: str | Path) -> list[Path]:
+    """Temp files and folders of ``path`` (see the module docstring) whose writer on this host has exited."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(?P<host>[A-Za-z0-9_]+)-(?P<pid>[0-9]+)\.")
+    host, me = _host(), os.getpid()
+    stale = []
+    for entry in os.scandir(path.parent):
+        m = pattern.match(entry.name)
+        if m is None:
+            continue
+        if m["host"] != host:
+            try:
+                if time.time() - entry.stat(follow_symlinks=False).st_mtime > OTHER_HOST_STALE_S:
+                    stale.append(Path(entry.path))
+            except FileNotFoundError:
+                pass
+            continue
+        pid = int(m["pid"])
+        if pid != me and not _alive(pid):
+            stale.append(Path(entry.path))
+    return stale
+
+
+def clean_stale(path: str | Path) -> list[Path]:
+    """Remove the temp files and folders that killed writers of ``path`` on this host left; return them."""
+    removed = []
+    for p in stale_temp_files(path):
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except FileNotFoundError:  # another rerun removed it first
+            continue
+        removed.append(p)
+    return removed
+
 
 @contextmanager
 def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success it is renamed to ``path``, on error it is removed.
+
+    Temp files of ``path`` left by killed writers are removed first (:func:`clean_stale`).
 
     Args:
         path: The final file name (its folder is created).
@@ -24,7 +101,8 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    clean_stale(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_prefix(path), suffix=suffix)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -32,6 +110,23 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def scratch_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temp folder beside ``path`` for the pieces of its output; it is removed on exit.
+
+    Like :func:`atomic_path`'s temp files, a folder left by a killed writer is removed by the next write.
+    Put the finished output in place with :func:`atomic_path`, not by hand.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_prefix(path), suffix=".d"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

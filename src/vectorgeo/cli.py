@@ -104,6 +104,18 @@ def _setup_query(p: argparse.ArgumentParser) -> None:
     p.add_argument("--h3", help="query cell (15-digit hex)")
     p.add_argument("--lat", type=float, help="query point latitude (with --lng)")
     p.add_argument("--lng", type=float, help="query point longitude (with --lat)")
+    p.add_argument(
+        "--positive",
+        action="append",
+        metavar="CELL|LAT,LNG",
+        help="search by example: a positive example, an H3 cell or 'lat,lng' (repeat for more)",
+    )
+    p.add_argument("--negative", action="append", metavar="CELL|LAT,LNG", help="a negative example (repeatable)")
+    p.add_argument("--mode", choices=["similar", "classify"], default="similar", help="search by example: scoring")
+    p.add_argument("--polygon", type=Path, help="search by example: only cells inside this GeoJSON (Multi)Polygon file")
+    p.add_argument(
+        "--out", type=Path, help="search by example: write the results to .parquet (GeoParquet), .csv or .geojson"
+    )
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     p.add_argument("--radius-km", type=float, help="only cells within this distance of the query point")
     p.add_argument("--bbox", type=float, nargs=4, metavar=("WEST", "SOUTH", "EAST", "NORTH"), help="only cells inside")
@@ -112,10 +124,68 @@ def _setup_query(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
+def _run_examples(args: argparse.Namespace) -> int:
+    """``vectorgeo query --positive ...``: search by example over every embedding, read into memory."""
+    from vectorgeo import export, h3cells, search, store
+    from vectorgeo.errors import RequestError
+    from vectorgeo.store import vectors as store_vectors
+    from vectorgeo.validation import check_radius, check_result_count, parse_bbox, parse_examples, parse_polygon
+
+    if args.h3 is not None or args.lat is not None or args.lng is not None:
+        raise RequestError("--positive", "give either examples (--positive/--negative) or --h3 / --lat --lng")
+    fmt = export.format_of(args.out) if args.out is not None else "json"
+    k = check_result_count(args.k, fmt, "-k")
+    polygon = None
+    if args.polygon is not None:
+        try:
+            polygon = parse_polygon(json.loads(args.polygon.read_text()), "--polygon")
+        except (OSError, ValueError) as e:
+            raise RequestError("--polygon", f"cannot read {args.polygon}: {e}") from None
+    area = search.Area(
+        radius_m=None if args.radius_km is None else check_radius(args.radius_km * 1000.0, "--radius-km"),
+        bbox=None if args.bbox is None else parse_bbox(args.bbox, "--bbox"),
+        polygon=polygon,
+    )
+    cfg = load_cli_config(args)
+    with store.connect(config=cfg) as conn:
+        vectors = store_vectors.load_vectors(conn)
+        pos = parse_examples(args.positive, "--positive", vectors.resolution, required=True)
+        neg = parse_examples(args.negative, "--negative", vectors.resolution, required=False)
+        try:
+            answer = search.run(
+                vectors,
+                search.Query(pos, neg, args.mode, k, area),
+                missing=lambda cells: store_vectors.describe_missing(conn, vectors, cells),
+            )
+        except search.NoExamples as e:
+            raise RequestError("--positive", str(e)) from None
+    for ex in answer.examples:
+        if ex.reason is not None:
+            flag = "--positive" if ex.role == "positive" else "--negative"
+            print(
+                f"{flag} {ex.param.split('[')[1].rstrip(']')} ({h3cells.to_str(ex.cell)}) left out: {ex.reason}",
+                file=sys.stderr,
+            )
+    if args.out is not None:
+        export.write(args.out, answer.export(), fmt)
+        print(f"{answer.rows.size} results ({answer.score_map.kind}) written to {args.out}")
+        return 0
+    results = answer.results()
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    print(f"{'rank':>4}  {'h3':<15}  {'lat':>9}  {'lng':>10}  {answer.score_map.kind:>11}")
+    for i, r in enumerate(results, 1):
+        print(f"{i:>4}  {r['h3']}  {r['lat']:9.4f}  {r['lng']:10.4f}  {r['score']:11.4f}")
+    return 0
+
+
 def _run_query(args: argparse.Namespace) -> int:
     from vectorgeo import db, h3cells, store
     from vectorgeo.errors import RequestError
 
+    if args.positive or args.negative or args.out is not None or args.polygon is not None:
+        return _run_examples(args)
     if (args.h3 is None) == (args.lat is None and args.lng is None):
         raise RequestError("--h3", "give either --h3 or --lat/--lng")
     if args.h3 is None and (args.lat is None or args.lng is None):
@@ -156,7 +226,12 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 register("db", "manage the project-local PostgreSQL cluster: start, stop, status, url", _setup_db, _run_db)
-register("query", "the k cells most similar to a cell or a point", _setup_query, _run_query)
+register(
+    "query",
+    "the k cells most similar to a cell or a point, or to examples (--positive, --negative, --out)",
+    _setup_query,
+    _run_query,
+)
 register("serve", "the similarity-search API and map viewer (FastAPI + uvicorn)", _setup_serve, _run_serve)
 
 

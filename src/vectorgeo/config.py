@@ -317,6 +317,39 @@ class ServeConfig(Section):
             "a tile within this count."
         ),
     )
+    cors_allow_origins: list[str] = Field(
+        [],
+        description=(
+            "Origins (scheme://host[:port]) whose web pages may call the API from a browser (CORS); [] = same "
+            "origin only (the viewer the API serves itself); ['*'] = any origin (a public, read-only API)."
+        ),
+    )
+    max_body_bytes: int = Field(
+        1_048_576,
+        ge=1024,
+        le=67_108_864,
+        description="Largest request body the API reads, in bytes; a larger one is refused with 413.",
+    )
+    statement_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Longest a database query of the API may run, in seconds: the database cancels it and the request "
+            "gets 503 with a message (PostgreSQL statement_timeout of the API's connections)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_origins(self) -> ServeConfig:
+        for i, origin in enumerate(self.cors_allow_origins):
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s?#]+", origin):
+                _fail(
+                    f"cors_allow_origins.{i}",
+                    f"expected '*' or an origin scheme://host[:port] without a path, e.g. https://maps.example.org, "
+                    f"got {origin!r}",
+                )
+        return self
 
 
 # --- stencil -------------------------------------------------------------------------------------

@@ -11,8 +11,16 @@ Authentication: unix-socket connections are trusted (the socket lives in ``<home
 cluster owner and root can enter); TCP connections on 127.0.0.1 need the password kept in
 ``<home>/password`` (mode 0600), shown by ``vectorgeo db url --tcp``.
 
-Public API: :func:`settings` (and :func:`config_section`), :func:`database_url`, :class:`Cluster`
-(``start``, ``stop``, ``status``, ``url``, ``kill``), :func:`cluster`.
+One database for a cluster run: jobs on other machines cannot use a server that listens on their own
+127.0.0.1, and must never start one each. With ``VECTORGEO_DATABASE_URL`` (or ``database.url``) every job
+uses that server. Without it, the main Snakemake process of a run whose jobs go to other machines (the
+SLURM profile) calls :func:`share_database` once, before the first job: it starts the project-local
+cluster (in the shared project folder) listening also on this machine's name (``VECTORGEO_DATABASE_HOST``
+overrides it), with password authentication from other hosts, and puts the TCP URL into
+``VECTORGEO_DATABASE_URL``, which every SLURM job inherits (``sbatch --export=ALL``).
+
+Public API: :func:`settings` (and :func:`config_section`), :func:`database_url`, :func:`share_database`,
+:class:`Cluster` (``start``, ``stop``, ``status``, ``url``, ``kill``), :func:`cluster`.
 """
 
 from __future__ import annotations
@@ -34,6 +42,10 @@ from vectorgeo.errors import DatabaseError
 
 ENV_URL = "VECTORGEO_DATABASE_URL"
 ENV_HOME = "VECTORGEO_HOME"
+ENV_HOST = "VECTORGEO_DATABASE_HOST"
+LOCALHOST = "127.0.0.1"
+# pg_hba.conf lines that let other machines in with the password (a shared server only)
+REMOTE_HBA = ("host all all 0.0.0.0/0 scram-sha-256", "host all all ::/0 scram-sha-256")
 PG_MAJOR = 15
 RUN_USER = "postgres"
 EXTENSIONS = ("postgis", "vector")
@@ -167,11 +179,11 @@ class Cluster:
     def password_file(self) -> Path:
         return self.home / "password"
 
-    def url(self, tcp: bool = False) -> str:
-        """Connection URL: through the unix socket (default) or TCP on 127.0.0.1 with the password."""
+    def url(self, tcp: bool = False, host: str = LOCALHOST) -> str:
+        """Connection URL: through the unix socket (default) or TCP to ``host`` with the password."""
         if tcp:
             pw = quote(self.password_file.read_text().strip(), safe="") if self.password_file.exists() else ""
-            return f"postgresql://{RUN_USER}:{pw}@127.0.0.1:{self.port}/{self.dbname}"
+            return f"postgresql://{RUN_USER}:{pw}@{host}:{self.port}/{self.dbname}"
         return f"postgresql://{RUN_USER}@/{self.dbname}?host={quote(str(self.home), safe='/')}&port={self.port}"
 
     # --- process control -------------------------------------------------------------------------------
@@ -257,23 +269,54 @@ class Cluster:
         proc = self._as_owner([pg_bindir() / "pg_ctl", "status", "-D", self.datadir], check=False)
         return proc.returncode == 0
 
-    def start(self) -> str:
+    def start(self, listen: str = LOCALHOST) -> str:
         """Initialise if needed, start if stopped, create the database and extensions; return the URL.
 
         Concurrent calls (e.g. two workflow jobs) are serialised by the lock file ``<home>/start.lock``.
+
+        Args:
+            listen: Address the server listens on besides 127.0.0.1 (other machines then connect with
+                the password); a running server that does not listen there is restarted.
         """
         import fcntl
 
         self.home.mkdir(parents=True, exist_ok=True)
         with open(self.home / "start.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            return self._start()
+            return self._start(listen)
 
-    def _start(self) -> str:
+    def _listen_addresses(self) -> str | None:
+        """The running server's listen_addresses (None when it cannot be asked)."""
+        import psycopg
+
+        try:
+            with psycopg.connect(self.url(), autocommit=True, connect_timeout=10) as conn:
+                row = conn.execute("SHOW listen_addresses").fetchone()
+        except psycopg.Error:
+            return None
+        return str(row[0]) if row else None
+
+    def _allow_remote(self) -> None:
+        """Password authentication for connections from other hosts (pg_hba.conf, once)."""
+        hba = self.datadir / "pg_hba.conf"
+        text = hba.read_text()
+        missing = [line for line in REMOTE_HBA if line not in text]
+        if missing:
+            with open(hba, "a") as f:
+                f.write(
+                    "# vectorgeo: a server shared by the jobs of a cluster run\n" + "".join(f"{m}\n" for m in missing)
+                )
+
+    def _start(self, listen: str = LOCALHOST) -> str:
         self.init()
+        addresses = LOCALHOST if listen == LOCALHOST else f"{LOCALHOST},{listen}"
+        if listen != LOCALHOST:
+            self._allow_remote()
+            if self.status() and self._listen_addresses() != addresses:
+                self.stop()
         if not self.status():
             self._prepare_home()
-            opts = f"-p {self.port} -k '{self.home}' -c listen_addresses=127.0.0.1"
+            opts = f"-p {self.port} -k '{self.home}' -c listen_addresses='{addresses}'"
             proc = self._as_owner(
                 [
                     pg_bindir() / "pg_ctl",
@@ -324,6 +367,21 @@ class Cluster:
             for ext in EXTENSIONS:
                 conn.execute(f"CREATE EXTENSION IF NOT EXISTS {ext}")
 
+    def ready(self) -> bool:
+        """True when the server accepts connections to the database and its extensions exist."""
+        import psycopg
+
+        if not self.initialized():
+            return False
+        try:
+            with psycopg.connect(self.url(), autocommit=True, connect_timeout=5) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_extension WHERE extname = ANY(%s)", (list(EXTENSIONS),)
+                ).fetchone()
+        except psycopg.Error:
+            return False
+        return bool(row and row[0] == len(EXTENSIONS))
+
     def stop(self, mode: str = "fast") -> bool:
         """Stop the server; returns False when it was not running."""
         if not self.status():
@@ -372,9 +430,35 @@ def database_url(config: Mapping[str, Any] | None = None) -> str:
     return external_url(config) or cluster(config).url()
 
 
-def ensure_database(config: Mapping[str, Any] | None = None) -> str:
-    """The database URL, after starting the project-local cluster when no external URL is set."""
+def share_database(config: Mapping[str, Any] | None = None) -> str:
+    """The one database of a run whose jobs run on other machines, as a URL they can use.
+
+    The external URL when one is set; else the project-local cluster, started here (once, by the main
+    process of the run) listening on this machine's name (``VECTORGEO_DATABASE_HOST`` overrides it)
+    with password authentication, and its TCP URL.
+
+    Raises:
+        DatabaseError: the server cannot be started.
+    """
+    import socket
+
     external = external_url(config)
     if external is not None:
         return external
-    return cluster(config).start()
+    host = os.environ.get(ENV_HOST) or socket.gethostname()
+    c = cluster(config)
+    c.start(listen=host)
+    return c.url(tcp=True, host=host)
+
+
+def ensure_database(config: Mapping[str, Any] | None = None) -> str:
+    """The database URL, after starting the project-local cluster when no external URL is set.
+
+    A cluster that already serves the database with its extensions is used as it is: one connection,
+    no server commands (what every load job after the first finds).
+    """
+    external = external_url(config)
+    if external is not None:
+        return external
+    c = cluster(config)
+    return c.url() if c.ready() else c.start()

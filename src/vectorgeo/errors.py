@@ -29,11 +29,14 @@ class RasterError(VectorgeoError):
 
     Attributes:
         path: The file, URL or built-in name at fault.
+        key: Dotted path of the config key that names the raster (e.g. ``layers.elevation.source``), or None.
     """
 
-    def __init__(self, path: str, message: str) -> None:
+    def __init__(self, path: str, message: str, key: str | None = None) -> None:
         self.path = path
-        super().__init__(f"raster '{path}': {message}")
+        self.key = key
+        where = f" (config key '{key}')" if key else ""
+        super().__init__(f"raster '{path}'{where}: {message}")
 
 
 class DataError(VectorgeoError):
@@ -49,7 +52,24 @@ class DataError(VectorgeoError):
 
 
 class DatabaseError(VectorgeoError):
-    """The database is unreachable or refused an operation."""
+    """The database is unreachable or refused an operation.
+
+    ``str(error)`` is ``message`` followed by the driver's ``detail`` (for logs and the command line);
+    the API shows only ``message``, never driver text.
+
+    Attributes:
+        message: What failed, in words fit to show to any client.
+        detail: The driver's own message, or None.
+    """
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        self.message = message
+        self.detail = detail
+        super().__init__(f"{message}: {detail}" if detail else message)
+
+
+class QueryTimeout(DatabaseError):
+    """A query ran longer than the statement timeout and was cancelled by the server."""
 
 
 class RequestError(VectorgeoError):

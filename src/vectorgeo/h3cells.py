@@ -23,11 +23,21 @@ RES_SHIFT = 52
 RES_MASK = 0xF
 DIGIT_BITS = 3
 MAX_RES = 15
+_HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 
 
 def to_str(cell: int | np.integer[Any]) -> str:
     """A cell as 15 lowercase hex digits."""
     return f"{int(cell):015x}"
+
+
+def to_strs(cells: np.ndarray) -> np.ndarray:
+    """Cells as 15 lowercase hex digits, vectorised (numpy ``S15`` bytes array)."""
+    c = np.asarray(cells, dtype=np.uint64).ravel()
+    shifts = np.arange(14, -1, -1, dtype=np.uint64) * np.uint64(4)
+    digits = ((c[:, None] >> shifts) & np.uint64(0xF)).astype(np.uint8)
+    out: np.ndarray = _HEX_DIGITS[digits].view("S15").ravel()
+    return out
 
 
 def resolution(cell: int | np.integer[Any]) -> int:

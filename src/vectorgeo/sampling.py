@@ -62,7 +62,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -72,6 +71,7 @@ from typing import Any
 
 import numpy as np
 
+from vectorgeo.atomic import atomic_path, scratch_dir
 from vectorgeo.config import NODATA_INDEX, SampleConfig
 from vectorgeo.errors import ConfigError
 from vectorgeo.layers import Layer
@@ -363,7 +363,7 @@ class TripletSampler:
             from tqdm import tqdm
 
             bar = tqdm(total=n, desc=f"shard {shard}", unit="triplet")
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmpdir:
+        with scratch_dir(path) as tmpdir, atomic_path(path, suffix=".npz") as tmp_zip:
             arrays = {
                 k: np.lib.format.open_memmap(os.path.join(tmpdir, f"{k}.npy"), mode="w+", dtype=dt, shape=shape)
                 for k, (shape, dt) in keys.items()
@@ -405,7 +405,6 @@ class TripletSampler:
                 "acceptance": stats.acceptance,
             }
             np.save(os.path.join(tmpdir, "meta.npy"), np.array(json.dumps(meta, sort_keys=True)))
-            tmp_zip = os.path.join(tmpdir, "shard.npz")
             with zipfile.ZipFile(tmp_zip, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
                 for k in [*keys, "meta"]:
                     info = zipfile.ZipInfo(f"{k}.npy", date_time=(1980, 1, 1, 0, 0, 0))
@@ -416,7 +415,6 @@ class TripletSampler:
                     ):
                         while chunk := src.read(1 << 22):
                             dst.write(chunk)
-            os.replace(tmp_zip, path)
         return stats
 
     def _raise_no_land(self, stats: SampleStats) -> None:

@@ -48,7 +48,10 @@ from vectorgeo.atomic import write_json_atomic, write_parquet_atomic
 from vectorgeo.layers import Layer
 
 DIGEST_CHARS = 12
-PYRAMID_FACTOR = 20
+PYRAMID_WIDTH = 2160
+"""Target width of the any-land pyramid (1/6 degree pixels over the world): its factor follows the mask's width."""
+BLOCK_BYTES = 64 << 20
+"""Mask bytes read per block while building the pyramid (at least one pyramid row)."""
 BBOX_MARGIN = 0.25
 
 STENCIL_SCHEMA = pa.schema([("h3", pa.uint64()), ("lat", pa.float64()), ("lng", pa.float64()), ("region", pa.uint64())])
@@ -90,13 +93,17 @@ class LandPyramid:
     .. math:: S(r_1, c_1) - S(r_0, c_1) - S(r_1, c_0) + S(r_0, c_0) > 0
     """
 
-    def __init__(self, mask: Layer, factor: int = PYRAMID_FACTOR) -> None:
+    def __init__(self, mask: Layer, factor: int | None = None) -> None:
         g = mask.grid
+        # pyramid pixels of about 1/6 degree whatever the mask's resolution (20 GLOBE pixels, 187 of
+        # LC100's 100 m), read in blocks of whole pyramid rows of about BLOCK_BYTES: memory follows the
+        # mask's width (a few hundred MB at LC100's 403,200 columns), not its size
+        factor = factor or max(1, math.ceil(g.width / PYRAMID_WIDTH))
         h, w = g.height // factor * factor, g.width // factor * factor
         arr = mask.array
         land_lut = ~mask._invalid_lut if mask._invalid_lut is not None else None
         coarse = np.zeros((h // factor + (g.height > h), w // factor + (g.width > w)), dtype=bool)
-        step = 256 * factor
+        step = max(1, BLOCK_BYTES // max(1, g.width * arr.dtype.itemsize) // factor) * factor
         for r0 in range(0, g.height, step):
             block = np.asarray(arr[r0 : r0 + step])
             land = land_lut[block] if land_lut is not None else mask._slow_lut(block).astype(bool)

@@ -45,8 +45,9 @@ import shapely
 from psycopg import sql
 
 from vectorgeo import h3cells, store
-from vectorgeo.errors import DatabaseError, RequestError
+from vectorgeo.errors import RequestError
 from vectorgeo.store.catalog import fetch_one
+from vectorgeo.store.connection import database_error
 
 META_TABLE = "vectorgeo_tiles"
 _LOCK_KEY = 0x7469_6C65_7321  # advisory lock serialising tile builds ("tiles!")
@@ -484,7 +485,7 @@ def build(conn: psycopg.Connection[Any], *, max_features: int, chunk: int = 200_
             _index_and_swap(conn, meta, build_table)
             _record_meta(conn, meta)
     except psycopg.Error as e:
-        raise DatabaseError(f"building the tiles of model_version {ds.model_version!r} failed: {e}") from None
+        raise database_error(f"building the tiles of model_version {ds.model_version!r}", e) from None
     return meta
 
 

@@ -7,9 +7,10 @@ indices with 255 nodata, or float32 physical values with NaN nodata), plus
 ``{role}_latlng`` and a JSON ``meta``. Every shard is validated against the
 config's layers and ``sample.patch_px`` before training (:func:`read_shard`).
 The last ``train.val_shards`` shards are held out for validation. Training
-shards are read ``train.shards_in_memory`` at a time (all of them, and kept,
-when they fit), and batches are drawn from a random permutation across the
-shards in memory, so memory stays bounded by that many shards. A batch stays
+shards are streamed: ``train.shards_in_memory`` of them are read side by side
+in chunks, and batches are drawn from a random permutation of each group of
+chunks, so memory stays bounded whatever the number and size of the shards
+(few triplets, at most :data:`CACHE_BYTES`, are read once and kept). A batch stays
 uint8/float32 numpy until :func:`vectorgeo.model.encode` turns it into a
 tensor on the training device.
 
@@ -57,9 +58,12 @@ from vectorgeo.config import ModelConfig, TrainConfig
 from vectorgeo.errors import ConfigError
 from vectorgeo.layers import LayerSpec
 from vectorgeo.sampling import patch_keys
-from vectorgeo.shards import ROLES, concat_shards, read_shard
+from vectorgeo.shards import ROLES, ShardInfo, concat_shards, read_shard, shard_info, stream_groups
 
 log = logging.getLogger("vectorgeo.training")
+
+CACHE_BYTES = 256 << 20
+"""Training triplets up to this size are read once and kept in memory across epochs; more are streamed."""
 
 
 def iterate_batches(
@@ -318,8 +322,9 @@ class TrainingData:
         n_train: Training triplets.
         val: Validation arrays (``{role}_{layer}``).
         n_val: Validation triplets.
-        group: Training shards held in memory at once.
-        cache: All training triplets, when they fit in one group (kept across epochs).
+        group: Training shards read side by side (chunks of each are shuffled together).
+        cache: All training triplets, when they are few (kept across epochs).
+        infos: The training shards' headers.
     """
 
     specs: dict[str, LayerSpec]
@@ -332,6 +337,7 @@ class TrainingData:
     n_val: int
     group: int
     cache: dict[str, np.ndarray] | None
+    infos: list[ShardInfo] = field(default_factory=list)
 
     @classmethod
     def read(
@@ -358,14 +364,13 @@ class TrainingData:
         val = concat_shards(val_shards)
         n_val = sum(s.n for s in val_shards)
         del val_shards
+        # training shards: validated from their headers now, streamed in chunks at each epoch
+        infos = [shard_info(p, specs, px, patch_km, scales) for p in train_paths]
+        n_train = sum(i.n for i in infos)
         cache = None
-        if len(train_paths) <= cfg.shards_in_memory:
-            objs = [read_shard(p, specs, px, patch_km, scales) for p in train_paths]
-            n_train = sum(s.n for s in objs)
-            cache = concat_shards(objs)
-        else:
-            n_train = sum(read_shard(p, specs, px, patch_km, scales).n for p in train_paths)
-        return cls(specs, px, patch_km, scales, train_paths, n_train, val, n_val, cfg.shards_in_memory, cache)
+        if len(infos) <= cfg.shards_in_memory and sum(i.nbytes for i in infos) <= CACHE_BYTES:
+            cache = concat_shards([read_shard(p, specs, px, patch_km, scales) for p in train_paths])
+        return cls(specs, px, patch_km, scales, train_paths, n_train, val, n_val, cfg.shards_in_memory, cache, infos)
 
     @property
     def keys(self) -> list[str]:
@@ -373,14 +378,12 @@ class TrainingData:
         return patch_keys(self.specs, len(self.scales))
 
     def groups(self, rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
-        """The training triplets of one epoch, a group of shards at a time (shards in random order)."""
+        """The training triplets of one epoch, a group at a time: all of them when cached, else streamed
+        (:func:`vectorgeo.shards.stream_groups`: memory bounded whatever the number of shards)."""
         if self.cache is not None:
             yield self.cache
             return
-        order = rng.permutation(len(self.train_paths))
-        for i in range(0, len(order), self.group):
-            picked = [self.train_paths[j] for j in order[i : i + self.group]]
-            yield concat_shards([read_shard(p, self.specs, self.patch_px, self.patch_km, self.scales) for p in picked])
+        yield from stream_groups(self.infos, self.specs, rng, self.group)
 
     def batches(self, rng: np.random.Generator, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """Shuffled batches of one epoch, roles stacked (uint8 / float32 patches)."""

@@ -148,3 +148,134 @@ def check_method(method: Any, param: str = "method") -> str:
     if method not in METHODS:
         raise RequestError(param, f"expected one of {', '.join(METHODS)}, got {_short(method)}")
     return str(method)
+
+
+# --- search by example (POST /query, vectorgeo query --positive) ---------------------------------------------
+MAX_EXAMPLES = 100
+MAX_POLYGON_VERTICES = 10_000
+MAX_EXPORT = 100_000
+MODES = ("similar", "classify")
+FORMATS = ("json", "geojson", "csv", "parquet")
+
+
+def check_mode(mode: Any, param: str = "mode") -> str:
+    """Query mode: one of :data:`MODES`."""
+    if mode not in MODES:
+        raise RequestError(param, f"expected one of {', '.join(MODES)}, got {_short(mode)}")
+    return str(mode)
+
+
+def check_format(fmt: Any, param: str = "format") -> str:
+    """Answer format of a query: one of :data:`FORMATS`."""
+    if fmt not in FORMATS:
+        raise RequestError(param, f"expected one of {', '.join(FORMATS)}, got {_short(fmt)}")
+    return str(fmt)
+
+
+def check_result_count(k: Any, fmt: str, param: str = "k") -> int:
+    """Number of results of a query: at most :data:`MAX_K` as JSON, :data:`MAX_EXPORT` as a download."""
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or int(k) < 1:
+        raise RequestError(param, f"expected a positive integer, got {_short(k)}")
+    limit = MAX_K if fmt == "json" else MAX_EXPORT
+    if int(k) > limit:
+        what = "JSON answers" if fmt == "json" else "downloads (the export size limit)"
+        raise RequestError(param, f"at most {limit} results for {what}, got {int(k)}")
+    return int(k)
+
+
+def parse_example(value: Any, param: str, resolution: int | None = None) -> int:
+    """An example of a query as the H3 cell it names.
+
+    Accepted: an H3 cell (int or hex string; a finer cell stands for its parent at ``resolution``), a
+    mapping ``{"lat": .., "lng": ..}``, or the text ``"lat,lng"`` (the cell of that point at
+    ``resolution``).
+
+    Args:
+        value: The example.
+        param: Parameter name for errors, e.g. ``positives[2]``.
+        resolution: The loaded cells' resolution (needed for points).
+
+    Raises:
+        RequestError: not a cell or a point, a cell coarser than ``resolution``.
+    """
+    if isinstance(value, dict):
+        if set(value) - {"lat", "lng"} or len(value) != 2:
+            raise RequestError(param, f"expected an H3 cell or {{lat, lng}}, got {_short(value)}")
+        lat, lng = check_lat_lng(value["lat"], value["lng"], f"{param}.lat", f"{param}.lng")
+    elif isinstance(value, str) and "," in value:
+        parts = value.split(",")
+        if len(parts) != 2:
+            raise RequestError(param, f"expected 'lat,lng' or an H3 cell, got {_short(value)}")
+        lat, lng = check_lat_lng(parts[0], parts[1], param, param)
+    else:
+        cell = parse_cell(value, param)
+        res = h3cells.resolution(cell)
+        if resolution is None or res == resolution:
+            return cell
+        if res < resolution:
+            raise RequestError(
+                param, f"cell {h3cells.to_str(cell)} has resolution {res}; the loaded cells have {resolution}"
+            )
+        return h3cells.parent(cell, resolution)
+    if resolution is None:
+        raise RequestError(param, "a point needs the loaded resolution to find its cell")
+    return h3cells.cell_at(lat, lng, resolution)
+
+
+def parse_examples(values: Any, param: str, resolution: int | None = None, *, required: bool) -> list[int]:
+    """A list of at most :data:`MAX_EXAMPLES` examples (:func:`parse_example`), as cells in the given order."""
+    if values is None:
+        values = []
+    if not isinstance(values, list | tuple):
+        raise RequestError(param, f"expected a list of H3 cells or {{lat, lng}} points, got {_short(values)}")
+    if required and not values:
+        raise RequestError(param, "give at least one example")
+    if len(values) > MAX_EXAMPLES:
+        raise RequestError(param, f"at most {MAX_EXAMPLES} examples, got {len(values)}")
+    return [parse_example(v, f"{param}[{i}]", resolution) for i, v in enumerate(values)]
+
+
+def _ring_count(rings: Any, param: str) -> int:
+    if not isinstance(rings, list) or not all(isinstance(r, list) for r in rings):
+        raise RequestError(param, "expected Polygon coordinates: a list of rings, each a list of [lng, lat]")
+    return sum(len(r) for r in rings)
+
+
+def parse_polygon(value: Any, param: str = "polygon") -> Any:
+    """A GeoJSON Polygon or MultiPolygon (or a Feature holding one) as a valid shapely geometry.
+
+    Longitudes must lie in [-180, 180] (split a polygon across the antimeridian into a MultiPolygon),
+    at most :data:`MAX_POLYGON_VERTICES` vertices in all.
+
+    Raises:
+        RequestError: malformed, too many vertices, out of range, or invalid (self-intersecting).
+    """
+    import shapely
+    from shapely.errors import GEOSException
+    from shapely.geometry import shape
+    from shapely.validation import explain_validity
+
+    geom = value.get("geometry") if isinstance(value, dict) and value.get("type") == "Feature" else value
+    if not isinstance(geom, dict) or geom.get("type") not in ("Polygon", "MultiPolygon"):
+        raise RequestError(param, "expected a GeoJSON Polygon or MultiPolygon (or a Feature holding one)")
+    coords = geom.get("coordinates")
+    if geom["type"] == "Polygon":
+        n = _ring_count(coords, param)
+    elif isinstance(coords, list):
+        n = sum(_ring_count(p, param) for p in coords)
+    else:
+        raise RequestError(param, "expected MultiPolygon coordinates: a list of polygons")
+    if n > MAX_POLYGON_VERTICES:
+        raise RequestError(param, f"at most {MAX_POLYGON_VERTICES} vertices, got {n}")
+    try:
+        poly = shape({"type": geom["type"], "coordinates": coords})
+        xy = shapely.get_coordinates(poly)
+    except (TypeError, ValueError, AttributeError, IndexError, GEOSException) as e:
+        raise RequestError(param, f"malformed GeoJSON coordinates: {e}") from None
+    if poly.is_empty or xy.shape[0] < 4:
+        raise RequestError(param, "the polygon is empty")
+    if not np.isfinite(xy).all() or (np.abs(xy[:, 0]) > 180).any() or (np.abs(xy[:, 1]) > 90).any():
+        raise RequestError(param, "coordinates must be [lng, lat] with lng in [-180, 180] and lat in [-90, 90]")
+    if not poly.is_valid:
+        raise RequestError(param, f"invalid polygon: {explain_validity(poly)}")
+    return poly

@@ -5,8 +5,12 @@
 - :class:`~vectorgeo.errors.RequestError`: 422 ``invalid_request``, a parameter that the checks of
   :mod:`vectorgeo.validation` refuse (e.g. 15 hex digits that are no H3 cell);
 - :class:`NotFound`: 404 ``not_found``, the cell asked for is not loaded;
-- :class:`~vectorgeo.errors.DatabaseError`: 503 ``unavailable``, the database is unreachable, every
-  connection is busy, or nothing is loaded;
+- :class:`~vectorgeo.errors.QueryTimeout`: 503 ``timeout``, a query ran longer than the statement
+  timeout (``serve.statement_timeout_s``) and the database cancelled it;
+- :class:`~vectorgeo.errors.DatabaseError`: 503 ``unavailable``, the database is unreachable, the
+  connection was lost, every connection is busy, or nothing is loaded. A 503 carries ``Retry-After``
+  and only the error's short message: the driver's text goes to the log, never to the client;
+- a request body larger than ``serve.max_body_bytes``: 413 ``too_large`` (:mod:`.limits`);
 - :class:`~vectorgeo.errors.DataError` and other :class:`~vectorgeo.errors.VectorgeoError`: 500
   ``internal`` with their message, a server misconfiguration (e.g. a missing data package);
 - Starlette's HTTP errors (unknown route, method): their status;
@@ -22,9 +26,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vectorgeo.errors import DatabaseError, DataError, RequestError, VectorgeoError
+from vectorgeo.errors import DatabaseError, DataError, QueryTimeout, RequestError, VectorgeoError
 
 log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 5
+"""Seconds a 503 answer asks the client to wait before trying again (``Retry-After``)."""
 
 PATTERN_HINTS = {
     "h3": "expected an H3 cell as 15 hex digits",
@@ -75,7 +82,12 @@ async def _not_found(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
-    return error_response(503, "unavailable", str(exc))
+    assert isinstance(exc, DatabaseError)
+    log.warning("%s %s: %s", request.method, request.url.path, exc)
+    kind = "timeout" if isinstance(exc, QueryTimeout) else "unavailable"
+    resp = error_response(503, kind, exc.message)
+    resp.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return resp
 
 
 async def _server_data(request: Request, exc: Exception) -> JSONResponse:

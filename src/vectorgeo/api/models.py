@@ -12,7 +12,9 @@ from vectorgeo.validation import H3_PATTERN, MAX_K, MAX_RADIUS_M
 class ErrorBody(BaseModel):
     """A 4xx/5xx answer."""
 
-    error: str = Field(description="Kind: invalid_request, not_found, method_not_allowed, unavailable, internal.")
+    error: str = Field(
+        description="Kind: invalid_request, not_found, method_not_allowed, too_large, unavailable, timeout, internal."
+    )
     message: str = Field(description="What is wrong, naming the parameter at fault.")
     param: str | None = Field(default=None, description="The parameter at fault, when one is.")
 
@@ -104,6 +106,12 @@ class Health(BaseModel):
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorBody, "description": "Invalid parameter (the message names it)."},
-    503: {"model": ErrorBody, "description": "Database unavailable or nothing loaded."},
+    503: {
+        "model": ErrorBody,
+        "description": "Database unavailable, busy or too slow (query cancelled), or nothing loaded.",
+        "headers": {
+            "Retry-After": {"description": "Seconds to wait before trying again.", "schema": {"type": "integer"}}
+        },
+    },
 }
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "No such cell."}}

@@ -3,27 +3,51 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 
-from vectorgeo import db
+from vectorgeo import db, pyramid
 from vectorgeo.api.app import create_app
 from vectorgeo.api.settings import ServeSettings, serve_settings
+from vectorgeo.inputs import InputLayers
 from vectorgeo.store import QuerySettings
 
 
+def _inputs(config: Mapping[str, Any] | None) -> InputLayers | None:
+    """The prepared input layers of a full config (None without ``layers`` or when they are not prepared)."""
+    from vectorgeo.config import parse
+    from vectorgeo.inputs import InputLayers
+
+    if config is None or "layers" not in config:
+        return None
+    cfg = parse(config)
+    results = Path(cfg.results)
+    folder = results if results.is_absolute() else db.project_dir() / results
+    return InputLayers.from_config(cfg.model_dump(mode="json"), folder)
+
+
 def app_for_config(config: Mapping[str, Any] | None, url: str) -> FastAPI:
-    """The app with the ``serve`` settings and the ``database`` query settings of a config.
+    """The app with the ``serve`` settings and the ``database`` query settings of a config, serving the tiles
+    of the workflow's archive (``<results>/tiles/cells.pmtiles``, relative to the working directory).
+
+    The cell inspector reads the prepared input layers of the workflow (``<results>/layers``, relative
+    to the project folder, of a config with ``layers``); without them it answers that they are missing.
 
     Args:
         config: Full config, or None for the defaults.
         url: Database URL.
     """
+    from vectorgeo.config import Config
+
+    results = (config or {}).get("results") or Config.model_fields["results"].default
     return create_app(
         url,
         serve=ServeSettings.from_config(serve_settings(config)),
         query=QuerySettings.from_config(db.settings(config)),
+        inputs=_inputs(config),
+        tile_archive=Path(results) / "tiles" / pyramid.ARCHIVE,
     )
 
 

@@ -4,26 +4,39 @@ Thread safety: routes run in a thread pool. The connection pool is psycopg_pool'
 is behind a lock; the tile metadata and the loaded resolution are immutable snapshots
 (:class:`Checked`) replaced by one assignment, and the lock of :class:`TileTracker` serialises the
 checks and builds that replace them.
+
+Database faults: every query of a request runs in one ``REPEATABLE READ`` transaction, so a request
+sees one snapshot (a region reloaded meanwhile shows up entirely or not at all, never half); the
+server cancels any statement after ``serve.statement_timeout_s`` (a
+:class:`~vectorgeo.errors.QueryTimeout`); a connection lost mid-request, or none free within the pool
+timeout, is a :class:`~vectorgeo.errors.DatabaseError` with a short message (the driver's text goes
+to the log only), and the pool replaces broken connections, so the API recovers by itself once the
+database is back.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Generic, TypeVar
 
 import psycopg
 from fastapi import Depends, Request
+from psycopg import IsolationLevel
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
-from vectorgeo import db, store, tiles
+from vectorgeo import db, pyramid, store, tiles
+from vectorgeo.api.scoring import ScoreService
 from vectorgeo.api.settings import ServeSettings
-from vectorgeo.errors import DatabaseError, VectorgeoError
+from vectorgeo.errors import DatabaseError, QueryTimeout, VectorgeoError
+from vectorgeo.inputs import InputLayers
 from vectorgeo.store import QuerySettings
 
 log = logging.getLogger(__name__)
@@ -103,7 +116,7 @@ class TileTracker:
         with self._lock:
             current = self._current
             if current is None:
-                meta = tiles.ensure(conn, max_features=self._max_features)
+                meta = tiles.current(conn, max_features=self._max_features) or self._build()
                 self._current = Checked(meta, time.monotonic())
                 return meta
             if current.fresh(self._ttl_s) or self._building:
@@ -116,10 +129,14 @@ class TileTracker:
             threading.Thread(target=self._rebuild, name="vectorgeo-tiles", daemon=True).start()
             return current.value
 
+    def _build(self) -> tiles.TileMeta:
+        """Build the tiles on a connection of their own (no statement timeout, outside any request)."""
+        with store.connect(self._url) as conn:
+            return tiles.ensure(conn, max_features=self._max_features)
+
     def _rebuild(self) -> None:
         try:
-            with store.connect(self._url) as conn:
-                meta = tiles.ensure(conn, max_features=self._max_features)
+            meta = self._build()
             with self._lock:
                 self._current = Checked(meta, time.monotonic())
             log.info("tiles of %s rebuilt: %d cells", meta.model_version, meta.cells)
@@ -128,6 +145,66 @@ class TileTracker:
         finally:
             with self._lock:
                 self._building = False
+
+
+class ArchiveTracker:
+    """The tile archive (a workflow output, :mod:`vectorgeo.pyramid`) when it holds the active model version.
+
+    Re-checked every ``ttl_s`` seconds (the file may be rebuilt, another version activated); when missing,
+    or of another version, tiles come from the database (:class:`TileTracker`).
+
+    Args:
+        path: The ``.pmtiles`` file (None: never use one).
+        ttl_s: Seconds between checks.
+    """
+
+    def __init__(self, path: str | Path | None, ttl_s: float) -> None:
+        self.path = Path(path) if path is not None else None
+        self._ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._current: Checked[pyramid.Archive | None] | None = None
+        self._stamp: tuple[int, int] | None = None
+
+    def get(self, active_version: Callable[[], str]) -> pyramid.Archive | None:
+        """The archive when it is there and holds the active model version, else None."""
+        current = self._current
+        if current is not None and current.fresh(self._ttl_s):
+            return current.value
+        with self._lock:
+            archive = current.value if current is not None else None
+            if self.path is None or not self.path.is_file():
+                self._current = Checked(None, time.monotonic())
+                return None
+            st = self.path.stat()
+            if archive is None or self._stamp != (st.st_mtime_ns, st.st_size):
+                try:
+                    archive = pyramid.Archive(self.path)
+                except Exception as e:  # a damaged or foreign file: serve from the database instead
+                    log.warning("tile archive %s unreadable: %s", self.path, e)
+                    archive = None
+                self._stamp = (st.st_mtime_ns, st.st_size)
+            usable = (
+                archive if archive is not None and archive.metadata.get("model_version") == active_version() else None
+            )
+            self._current = (
+                Checked(archive, time.monotonic()) if usable is not None else Checked(None, time.monotonic())
+            )
+            return usable
+
+    def meta(self, archive: pyramid.Archive) -> tiles.TileMeta:
+        """The archive as tile metadata (what /meta and the tile cache keys need)."""
+        m = archive.metadata
+        return tiles.TileMeta(
+            model_version=str(m["model_version"]),
+            table="",
+            signature=f"archive:{self._stamp}",
+            resolution=int(m["resolution"]),
+            cells=int(m["cells"]),
+            bounds=[float(v) for v in m["bounds"]],
+            max_features=int(m["max_features"]),
+            pca={},
+            build_id=f"archive-{self._stamp[0] if self._stamp else 0}",
+        )
 
 
 class AppState:
@@ -139,10 +216,19 @@ class AppState:
         query: Similarity query settings (``database`` config section).
         pool_timeout_s: Seconds a request waits for a database connection before it gets a 503.
         meta_ttl_s: Seconds between checks of the loaded resolution and tiles.
+        inputs: The model's prepared input layers (the cell inspector), or None.
     """
 
     def __init__(
-        self, url: str, serve: ServeSettings, query: QuerySettings, *, pool_timeout_s: float, meta_ttl_s: float
+        self,
+        url: str,
+        serve: ServeSettings,
+        query: QuerySettings,
+        *,
+        pool_timeout_s: float,
+        meta_ttl_s: float,
+        inputs: InputLayers | None = None,
+        tile_archive: str | Path | None = None,
     ) -> None:
         self.url = url
         self.serve = serve
@@ -154,15 +240,18 @@ class AppState:
             min_size=1,
             max_size=serve.pool_size,
             open=False,
-            configure=store.configure,
+            configure=functools.partial(_configure, statement_timeout_s=serve.statement_timeout_s),
             check=ConnectionPool.check_connection,
             kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
             timeout=pool_timeout_s,
             name="vectorgeo",
         )
         self.tiles = TileTracker(url, serve.tile_max_features, meta_ttl_s)
+        self.archive = ArchiveTracker(tile_archive, meta_ttl_s)
         self.tile_cache = TileCache(TILE_CACHE_SIZE)
         self._resolution: Checked[int] | None = None
+        self.scores = ScoreService(self.connection, meta_ttl_s, serve.tile_max_features)
+        self.inputs = inputs
 
     def open(self) -> None:
         """Start the pool (connections are made in the background; a database that is down is no error)."""
@@ -173,20 +262,30 @@ class AppState:
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
-        """A pooled connection (autocommit) for the block.
+        """A pooled connection for the block, inside one ``REPEATABLE READ`` transaction (one snapshot).
 
         Raises:
             DatabaseError: no connection within the pool timeout (the message says whether the database
                 cannot be reached or every connection is busy), or the connection broke during the block.
+            QueryTimeout: a statement ran longer than ``serve.statement_timeout_s``.
         """
         try:
-            with self.pool.connection() as conn:
+            with self.pool.connection() as conn, conn.transaction():
                 yield conn
         except (PoolTimeout, PoolClosed):
             raise DatabaseError(self._why_no_connection()) from None
+        except psycopg.errors.QueryCanceled as e:
+            log.warning("query cancelled: %s", e)
+            raise QueryTimeout(self._timeout_message(), detail=str(e).strip()) from None
         except psycopg.OperationalError as e:
             log.warning("database connection lost: %s", e)
-            raise DatabaseError("the database connection was lost; try again") from None
+            raise DatabaseError("the database connection was lost; try again", detail=str(e).strip()) from None
+
+    def _timeout_message(self) -> str:
+        return (
+            f"the query ran longer than {self.serve.statement_timeout_s:g} s and was cancelled; "
+            "narrow it (smaller k, radius or bbox) or try again"
+        )
 
     def _why_no_connection(self) -> str:
         """Why the pool gave no connection, from one direct attempt (details go to the log only)."""
@@ -206,13 +305,34 @@ class AppState:
             self._resolution = current
         return current.value
 
+    def tile_archive(self) -> pyramid.Archive | None:
+        """The tile archive when it holds the active model version (checked every ``meta_ttl_s``)."""
+
+        def active() -> str:
+            with self.connection() as conn:
+                return store.dataset(conn).model_version
+
+        return self.archive.get(active)
+
     def tile_meta(self) -> tiles.TileMeta:
-        """The tiles in force; takes a connection only when a check is due."""
+        """The tiles in force: the archive's, else the database's (takes a connection only when a check is due)."""
+        archive = self.tile_archive()
+        if archive is not None:
+            return self.archive.meta(archive)
         meta = self.tiles.fresh()
         if meta is not None:
             return meta
         with self.connection() as conn:
             return self.tiles.check(conn)
+
+
+def _configure(conn: psycopg.Connection[Any], *, statement_timeout_s: float) -> None:
+    """The pool's configure callback: the vector type (:func:`vectorgeo.store.configure`), the statement
+    timeout of the session, and REPEATABLE READ for the transaction of each request."""
+    store.configure(conn)
+    ms = max(1, round(statement_timeout_s * 1000))
+    conn.execute("SELECT set_config('statement_timeout', %s, false)", (f"{ms}ms",))
+    conn.isolation_level = IsolationLevel.REPEATABLE_READ
 
 
 async def get_state(request: Request) -> AppState:

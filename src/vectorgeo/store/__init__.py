@@ -30,7 +30,7 @@ from vectorgeo.store.catalog import (
     resolution,
     table_name,
 )
-from vectorgeo.store.connection import configure, connect, database_url
+from vectorgeo.store.connection import configure, connect, database_error, database_url
 from vectorgeo.store.indexes import build_indexes
 from vectorgeo.store.load import file_sha256, load_arrays, load_region, write_marker
 from vectorgeo.store.plan import (
@@ -56,6 +56,7 @@ __all__ = [
     "configure",
     "connect",
     "count",
+    "database_error",
     "database_url",
     "dataset",
     "datasets",

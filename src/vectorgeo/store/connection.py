@@ -11,7 +11,7 @@ import psycopg
 from psycopg import sql
 
 from vectorgeo import db
-from vectorgeo.errors import DatabaseError
+from vectorgeo.errors import DatabaseError, QueryTimeout
 
 
 def database_url(config: Mapping[str, Any] | None = None) -> str:
@@ -28,6 +28,23 @@ def mask_message(msg: str, url: str) -> str:
     if pw:
         msg = msg.replace(pw, "***").replace(unquote(pw), "***")
     return re.sub(r"(password=)\S+", r"\1***", msg)
+
+
+def database_error(what: str, e: psycopg.Error) -> DatabaseError:
+    """The :class:`~vectorgeo.errors.DatabaseError` for a driver error: a short message naming ``what``
+    failed and why in words (cancelled by the statement timeout, connection lost), the driver's text as
+    its ``detail`` only.
+
+    Args:
+        what: The operation, e.g. "similarity query".
+        e: The driver's error.
+    """
+    detail = str(e).strip() or type(e).__name__
+    if isinstance(e, psycopg.errors.QueryCanceled):
+        return QueryTimeout(f"{what} was cancelled: it ran longer than the statement timeout", detail)
+    if isinstance(e, psycopg.OperationalError):
+        return DatabaseError(f"{what} failed: the database connection was lost", detail)
+    return DatabaseError(f"{what} failed", detail)
 
 
 def configure(conn: psycopg.Connection[Any]) -> None:
@@ -55,7 +72,8 @@ def configure(conn: psycopg.Connection[Any]) -> None:
     except psycopg.Error as e:
         raise DatabaseError(
             f"database {conn.info.dbname!r} on {conn.info.host} lacks the extensions postgis and vector "
-            f"and cannot create them: {e}"
+            "and cannot create them",
+            detail=str(e).strip(),
         ) from None
 
 
@@ -84,7 +102,9 @@ def connect(
         hint = ""
         if db.external_url(config) is None and "host=/" in url:
             hint = " (is the project-local cluster running? `vectorgeo db start`)"
-        raise DatabaseError(f"cannot connect to database {shown}: {mask_message(str(e).strip(), url)}{hint}") from None
+        raise DatabaseError(
+            f"cannot connect to database {shown}{hint}", detail=mask_message(str(e).strip(), url)
+        ) from None
     try:
         configure(conn)
     except DatabaseError:

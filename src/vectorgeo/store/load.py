@@ -10,6 +10,13 @@ are equally atomic and invisible to readers until commit, but COPY inserts in ba
 multi-insert) while ``INSERT ... SELECT`` inserts row by row, so staging made the load about 2x
 slower (measured: ~1M rows/s COPY into a temp table, then ~0.2M rows/s INSERT ... SELECT, against
 ~0.4M rows/s COPY into the indexed table).
+
+Loaders of the same region are serialised by a transaction-level advisory lock on (model version,
+region), taken first in the region's transaction: two loaders racing on one region both succeed, one
+after the other, and the table holds the rows of the one that committed last, each cell once. Catalog
+changes (the catalog tables, a new model version's table) are serialised by the catalog lock
+(:data:`~vectorgeo.store.catalog.LOCK_KEY`) in a short transaction of their own before the region's,
+so that no global lock is held during a COPY: loads of different regions run in parallel.
 """
 
 from __future__ import annotations
@@ -136,12 +143,19 @@ def _check_rows(
 def _replace_region(
     conn: psycopg.Connection[Any], rows: _Rows, model_version: str, checksum: str, path: str
 ) -> Dataset:
-    """DELETE the region's key range, COPY the rows, record the region: one transaction."""
+    """Create the dataset when missing (a short transaction under the catalog lock), then DELETE the region's
+    key range, COPY the rows and record the region in one transaction that holds only the region's lock."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
         if not catalog_exists(conn):
             conn.execute(CATALOG_SQL)
         ds = create_dataset(conn, model_version, int(rows.embedding.shape[1]), rows.resolution, path)
+    with conn.transaction():
+        # loaders of the same region follow each other; loaders of other regions do not wait
+        conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+            (f"vectorgeo region {model_version} {rows.region}",),
+        )
         # the region's rows are one primary-key range: no region index needed
         conn.execute(sql.SQL("DELETE FROM {} WHERE h3 BETWEEN %s AND %s").format(ds.ident), (rows.lo, rows.hi))
         copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(ds.ident, sql.SQL(COPY_COLUMNS))
@@ -200,7 +214,7 @@ def load_arrays(
     except psycopg.errors.UniqueViolation as e:
         raise DataError(path, f"cells already loaded under another region: {e}; nothing was written") from None
     except psycopg.Error as e:
-        raise DatabaseError(f"loading {path} failed, nothing was written: {e}") from None
+        raise DatabaseError(f"loading {path} failed, nothing was written", detail=str(e).strip()) from None
 
 
 def load_region(conn: psycopg.Connection[Any], path: str | Path, region: int | str | None = None) -> dict[str, Any]:

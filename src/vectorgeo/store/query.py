@@ -16,8 +16,9 @@ import psycopg
 from psycopg import sql
 
 from vectorgeo import h3cells
-from vectorgeo.errors import DatabaseError, RequestError
+from vectorgeo.errors import RequestError
 from vectorgeo.store.catalog import Dataset, dataset, resolution
+from vectorgeo.store.connection import database_error
 from vectorgeo.store.plan import SpatialFilter, spatial_filter, use_exact
 from vectorgeo.store.settings import QuerySettings
 from vectorgeo.validation import (
@@ -195,7 +196,7 @@ def _search(
         gucs = _index_gucs(settings, req.k, iterative=bool(spatial) or exclude_self)
         return _run(conn, _index_sql(ds, sql.SQL(" AND ").join(where + spatial.index)), params, gucs)
     except psycopg.Error as e:
-        raise DatabaseError(f"similarity query failed: {e}") from None
+        raise database_error("similarity query", e) from None
 
 
 def similar(
