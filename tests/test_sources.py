@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from vectorgeo import config as C
-from vectorgeo.errors import ConfigError
+from vectorgeo.errors import ConfigError, RasterError
 from vectorgeo.layers import Layer, LayerSpec
 from vectorgeo.rasters import prepare_layer
 from vectorgeo.sources import BUILTINS, builtin_path
@@ -108,14 +108,17 @@ def test_multiband_geotiff_prepares_with_bands_last(tmp_path: Path) -> None:
     assert list(layer.values_at(np.array([49.0]), np.array([11.0]))[0]) == [5.0, 10.0, 15.0, 20.0]
 
 
-@pytest.mark.parametrize("bands", [["r", "g"], ["r", "g", "b", "nir", "swir"], None])
-def test_wrong_band_count_names_the_bands_key(tmp_path: Path, bands: list[str] | None) -> None:
+@pytest.mark.parametrize("bands", [["r", "g"], ["r", "g", "b", "nir", "swir"]])
+def test_wrong_band_count_names_the_bands_key(tmp_path: Path, bands: list[str]) -> None:
     src = write_multiband(tmp_path / "img.tif", np.ones((3, 10, 10), np.uint8))
-    cfg = {"kind": "continuous", "source": str(src), **({"bands": bands} if bands else {})}
-    spec = LayerSpec.from_config("img", cfg)
+    spec = LayerSpec.from_config("img", {"kind": "continuous", "source": str(src), "bands": bands})
     with pytest.raises(ConfigError, match=r"layers\.img\.bands.*3 band"):
         prepare_layer(spec, src, tmp_path / "img.npy", tmp_path / "img.grid.json")
     assert not (tmp_path / "img.npy").exists()
+    # a single-band layer (no bands list) given a 3-band raster: the source is refused
+    single = LayerSpec.from_config("img", {"kind": "continuous", "source": str(src)})
+    with pytest.raises(RasterError, match="has 3 bands; layer 'img' declares 1 band"):
+        prepare_layer(single, src, tmp_path / "img.npy", tmp_path / "img.grid.json")
     # a built-in's band count is known without reading it: refused at config validation
     with pytest.raises(ConfigError, match=r"layers\.imagery\.bands"):
         C.section(C.LayerConfig, {**BLUE_MARBLE, "bands": bands}, "layers.imagery")
