@@ -336,7 +336,8 @@ def test_changed_input_reruns_and_reuploads_only_its_downstream(s3run: S3Run) ->
     s3run.snakemake()
     after = s3run.objects()
     changed = {k for k in after if before.get(k) is None or before[k][1] != after[k][1]}
-    kept = ("results/stencil/", "results/layers/landcover.", "results/layers/land_mask.", "results/eval/labels/")
+    kept = ("results/stencil/", "results/layers/landcover.", "results/layers/imagery.", "results/layers/land_mask.")
+    kept += ("results/eval/labels/",)
     results = {k for k in after if k.startswith("results/")}
     assert {k for k in changed if k.startswith("results/")} == {k for k in results if not k.startswith(kept)}
     assert "results/layers/elevation.npy" in changed
