@@ -474,11 +474,11 @@ def test_production_config_builds_its_dag(tmp_path: Path) -> None:
         ).stdout
     expected = {
         "mosaic_layer": 1,  # the GMTED tiles, merged once
-        "prepare_layer": 3,  # landcover, elevation, land_mask
+        "prepare_layer": 4,  # landcover, elevation, imagery (the default's Blue Marble), land_mask
         "stencil": 1,
         "sample_triplets": production["sample"]["shards"],
         "train_model": 1,
-        "prepare_eval_label": 2,
+        "prepare_eval_label": 3,  # koppen, elevation, turbidity
         # the jobs that gather every region, waiting for the stencil checkpoint
         "rollup": 1,
         "build_tiles": 1,
