@@ -98,7 +98,9 @@ def main() -> None:
     lng = np.concatenate([pq.read_table(f, columns=["lng"]).column("lng").to_numpy() for f in chosen])
     from vectorgeo.sampling import gather_patches
 
-    values, frac, pole = gather_patches(embedder.model_layers, lat, lng, embedder.patch_px, embedder.patch_km)
+    values, frac, pole = gather_patches(
+        embedder.model_layers, lat, lng, embedder.patch_px, embedder.patch_km, embedder.scales
+    )
     ok = vg_embed.cell_status(frac, pole, embedder.max_nodata_frac) == 0
     n_ok = int(ok.sum())
     limit = min(n_ok, 8 * batch_size)  # enough batches for a steady rate without holding every cell's tensor

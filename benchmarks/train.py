@@ -61,6 +61,7 @@ def main() -> None:
     specs = layer_specs(config)
     typed = parse(config)
     tcfg = typed.train
+    scales = typed.sample.scales
     device = M.resolve_device(args.device or tcfg.device, "train.device")
     cuda = device.type == "cuda"
     bs = tcfg.batch_size
@@ -72,24 +73,26 @@ def main() -> None:
         from synthetic_shards import write_shards
 
         tmp = tempfile.TemporaryDirectory()
-        shard_paths = [str(p) for p in write_shards(tmp.name, 1, bs * args.steps, px, specs)]
+        shard_paths = [str(p) for p in write_shards(tmp.name, 1, bs * args.steps, px, specs, scales=scales)]
     shard_path = shard_paths[0]
 
     torch.manual_seed(0)
-    model = M.build_model(specs, typed.model).to(device)
+    model = M.build_model(specs, typed.model, len(scales)).to(device)
     amp_dtype = None
     if cuda:
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
         amp_dtype = torch.bfloat16 if tcfg.amp and torch.cuda.is_bf16_supported() else None
-    ctx = T.StepContext(specs, device, tcfg.margin, tcfg.grad_clip, amp_dtype, cuda)
+    ctx = T.StepContext(
+        specs, device, tcfg.margin, tcfg.grad_clip, amp_dtype, cuda, n_scales=len(scales), objective=tcfg.objective
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
 
     def full() -> tuple[float, int, float]:
         t0 = time.perf_counter()
-        arrays = concat_shards([read_shard(shard_path, specs, px, config["sample"]["patch_km"])])
+        arrays = concat_shards([read_shard(shard_path, specs, px, config["sample"]["patch_km"], scales)])
         t_read = time.perf_counter() - t0
-        batches = (T.stack_roles(b, specs) for b in T.iterate_batches(arrays, bs, np.random.default_rng(0)))
+        batches = (T.stack_roles(b, ctx.keys) for b in T.iterate_batches(arrays, bs, np.random.default_rng(0)))
         pre = T._Prefetcher(batches, 6, T._pin) if cuda else None
         it = iter(pre) if pre is not None else batches
         n = 0

@@ -21,7 +21,8 @@ rule cut_windows:
         runtime=120,
     params:
         layers={name: spec.to_dict() for name, spec in LAYER_SPECS.items()},
-        patch_km=CFG.sample.patch_km,
+        # the widest patch the model reads: the local patch times the largest context scale
+        patch_km=CFG.sample.patch_km * max(CFG.sample.scales),
     script:
         "../scripts/cut_windows.py"
 

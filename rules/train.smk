@@ -19,7 +19,10 @@ rule train_model:
         runtime=60,
     params:
         layers={name: spec.to_dict() for name, spec in LAYER_SPECS.items()},
-        sample=CFG.sample.to_params(include={"patch_px", "patch_km"}),
+        sample={
+            **CFG.sample.to_params(include={"patch_px", "patch_km"}),
+            "scales": list(CFG.sample.scales),
+        },
         model=CFG.model.to_params(),
         train=CFG.train.to_params(),
     script:

@@ -22,6 +22,7 @@ metrics = run_evaluation(
     out_metrics=snakemake.output.metrics,
     out_report=snakemake.output.report,
     model_metrics_path=snakemake.input.model_metrics,
+    n_jobs=snakemake.threads,
 )
 for name, t in metrics["tasks"].items():
     metric = MAIN_METRIC[t["kind"]]

@@ -1,4 +1,4 @@
-"""Snakemake adapter: train the Tile2Vec encoder on the sample shards."""
+"""Snakemake adapter: train the encoder on the sample shards."""
 
 import os
 
@@ -24,6 +24,7 @@ metrics = train(
     metrics_path=snakemake.output.metrics,
     plot_path=snakemake.output.plot,
     threads=snakemake.threads,
+    scales=snakemake.params.sample["scales"],
 )
 log.info(
     "model %s: best val triplet accuracy %.4f (epoch %d of %d run), %.1f s on %s",

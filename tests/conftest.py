@@ -31,7 +31,9 @@ def _prepared(spec: LayerSpec) -> Layer:
     import hashlib
     import json
 
-    key = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    # keyed by the spec and by the code that prepares it, so a change to either prepares the layer again
+    code = b"".join((ROOT / "src" / "vectorgeo" / f).read_bytes() for f in ("rasters.py", "sources.py"))
+    key = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode() + code).hexdigest()[:10]
     npy = CACHE / f"{spec.name}-{key}.npy"
     if not npy.exists():
         CACHE.mkdir(parents=True, exist_ok=True)

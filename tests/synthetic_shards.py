@@ -71,21 +71,29 @@ def _patches(place: np.ndarray, specs: dict[str, LayerSpec], p: int, rng: np.ran
 
 
 def make_shard(
-    specs: dict[str, LayerSpec], n: int = 64, patch_px: int = 8, seed: int = 0, n_patterns: int = 4, shard: int = 0
+    specs: dict[str, LayerSpec],
+    n: int = 64,
+    patch_px: int = 8,
+    seed: int = 0,
+    n_patterns: int = 4,
+    shard: int = 0,
+    scales: tuple[float, ...] = (1.0,),
 ) -> dict[str, np.ndarray]:
-    """The arrays of one shard (keys as in ``np.savez``)."""
+    """The arrays of one shard (keys as in ``np.savez``); context scales get patches of the same place."""
     rng = np.random.default_rng(seed)
     place = rng.integers(0, n_patterns, size=n)
     distant_place = (place + rng.integers(1, n_patterns, size=n)) % n_patterns
     arrays: dict[str, Any] = {}
     for role, pl in (("anchor", place), ("neighbor", place), ("distant", distant_place)):
-        for name, v in _patches(pl, specs, patch_px, rng).items():
-            arrays[f"{role}_{name}"] = v
+        for k in range(len(scales)):
+            for name, v in _patches(pl, specs, patch_px, rng).items():
+                arrays[f"{role}_{name}" + (f"@{k}" if k else "")] = v
         arrays[f"{role}_latlng"] = np.column_stack([rng.uniform(-60, 70, n), rng.uniform(-180, 180, n)])
     meta = {
         "layers": {name: s.to_dict() for name, s in specs.items()},
         "patch_px": patch_px,
         "patch_km": 10.0,
+        "scales": list(scales),
         "seed": seed,
         "shard": shard,
     }
@@ -100,6 +108,7 @@ def write_shards(
     patch_px: int = 8,
     specs: dict[str, LayerSpec] | None = None,
     seed: int = 0,
+    scales: tuple[float, ...] = (1.0,),
 ) -> list[Path]:
     """Write ``shard-{i}.npz`` files and return their paths."""
     specs = specs or fixture_specs()
@@ -108,7 +117,7 @@ def write_shards(
     paths = []
     for i in range(n_shards):
         path = out / f"shard-{i}.npz"
-        np.savez(path, **make_shard(specs, per_shard, patch_px, seed * 1000 + i, shard=i))
+        np.savez(path, **make_shard(specs, per_shard, patch_px, seed * 1000 + i, shard=i, scales=scales))
         paths.append(path)
     return paths
 

@@ -92,11 +92,14 @@ def test_default_config_is_valid_and_gets_defaults(cfg) -> None:  # type: ignore
     typed = C.check(cfg)
     assert typed.results == "results"
     assert typed.stencil.prune_resolution == 3
-    assert typed.layers["elevation"].normalize == "patch_minmax"
+    assert typed.layers["elevation"].normalize == "both"
+    assert typed.layers["imagery"].bands == ["red", "green", "blue"] and typed.model.embedding_dim == 64
+    assert typed.sample.scales == (1.0, 8.0)
     assert typed.layers["landcover"].classes is not None and typed.layers["landcover"].classes[2] == (
         "evergreen_broadleaf_forest"
     )
-    assert typed.evaluate.tasks["country"].label_field == "ADMIN"
+    assert typed.evaluate.tasks["country"].label_field == "ADMIN" and typed.evaluate.tasks["country"].location
+    assert typed.evaluate.tasks["turbidity"].source == "builtin:linke_turbidity"
     completed = C.load_config(ROOT / "config" / "config.yaml")
     assert completed["database"]["port"] == 55432
     assert completed["sample"]["neighbor_km_max"] == 160

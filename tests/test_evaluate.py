@@ -120,7 +120,14 @@ def write_embeddings(path: Path, cells: np.ndarray, emb: np.ndarray, status: lis
 
 def test_default_tasks_parse(default_config: dict) -> None:
     tasks = ev.task_specs(default_config)
-    assert set(tasks) == {"koppen", "elevation", "country"}
+    assert set(tasks) == {"koppen", "elevation", "turbidity", "country"}
+    tl = tasks["turbidity"].layer_spec()
+    assert (tl.kind, tl.scale, tasks["turbidity"].location, tasks["country"].location) == (
+        "continuous",
+        0.05,
+        False,
+        True,
+    )
     assert tasks["koppen"].layer_spec().class_names == ["tropical", "arid", "temperate", "cold", "polar"]
     el = tasks["elevation"].layer_spec()
     assert (el.kind, el.scale, el.offset, el.nodata) == ("continuous", 28.0, -450.0, 255.0)
@@ -303,14 +310,15 @@ def test_summarise_is_mean_and_population_std_over_folds() -> None:
     assert out["linear_r2"]["mean"] == pytest.approx(np.mean([0.2, 0.5, 0.9]))
     assert out["linear_r2"]["std"] == pytest.approx(np.std([0.2, 0.5, 0.9]))  # ddof=0
     assert out["linear_r2"]["std"] != pytest.approx(np.std([0.2, 0.5, 0.9], ddof=1))
-    assert out["knn_r2"] == {"mean": pytest.approx(0.4), "std": 0.0}
+    assert out["knn_r2"] == {"mean": pytest.approx(0.4), "std": 0.0, "folds": [0.4, 0.4]}
+    assert out["linear_r2"]["folds"] == [0.2, 0.5, 0.9]
 
 
 def test_unscored_folds_give_null_not_nan() -> None:
     x = np.random.default_rng(0).normal(size=(20, 3))
     y = np.zeros(20, np.int64)  # a single class: no fold can be scored
     sc = probes.summarise(probes.probe_scores(x, y, "classification", np.arange(20) % 2), probes.CLASSIFICATION_METRICS)
-    assert sc["linear_macro_f1"] == {"mean": None, "std": None}
+    assert sc["linear_macro_f1"] == {"mean": None, "std": None, "folds": []}
 
 
 def test_drop_rare_classes() -> None:
@@ -369,27 +377,26 @@ def test_read_cells_bad_input(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- metrics
 
 
-def fake_metrics(e: float) -> dict:
-    def m(v: float) -> dict:
-        return {"linear_macro_f1": {"mean": v, "std": 0.01}}
+def fake_metrics(e: list[float], small_margin: float = 0.2) -> dict:
+    """Two content tasks (a, b) and a location task (c); the embedding scores ``e`` on each of 5 folds."""
 
-    def r(v: float) -> dict:
-        return {"linear_r2": {"mean": v, "std": 0.01}}
+    def s(metric: str, folds: list[float]) -> dict:
+        return {metric: {"mean": float(np.mean(folds)), "std": float(np.std(folds)), "folds": folds}}
 
+    def content(metric: str) -> dict:
+        base = [0.5] * 5
+        methods = {"embedding": s(metric, e), **{b: s(metric, base) for b in C.SAME_INPUT_BASELINES}}
+        margins = {"0.01": {"best_baseline": "pca_raw", "margin": small_margin},
+                   "1.0": {"best_baseline": "pca_raw", "margin": float(np.mean(e)) - 0.5}}  # fmt: skip
+        return {"methods": methods, "label_efficiency": {"margins": margins}}
+
+    loc = {"latlng": s("linear_macro_f1", [0.3] * 5), "embedding+latlng": s("linear_macro_f1", [0.4] * 5)}
+    loc.update({f"{b}+latlng": s("linear_macro_f1", [0.35] * 5) for b in C.SAME_INPUT_BASELINES})
     return {
         "tasks": {
-            "a": {
-                "kind": "classification",
-                "methods": {"embedding": m(e), "random_init": m(0.2), "pca_raw": m(0.3), "class_histogram": m(0.5)},
-            },
-            "b": {
-                "kind": "regression",
-                "methods": {"embedding": r(e), "random_init": r(0.2), "pca_raw": r(0.3), "class_histogram": r(0.9)},
-            },
-            "c": {
-                "kind": "classification",
-                "methods": {"embedding": m(e), "random_init": m(0.2), "pca_raw": m(0.3), "class_histogram": m(0.4)},
-            },
+            "a": {"kind": "classification", **content("linear_macro_f1")},
+            "b": {"kind": "regression", **content("linear_r2")},
+            "c": {"kind": "classification", "location": True, "methods": loc},
         },
         "n_cells": 10,
         "folds": 5,
@@ -397,10 +404,14 @@ def fake_metrics(e: float) -> dict:
 
 
 def test_goal_check() -> None:
-    g = ev.goal_check(fake_metrics(0.6))
-    assert g["passed"] and g["beats"]["class_histogram"] == {"a": True, "b": False, "c": True}
-    g = ev.goal_check(fake_metrics(0.45))
-    assert not g["passed"] and sum(g["beats"]["class_histogram"].values()) == 1
+    g = ev.goal_check(fake_metrics([0.6, 0.6, 0.6, 0.6, 0.4]))  # 4 of 5 folds and the mean
+    assert g["passed"] and g["beats"]["context_histogram"] == {"a": True, "b": True}
+    assert g["beats"]["latlng"] == {"c": True} and g["label_efficiency"] == {"a": True, "b": True}
+    g = ev.goal_check(fake_metrics([0.9, 0.9, 0.4, 0.4, 0.4]))  # a higher mean, but only 2 of 5 folds
+    assert not g["passed"] and g["beats"]["random_features"] == {"a": False, "b": False}
+    g = ev.goal_check(fake_metrics([0.6] * 5, small_margin=0.05))  # the margin shrinks with fewer labels
+    assert not g["passed"] and g["label_efficiency"] == {"a": False, "b": False}
+    assert all(all(v.values()) for v in g["beats"].values())
 
 
 def test_elevation_note_says_whether_held_out() -> None:
@@ -532,20 +543,35 @@ def test_run_evaluation_end_to_end(world: dict, tmp_path: Path) -> None:
     m = run_world(world, tmp_path / "a")
     on_disk = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert on_disk == m
-    assert set(m) == {"tasks", "n_cells", "folds"}
-    assert m["n_cells"] == min(2000, world["n_ok"]) and m["folds"] == 3
+    assert set(m) == {"tasks", "n_cells", "folds", "embedding_dim", "effective_rank", "goal"}
+    assert m["embedding_dim"] == 16 and 1.0 <= m["effective_rank"] <= 16
+    params = C.EvaluateConfig(max_cells=2000, map_cells=5000, folds=3, fold_resolution=2, pca_fit_cells=500)
+    drawn = ev.read_cells(world["paths"], max(params.max_cells, params.map_cells), params.seed)
+    cells = ev.evaluation_cells(drawn, params)
+    held = probes.selection_blocks(drawn.h3, 2, params.selection_fraction, params.seed)
+    assert 0 < held.sum() < len(drawn) and not probes.selection_blocks(cells.h3, 2, 0.2, 0).any()
+    assert m["n_cells"] == len(cells) == min(2000, int((~held).sum())) and m["folds"] == 3
     assert set(m["tasks"]) == {"height", "band", "side"}
     for name, t in m["tasks"].items():
         want = probes.CLASSIFICATION_METRICS if name != "height" else probes.REGRESSION_METRICS
         assert t["kind"] == ("regression" if name == "height" else "classification")
-        assert list(t["methods"]) == list(C.METHODS)
+        assert list(t["methods"]) == probes.task_methods(False, C.METHODS) == list(C.BASE_METHODS)
         for res in t["methods"].values():
             assert list(res) == list(want)
             for v in res.values():
-                assert set(v) == {"mean", "std"} and np.isfinite(v["mean"]) and np.isfinite(v["std"])
+                assert set(v) == {"mean", "std", "folds"} and np.isfinite(v["mean"]) and np.isfinite(v["std"])
+                assert len(v["folds"]) == 3 and v["mean"] == pytest.approx(np.mean(v["folds"]))
+        # paired differences against the best baseline, fold by fold
+        p = t["paired"]
+        main = probes.MAIN_METRIC[t["kind"]]
+        best = t["methods"][p["best_baseline"]][main]
+        assert p["diffs"] == pytest.approx(np.subtract(t["methods"]["embedding"][main]["folds"], best["folds"]))
+        assert best["mean"] == max(t["methods"][b][main]["mean"] for b in C.SAME_INPUT_BASELINES)
+        # label efficiency: 1 %, 10 % and all the labels; all the labels give the main table's score
+        curve = t["label_efficiency"]["scores"]
+        assert list(curve) == ["0.01", "0.1", "1.0"]
+        assert curve["1.0"]["embedding"]["mean"] == t["methods"]["embedding"][main]["mean"]
     # mean and std are those of the per-fold scores: recompute one task × method from the same cells and folds
-    params = C.EvaluateConfig(max_cells=2000, map_cells=5000, folds=3, fold_resolution=2, pca_fit_cells=500)
-    cells = ev.read_cells(world["paths"], max(params.max_cells, params.map_cells), params.seed).head(params.max_cells)
     task = world["tasks"]["side"]
     labels = ev.task_labels(task, world["label_paths"]["side"], cells.lat, cells.lng)
     lab = probes.drop_rare_classes(labels, task.min_class_cells)
@@ -567,7 +593,7 @@ def test_run_evaluation_end_to_end(world: dict, tmp_path: Path) -> None:
     # reproducible with a fixed seed
     assert run_world(world, tmp_path / "b") == m
     report = (tmp_path / "a" / "report.html").read_text()
-    assert report.count("data:image/png;base64,") == 3
+    assert report.count("data:image/png;base64,") == 4  # scores, label efficiency, map, training
     assert "http://" not in report and "https://" not in report
     assert "normalised per patch" in report and "class_histogram" in report
 
@@ -612,7 +638,7 @@ def test_report_opens_offline_in_chromium(world: dict, tmp_path: Path) -> None:
         )
         page.goto((tmp_path / "report.html").as_uri())
         widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
-        assert len(widths) == 3 and min(widths) > 100
+        assert len(widths) == 4 and min(widths) > 100
         assert page.locator("table").count() >= 2
         assert not [u for u in requests if not u.startswith(("file:", "data:"))]
         browser.close()
@@ -628,17 +654,23 @@ def test_workflow_evaluate_rule(workflow_run: WorkflowRun) -> None:
 
     results = workflow_run.results
     metrics = json.loads((results / "eval" / "metrics.json").read_text())
-    assert set(metrics) == {"tasks", "n_cells", "folds"} and metrics["folds"] == 3
-    assert set(metrics["tasks"]) == {"koppen", "elevation", "country"}
-    for t in metrics["tasks"].values():
-        assert set(t["methods"]) == set(C.METHODS)
-    # every cell with an embedding is evaluated (evaluate.max_cells 2000 is more than the tiny stencil has)
-    n_ok = 0
+    assert set(metrics) == {"tasks", "n_cells", "folds", "embedding_dim", "effective_rank", "goal"}
+    assert metrics["folds"] == 3 and metrics["embedding_dim"] == 64
+    assert set(metrics["tasks"]) == {"koppen", "elevation", "turbidity", "country"}
+    for name, t in metrics["tasks"].items():
+        want = ["embedding", "latlng", *(f"{m}+latlng" for m in C.BASE_METHODS[:-1])] if name == "country" else []
+        assert list(t["methods"]) == (want or list(C.BASE_METHODS))
+    # every cell with an embedding outside the selection blocks is evaluated (max_cells 2000 is more than the
+    # tiny stencil has)
+    ok = []
     for p in (results / "embeddings").glob("*_*.parquet"):
-        n_ok += sum(s == "ok" for s in pq.read_table(p).column("status").to_pylist())
-    assert metrics["n_cells"] == n_ok > 0
+        t = pq.read_table(p)
+        ok += [h for h, s in zip(t.column("h3").to_pylist(), t.column("status").to_pylist(), strict=True) if s == "ok"]
+    held = probes.selection_blocks(np.array(ok, np.uint64), 3, 0.2, 0)
+    n_ok = int((~held).sum())
+    assert metrics["n_cells"] == n_ok > 0 and held.any()
     report = (results / "eval" / "report.html").read_text()
-    assert report.count("data:image/png;base64,") == 3  # scores, map, training curves
+    assert report.count("data:image/png;base64,") == 4  # scores, label efficiency, map, training curves
     assert "https://" not in report and "http://" not in report
     assert f"{n_ok} cells evaluated" in report
     assert "evaluating" in (workflow_run.workdir / "logs" / "evaluate" / "evaluate.log").read_text()

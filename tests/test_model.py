@@ -18,6 +18,7 @@ import vectorgeo
 from vectorgeo import model as M
 from vectorgeo.config import ModelConfig, TrainConfig
 from vectorgeo.errors import ConfigError, DataError
+from vectorgeo.layers import LayerSpec
 
 NAN = float("nan")
 
@@ -99,19 +100,15 @@ def test_outputs_are_unit_vectors() -> None:
 
 def test_every_stage_has_its_residual_blocks_and_all_get_gradients() -> None:
     m = _model(stages=3, blocks_per_stage=3)
-    assert len(m.stages) == 3
-    for stage in m.stages:
+    assert len(m.trunks[0].stages) == 3
+    for stage in m.trunks[0].stages:
         assert len(stage) == 3
         assert all(isinstance(b, M.ResidualBlock) for b in stage)
     # projection skips where the shape changes (stage 1 and 2 downsample), identity elsewhere
-    assert [type(b.skip).__name__ for stage in m.stages for b in stage] == [
+    assert [type(b.skip).__name__ for stage in m.trunks[0].stages for b in stage] == [
         "Identity", "Identity", "Identity", "Sequential", "Identity", "Identity", "Sequential", "Identity", "Identity",
     ]  # fmt: skip
-    names = {
-        n.split(".")[0] + "." + n.split(".")[1] + "." + n.split(".")[2]
-        for n, _ in m.named_parameters()
-        if n.startswith("stages.")
-    }
+    names = {".".join(n.split(".")[2:5]) for n, _ in m.named_parameters() if n.startswith("trunks.0.stages.")}
     assert names == {f"stages.{s}.{b}" for s in range(3) for b in range(3)}
     x = torch.randn(8, 7, 16, 16)
     z = m(x)
@@ -123,9 +120,9 @@ def test_every_stage_has_its_residual_blocks_and_all_get_gradients() -> None:
 
 def test_spatial_size_halves_between_stages() -> None:
     m = _model(stages=3)
-    h = m.stem(torch.randn(2, 7, 16, 16))
+    h = m.trunks[0].stem(torch.randn(2, 7, 16, 16))
     sizes = []
-    for stage in m.stages:
+    for stage in m.trunks[0].stages:
         h = stage(h)
         sizes.append(tuple(h.shape[1:]))
     assert sizes == [(8, 16, 16), (16, 8, 8), (32, 4, 4)]
@@ -232,3 +229,29 @@ def test_architecture_rejects_bad_values() -> None:
     assert e.value.key == "model.stages"
     assert M.architecture({}) == ModelConfig()
     assert M.architecture({"width": 4}).width == 4
+
+
+def test_multi_band_both_and_scales_channels() -> None:
+    rgb = LayerSpec.from_config(
+        "rgb",
+        {"kind": "continuous", "source": "x.tif", "bands": ["r", "g"], "normalize": "both",
+         "mean": [10.0, 20.0], "std": [2.0, 4.0]},
+    )  # fmt: skip
+    specs = {"rgb": rgb}
+    assert M.channel_names(specs, 2) == [
+        "rgb:r:relief", "rgb:r:level", "rgb:g:relief", "rgb:g:level", "rgb:valid",
+        "rgb@1:r:relief", "rgb@1:r:level", "rgb@1:g:relief", "rgb@1:g:level", "rgb@1:valid",
+    ]  # fmt: skip
+    v = np.array([[[[10.0, 20.0], [14.0, 28.0]], [[12.0, NAN], [10.0, 24.0]]]], np.float32)  # (1, 2, 2, 2 bands)
+    x = M.encode({"rgb": v, "rgb@1": np.full((1, 2, 2, 2), 10.0, np.float32)}, specs).numpy()
+    assert x.shape == (1, 10, 2, 2)
+    np.testing.assert_allclose(x[0, 0], [[0.0, 1.0], [0.0, 0.0]])  # r relief: min 10, max 14; (1,0) invalid
+    np.testing.assert_allclose(x[0, 1], [[0.0, 2.0], [0.0, 0.0]])  # r level: (v - 10) / 2
+    np.testing.assert_allclose(x[0, 3], [[0.0, 2.0], [0.0, 1.0]])  # g level: (v - 20) / 4
+    np.testing.assert_allclose(x[0, 4], [[1, 1], [0, 1]])  # valid where every band is finite
+    np.testing.assert_allclose(x[0, 5:], [np.zeros((2, 2)), np.zeros((2, 2)), np.zeros((2, 2)),
+                                          np.full((2, 2), -2.5), np.ones((2, 2))])  # fmt: skip
+    # the model splits the channels by scale: one trunk each
+    m = M.build_model(specs, ModelConfig(width=4, stages=1, blocks_per_stage=1, embedding_dim=3), n_scales=2)
+    assert [t.stem[0].in_channels for t in m.trunks] == [5, 5]
+    assert tuple(m(torch.from_numpy(np.repeat(x, 3, axis=0))).shape) == (3, 3)

@@ -146,4 +146,4 @@ def test_load_config_on_a_copy_of_the_default_config(installed: Installed) -> No
     )
     proc = installed.python(code)
     _check(proc, "load_config")
-    assert proc.stdout.split("]")[0] + "]" == "['elevation', 'landcover']", proc.stdout
+    assert proc.stdout.split("]")[0] + "]" == "['elevation', 'imagery', 'landcover']", proc.stdout

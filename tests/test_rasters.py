@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -324,20 +323,39 @@ def test_prepare_layer_killed_mid_write_leaves_no_partial_file(tmp_path: Path) -
     out = tmp_path / "layers"
     out.mkdir()
     npy, grid = out / "big.npy", out / "big.grid.json"
+    # the child stops after 100 blocks (of 1000) and says so: the kill lands mid-write on any machine speed
     code = f"""
+        import contextlib, sys, time
+        import vectorgeo.rasters as rasters
         from vectorgeo.layers import LayerSpec
-        from vectorgeo.rasters import prepare_layer
+
+        class Paused:
+            def __init__(self, ds):
+                self.ds, self.reads = ds, 0
+            def __getattr__(self, name):
+                return getattr(self.ds, name)
+            def read(self, *a, **kw):
+                self.reads += 1
+                if self.reads == 100:
+                    print("mid-write", flush=True)
+                    time.sleep(600)
+                return self.ds.read(*a, **kw)
+
+        opened = rasters._open
+        @contextlib.contextmanager
+        def paused_open(*a, **kw):
+            with opened(*a, **kw) as ds:
+                yield Paused(ds)
+        rasters._open = paused_open
         spec = LayerSpec.from_config("big", {{"kind": "continuous", "source": {str(src)!r}, "nodata": 255}})
-        prepare_layer(spec, {str(src)!r}, {str(npy)!r}, {str(grid)!r}, rows_per_block=4)
+        rasters.prepare_layer(spec, {str(src)!r}, {str(npy)!r}, {str(grid)!r}, rows_per_block=4)
         print("finished")
         """
     proc = python(code)
-    deadline = time.monotonic() + 120
-    while not any(p.name.startswith(".big.npy.") for p in out.iterdir()):
-        assert proc.poll() is None, f"prepare_layer ended before it was killed: {proc.communicate()[0]}"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    time.sleep(0.2)  # into the block loop
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line == "mid-write\n", f"prepare_layer did not reach its block loop: {line}{proc.communicate()[0]}"
+    assert any(p.name.startswith(".big.npy.") for p in out.iterdir()), sorted(os.listdir(out))
     proc.send_signal(signal.SIGKILL)
     stdout, _ = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL and "finished" not in stdout

@@ -162,7 +162,7 @@ def test_text_is_escaped_and_settings_shown() -> None:
     assert "a &lt;note&gt; to escape" in html
     assert "Model <code>5cc6addeb756</code>; 254 cells evaluated" in html
     assert "3-fold spatial-block cross-validation" in html and "resolution 3" in html
-    assert "Best validation triplet accuracy: 0.8125; principal components for 99% variance: 7." in html
+    assert "Best validation triplet accuracy: 0.8125; principal components for 99% variance: 7;" in html
 
 
 def test_goal_verdict() -> None:

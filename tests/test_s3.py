@@ -44,7 +44,7 @@ from test_workflow import (
     run_snakemake,
 )
 
-from vectorgeo import store
+from vectorgeo import probes, store
 from vectorgeo.stencil import digest_cells
 from vectorgeo.windows import window_nbytes
 
@@ -276,6 +276,7 @@ def test_outputs_are_objects_in_the_bucket(s3run: S3Run) -> None:
     model_version = json.loads(s3run.get("results/model/metrics.json"))["model_version"]
 
     n_ok = 0
+    ok_cells: list[np.ndarray] = []
     for region, entry in manifest["regions"].items():
         key = f"results/embeddings/{region}_{entry['digest']}.parquet"
         assert key in objects, sorted(objects)
@@ -285,6 +286,7 @@ def test_outputs_are_objects_in_the_bucket(s3run: S3Run) -> None:
         ok = np.array([s == "ok" for s in table.column("status").to_pylist()])
         assert ok.any()
         n_ok += int(ok.sum())
+        ok_cells.append(table.column("h3").to_numpy()[ok])
         emb = np.array([v for v, good in zip(table.column("embedding").to_pylist(), ok, strict=True) if good])
         assert np.all(np.isfinite(emb))
         assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-3)
@@ -306,8 +308,11 @@ def test_outputs_are_objects_in_the_bucket(s3run: S3Run) -> None:
             assert store.count(conn, region) == len(cells)
 
     metrics = json.loads(s3run.get("results/eval/metrics.json"))
-    assert metrics["n_cells"] == n_ok and set(metrics["tasks"]) == {"koppen", "elevation", "country"}
-    assert s3run.get("results/eval/report.html").count(b"data:image/png;base64,") == 3
+    # every ok cell outside the selection blocks (fold_resolution 3 in the test config) is evaluated
+    held = probes.selection_blocks(np.concatenate(ok_cells).astype(np.uint64), 3, 0.2, 0)
+    assert metrics["n_cells"] == n_ok - int(held.sum()) and held.any()
+    assert set(metrics["tasks"]) == {"koppen", "elevation", "turbidity", "country"}
+    assert s3run.get("results/eval/report.html").count(b"data:image/png;base64,") == 4
 
     # nothing but Snakemake's own bookkeeping stays in the working directory
     assert not (s3run.workdir / "results").exists()
@@ -326,7 +331,7 @@ def test_changed_input_reruns_and_reuploads_only_its_downstream(s3run: S3Run) ->
     assert "stencil" not in counts  # the land mask did not change: the stencil and its regions stay
     # everything else in the tiny workflow reads elevation, directly or through samples and model, except
     # the evaluation labels (their own sources)
-    unchanged = Counter({"prepare_layer": 2, "stencil": 1, "prepare_eval_label": s3run.all_jobs["prepare_eval_label"]})
+    unchanged = Counter({"prepare_layer": 3, "stencil": 1, "prepare_eval_label": s3run.all_jobs["prepare_eval_label"]})
     assert counts == s3run.all_jobs - unchanged, dry[-4000:]
     regions = s3run.manifest()["regions"]
     assert counts["embed_region"] == len(regions) and counts["load_regions"] == 1
@@ -334,7 +339,8 @@ def test_changed_input_reruns_and_reuploads_only_its_downstream(s3run: S3Run) ->
     s3run.snakemake()
     after = s3run.objects()
     changed = {k for k in after if before.get(k) is None or before[k][1] != after[k][1]}
-    kept = ("results/stencil/", "results/layers/landcover.", "results/layers/land_mask.", "results/eval/labels/")
+    kept = ("results/stencil/", "results/layers/landcover.", "results/layers/imagery.", "results/layers/land_mask.")
+    kept += ("results/eval/labels/",)
     results = {k for k in after if k.startswith("results/")}
     assert {k for k in changed if k.startswith("results/")} == {k for k in results if not k.startswith(kept)}
     assert "results/layers/elevation.npy" in changed
@@ -476,11 +482,11 @@ def test_production_config_builds_its_dag(tmp_path: Path) -> None:
         ).stdout
     expected = {
         "mosaic_layer": 1,  # the GMTED tiles, merged once
-        "prepare_layer": 3,  # landcover, elevation, land_mask
+        "prepare_layer": 4,  # landcover, elevation, imagery (the default's Blue Marble), land_mask
         "stencil": 1,
         "sample_triplets": production["sample"]["shards"],
         "train_model": 1,
-        "prepare_eval_label": 2,
+        "prepare_eval_label": 3,  # koppen, elevation, turbidity
         # the jobs that gather every region, waiting for the stencil checkpoint
         "rollup": 1,
         "build_tiles": 1,

@@ -42,9 +42,17 @@ def test_shard_format(shard, builtin_layers) -> None:  # type: ignore[no-untyped
         assert a[f"{role}_landcover"].shape == (3000, 16, 16) and a[f"{role}_landcover"].dtype == np.uint8
         assert a[f"{role}_elevation"].shape == (3000, 16, 16) and a[f"{role}_elevation"].dtype == np.float32
         assert a[f"{role}_latlng"].shape == (3000, 2) and a[f"{role}_latlng"].dtype == np.float64
+        assert a[f"{role}_imagery"].shape == (3000, 16, 16, 3) and a[f"{role}_imagery"].dtype == np.float32
+        # the wide context patch (8 x 80 km) of every layer, beside the local one
+        assert a[f"{role}_landcover@1"].shape == (3000, 16, 16) and a[f"{role}_imagery@1"].shape == (3000, 16, 16, 3)
         lc = a[f"{role}_landcover"]
         assert ((lc < builtin_layers["landcover"].spec.n_classes) | (lc == 255)).all()
-    assert meta["patch_px"] == 16 and meta["patch_km"] == 80 and set(meta["layers"]) == {"landcover", "elevation"}
+    assert meta["patch_px"] == 16 and meta["patch_km"] == 80 and meta["scales"] == [1.0, 8.0]
+    assert set(meta["layers"]) == {"landcover", "elevation", "imagery"}
+    # a wide patch covers 8x the ground: its pixels around the centre repeat the local patch at 1/8 scale
+    lat, lng = a["anchor_latlng"][:50, 0], a["anchor_latlng"][:50, 1]
+    wide = gather_patches(builtin_layers, lat, lng, 16, 640)[0]["landcover"]
+    np.testing.assert_array_equal(wide, a["anchor_landcover@1"][:50])
     assert 0 < stats.acceptance <= 1 and stats.accepted == 3000
 
 

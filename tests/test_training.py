@@ -239,3 +239,42 @@ def test_background_loader_keeps_order_and_reraises_errors() -> None:
     next(iter(stopped))
     stopped.close()  # a consumer that stops early does not leave the thread blocked
     assert not stopped._thread.is_alive()
+
+
+@pytest.mark.parametrize(
+    ("objective", "reconstruction"),
+    [("triplet", 0.0), ("triplet", 1.0), ("infonce", 0.0), ("infonce", 1.0), ("vicreg", 0.0), ("vicreg", 1.0)],
+)
+def test_every_objective_learns_multi_scale_triplets(tmp_path: Path, objective: str, reconstruction: float) -> None:
+    """Anchor and neighbor share a place at both scales, the distant patch does not: every objective learns it."""
+    paths = write_shards(tmp_path / "s", n_shards=2, per_shard=160, patch_px=PX, scales=(1.0, 4.0))
+    m = T.train(
+        paths, fixture_specs(), PX, 10.0, ARCH,
+        section(TrainConfig, {"epochs": 3, "batch_size": 32, "lr": 0.003, "device": "cpu", "objective": objective,
+                              "reconstruction": reconstruction}, "train"),
+        tmp_path / "model.pt", threads=1, progress=False, scales=(1.0, 4.0),
+    )  # fmt: skip
+    assert m["objective"] == objective and all(np.isfinite(e["train_loss"]) for e in m["epochs"])
+    assert m["best_val_triplet_accuracy"] > 0.8
+    assert 1.0 < m["effective_rank"] <= ARCH.embedding_dim
+    module, meta = M.load(tmp_path / "model.pt")
+    assert meta["scales"] == [1.0, 4.0] and len(module.trunks) == 2
+    assert meta["in_channels"] == 2 * M.input_channels(fixture_specs())
+
+
+def test_shards_of_other_scales_are_refused(tmp_path: Path) -> None:
+    paths = write_shards(tmp_path, n_shards=1, per_shard=8, patch_px=PX, scales=(1.0, 4.0))
+    assert sorted(read_shard(paths[0], fixture_specs(), scales=(1.0, 4.0)).arrays)[:2] == [
+        "anchor_elevation", "anchor_elevation@1"
+    ]  # fmt: skip
+    with pytest.raises(DataError, match="scales"):
+        read_shard(paths[0], fixture_specs(), scales=(1.0, 8.0))
+
+
+def test_effective_rank_catches_collapse() -> None:
+    from vectorgeo.objectives import effective_rank
+
+    rng = np.random.default_rng(0)
+    assert effective_rank(torch.from_numpy(rng.normal(size=(2000, 8)))) > 7.5
+    collapsed = np.outer(rng.normal(size=2000), rng.normal(size=8))
+    assert effective_rank(torch.from_numpy(collapsed + 1e-9 * rng.normal(size=(2000, 8)))) < 1.1

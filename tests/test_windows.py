@@ -30,9 +30,7 @@ def _cells(region: str, res: int = 5) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("name", sorted(REGIONS))
-def test_window_patches_equal_whole_layer_patches(
-    name: str, builtin_layers: dict[str, Layer], tmp_path: Path
-) -> None:
+def test_window_patches_equal_whole_layer_patches(name: str, builtin_layers: dict[str, Layer], tmp_path: Path) -> None:
     region = REGIONS[name]
     path = tmp_path / f"{region}.npz"
     stats = cut_windows(builtin_layers, [region], PATCH_KM, [path])

@@ -56,7 +56,7 @@ RULES = (
 PER_REGION_RULES = ("embed_region",)
 # jobs of a complete run of the tiny config, besides the per-region ones (mosaic_layer: no tiled source)
 TINY_JOBS = {
-    "prepare_layer": 3,  # landcover, elevation, land_mask
+    "prepare_layer": 4,  # landcover, elevation, imagery, land_mask
     "stencil": 1,
     "cut_windows": 1,
     "sample_triplets": 2,  # sample.shards
@@ -65,7 +65,7 @@ TINY_JOBS = {
     "build_tiles": 1,
     "load_regions": 1,  # every region in one job
     "build_index": 1,
-    "prepare_eval_label": 2,  # the raster tasks koppen and elevation (country is a vector task)
+    "prepare_eval_label": 3,  # the raster tasks koppen, elevation, turbidity (country is a vector task)
     "evaluate": 1,
     "all": 1,
 }
@@ -192,9 +192,9 @@ def test_workflow_has_every_stage(workdir: Path) -> None:
 def test_dry_run_lists_every_stage(workdir: Path) -> None:
     out = run_snakemake(workdir, *configfiles(), "-n").stdout
     layers = {w["layer"] for rule, w in planned_jobs(out) if rule == "prepare_layer"}
-    assert layers == {"landcover", "elevation", "land_mask"}
+    assert layers == {"landcover", "elevation", "imagery", "land_mask"}
     tasks = {w["task"] for rule, w in planned_jobs(out) if rule == "prepare_eval_label"}
-    assert tasks == {"koppen", "elevation"}
+    assert tasks == {"koppen", "elevation", "turbidity"}
     # a dry run cannot see past the stencil checkpoint: per-region jobs (and the windows they read)
     # appear once it ran
     assert job_stats(out) == Counter(TINY_JOBS) - Counter({"cut_windows": 1}), out[-4000:]

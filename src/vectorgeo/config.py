@@ -134,16 +134,34 @@ class LayerConfig(Section):
     )
     scale: float = Field(1.0, description="Continuous only. Physical value = raw * scale + offset.")
     offset: float = Field(0.0, description="Continuous only. Physical value = raw * scale + offset.")
-    normalize: Literal["patch_minmax", "standardize"] = Field(
-        "patch_minmax",
+    bands: list[Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")]] | None = Field(
+        None,
         description=(
-            "Continuous only. Model input scaling: patch_minmax (per-patch min-max, relief only) or "
-            "standardize ((v - mean) / std with the global mean and std below)."
+            "Continuous only. Names of the raster's bands in order, for a multi-band raster (imagery: e.g. [red, "
+            "green, blue]); null = a single-band raster. The count must equal the raster's band count."
         ),
     )
-    mean: float = Field(0.0, description="Continuous only. Global mean (physical units) for normalize=standardize.")
-    std: float = Field(
-        1.0, gt=0, description="Continuous only. Global standard deviation (physical units) for normalize=standardize."
+    normalize: Literal["patch_minmax", "standardize", "both"] = Field(
+        "patch_minmax",
+        description=(
+            "Continuous only. Model input scaling: patch_minmax (per-patch min-max, relief only), standardize "
+            "((v - mean) / std with the global mean and std below, absolute level) or both (a relief channel and "
+            "a level channel)."
+        ),
+    )
+    mean: float | list[float] = Field(
+        0.0,
+        description=(
+            "Continuous only. Global mean (physical units) for normalize=standardize or both; one per band for a "
+            "multi-band layer (or one for all)."
+        ),
+    )
+    std: float | list[Annotated[float, Field(gt=0)]] = Field(
+        1.0,
+        description=(
+            "Continuous only. Global standard deviation (physical units, > 0) for normalize=standardize or both; "
+            "one per band for a multi-band layer (or one for all)."
+        ),
     )
 
     @model_validator(mode="after")
@@ -156,9 +174,40 @@ class LayerConfig(Section):
             unknown = [w for w in self.water if w not in self.classes]
             if unknown:
                 _fail("water", f"water values {unknown} are not in classes")
-        elif self.classes:
-            _fail("classes", "only categorical layers have classes")
+            if self.bands is not None:
+                _fail("bands", "only continuous layers have bands")
+        else:
+            if self.classes:
+                _fail("classes", "only categorical layers have classes")
+            self._check_bands()
         return self
+
+    def _check_bands(self) -> None:
+        if isinstance(self.std, float) and self.std <= 0:
+            _fail("std", f"must be > 0, got {self.std}")
+        n = len(self.bands) if self.bands is not None else 1
+        if self.bands is not None:
+            if not self.bands:
+                _fail("bands", "expected a non-empty list of band names, or null for a single-band raster")
+            if len(set(self.bands)) != len(self.bands):
+                _fail("bands", f"lists a band twice: {self.bands}")
+        name = builtin_name(self.source)
+        if name is not None and name in BUILTINS and BUILTINS[name].bands != n:
+            _fail(
+                "bands",
+                f"built-in '{name}' has {BUILTINS[name].bands} band(s), the layer lists {n}"
+                + ("" if self.bands else " (no bands list)")
+                + f"; expected {BUILTINS[name].bands} band names",
+            )
+        for key in ("mean", "std"):
+            v = getattr(self, key)
+            if isinstance(v, list) and len(v) != n:
+                _fail(key, f"has {len(v)} values for {n} band(s); expected one per band (or one number)")
+
+    @property
+    def n_bands(self) -> int:
+        """Bands of the raster (1 for a single-band layer)."""
+        return len(self.bands) if self.bands else 1
 
 
 class LandMaskConfig(Section):
@@ -443,6 +492,14 @@ class SampleConfig(Section):
     batch: int = Field(
         4096, ge=1, description="Candidate triplets drawn per vectorised batch (memory per batch grows with it)."
     )
+    context_scales: list[Annotated[float, Field(gt=1)]] = Field(
+        [8.0],
+        description=(
+            "Wide context patches besides the local one: each a patch_px x patch_px patch covering patch_km times "
+            "this factor (sampled more coarsely), so the model sees every location at several scales. [] = the "
+            "local patch only. Only the local patch decides whether a triplet or a cell is usable."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_band(self) -> SampleConfig:
@@ -452,6 +509,11 @@ class SampleConfig(Section):
                 f"must be < sample.neighbor_km_max ({self.neighbor_km_max}), got {self.neighbor_km_min}",
             )
         return self
+
+    @property
+    def scales(self) -> tuple[float, ...]:
+        """Footprint factors of every patch scale: 1 (the local patch), then the context scales."""
+        return (1.0, *(float(x) for x in self.context_scales))
 
     @property
     def margin_km(self) -> float:
@@ -479,7 +541,7 @@ Device = Literal["auto", "cpu", "cuda"]
 
 
 class TrainConfig(Section):
-    """Triplet training (stage 2). Same config and shards on CPU give identical weights."""
+    """Training on the sampled triplets (stage 2). Same config and shards on CPU give identical weights."""
 
     device: Device = Field(
         "auto",
@@ -499,7 +561,25 @@ class TrainConfig(Section):
     batch_size: int = Field(256, ge=2, description="Triplets per optimisation step.")
     lr: float = Field(0.002, gt=0, description="Peak AdamW learning rate.")
     weight_decay: float = Field(0.0001, ge=0, description="AdamW decoupled weight decay.")
+    objective: Literal["triplet", "infonce", "vicreg"] = Field(
+        "triplet",
+        description=(
+            "Training objective on the sampled triplets: triplet (margin loss, anchor nearer its neighbor than "
+            "its distant patch), infonce (anchor and neighbor are positives, the batch's other neighbors and "
+            "distant patches negatives; temperature below) or vicreg (invariance, variance and covariance terms "
+            "on anchor and neighbor). See vectorgeo.objectives."
+        ),
+    )
     margin: float = Field(0.5, gt=0, description="Triplet margin on unit-vector distances (which lie in [0, 2]).")
+    temperature: float = Field(0.1, gt=0, description="InfoNCE temperature (objective infonce).")
+    reconstruction: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "Weight of the reconstruction loss: a linear head predicts each patch's class fractions and band means "
+            "(every scale) from the embedding. 0 = no reconstruction head."
+        ),
+    )
     grad_clip: float = Field(
         1.0, gt=0, description="Maximum global gradient norm (clipped after backward, before the step)."
     )
@@ -568,10 +648,29 @@ class EmbedConfig(Section):
 
 # --- evaluation ----------------------------------------------------------------------------------
 
-Method = Literal["embedding", "random_init", "class_histogram", "pca_raw", "latlng"]
+BASE_METHODS: tuple[str, ...] = (
+    "embedding",
+    "random_init",
+    "class_histogram",
+    "context_histogram",
+    "pca_raw",
+    "random_features",
+    "latlng",
+)
+"""Feature methods the evaluation knows; ``embedding`` is the method under test. Every method but latlng
+also exists as ``<method>+latlng`` (its features beside the latlng vector)."""
 
-METHODS: tuple[Method, ...] = ("embedding", "random_init", "class_histogram", "pca_raw", "latlng")
-"""Feature methods the evaluation knows; ``embedding`` is the method under test."""
+SAME_INPUT_BASELINES: tuple[str, ...] = (
+    "class_histogram",
+    "context_histogram",
+    "pca_raw",
+    "random_init",
+    "random_features",
+)
+"""Baselines computed from the same input layers as the model: the embedding must beat each on content tasks."""
+
+METHODS: tuple[str, ...] = (*BASE_METHODS, *(f"{m}+latlng" for m in BASE_METHODS if m != "latlng"))
+"""Every method name the evaluation accepts (the default list)."""
 
 
 class TaskConfig(Section):
@@ -602,6 +701,14 @@ class TaskConfig(Section):
     offset: float = Field(0.0, description="Raster regression only. Label = raw * scale + offset.")
     min_class_cells: int = Field(
         20, ge=1, description="Classification. Classes with fewer evaluated cells are dropped from the task."
+    )
+    location: bool = Field(
+        False,
+        description=(
+            "A task decided mostly by where a cell is (e.g. country) rather than what is there: the goal compares "
+            "embedding+latlng with latlng and every <baseline>+latlng. Otherwise a content task: the embedding "
+            "must beat every same-input baseline."
+        ),
     )
 
     @model_validator(mode="after")
@@ -641,8 +748,13 @@ def _default_tasks() -> dict[str, TaskConfig]:
         "elevation": TaskConfig(
             kind="regression", source="builtin:pvlib_altitude", nodata=255, scale=28.0, offset=-450.0
         ),
+        "turbidity": TaskConfig(kind="regression", source="builtin:linke_turbidity", scale=0.05),
         "country": TaskConfig(
-            kind="classification", type="vector", source="builtin:naturalearth_countries", field="ADMIN"
+            kind="classification",
+            type="vector",
+            source="builtin:naturalearth_countries",
+            field="ADMIN",
+            location=True,
         ),
     }
 
@@ -680,18 +792,58 @@ class EvaluateConfig(Section):
     logistic_max_iter: int = Field(300, ge=1, description="Iteration limit of the logistic-regression solver (lbfgs).")
     ridge_alpha: float = Field(1.0, ge=0, description="L2 penalty of the ridge-regression probe.")
     pca_fit_cells: int = Field(
-        4000, ge=1, description="Cells the pca_raw baseline's PCA is fitted on (memory grows with it)."
+        4000,
+        ge=1,
+        description="Cells the pca_raw PCA and the random_features filters are fitted on (memory grows with it).",
+    )
+    random_features: int = Field(
+        1024,
+        ge=2,
+        multiple_of=2,
+        description=(
+            "Width of the random_features baseline (MOSAIKS-style: half as many whitened 3x3 filters drawn from "
+            "real encoded patches, each giving two ReLU features averaged over the patch)."
+        ),
+    )
+    context_scales: list[Annotated[float, Field(gt=0)]] = Field(
+        [0.2, 1.0, 8.0],
+        min_length=2,
+        description=(
+            "Scales of the context_histogram baseline, as factors of the model's patch footprint (patch_km): by "
+            "default about the cell's own footprint, the local patch and the wide context the model sees."
+        ),
+    )
+    context_px: int = Field(
+        32, ge=2, description="Pixels across each context_histogram patch (sampled nearest-neighbour, every scale)."
+    )
+    label_fractions: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        [0.01, 0.1, 1.0],
+        min_length=1,
+        description=(
+            "Label-efficiency curve: the linear probes are also trained on these fractions of each training "
+            "fold's cells (drawn with seed) and scored on the whole test fold."
+        ),
+    )
+    selection_fraction: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description=(
+            "Fraction of fold blocks (H3 parents at fold_resolution, chosen by a hash of the block id) held out "
+            "for model selection: their cells are never evaluated here, and benchmarks/eval_experiments.py "
+            "chooses variants and hyperparameters on them only. 0 = none held out."
+        ),
     )
     batch_size: int = Field(
         256, ge=1, description="Cells per batch when patches are gathered and encoded for the baselines."
     )
-    methods: list[Method] = Field(
+    methods: list[str] = Field(
         list(METHODS),
         min_length=1,
         description=(
             "Feature methods compared on the same cells and folds: embedding (the method under test), "
-            + ", ".join(METHODS[1:])
-            + "."
+            + ", ".join(BASE_METHODS[1:])
+            + ", and <method>+latlng for every method but latlng."
         ),
     )
     tasks: dict[str, TaskConfig] = Field(
@@ -709,6 +861,9 @@ class EvaluateConfig(Section):
             _fail("methods", "must include 'embedding' (the method under test)")
         if len(set(self.methods)) != len(self.methods):
             _fail("methods", f"lists a method twice: {self.methods}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            _fail("methods", f"unknown method(s) {unknown}; expected some of {', '.join(METHODS)}")
         return self
 
 

@@ -158,6 +158,7 @@ class Embedder:
         if self.metadata.get("patch_km") is None:
             raise DataError("model", "model metadata lacks 'patch_km'; cannot place patches on the ground")
         self.patch_km = float(self.metadata["patch_km"])
+        self.scales = [float(x) for x in self.metadata.get("scales") or [1.0]]
         self.dim = int(self.metadata.get("embedding_dim") or self.metadata["architecture"]["embedding_dim"])
         self.cuda = self.device.type == "cuda"
         self.module = self.module.to(self.device).eval()
@@ -189,7 +190,7 @@ class Embedder:
     def _prepare(self, lat: np.ndarray, lng: np.ndarray, start: int, stop: int) -> _Batch:
         """Gather the patches of rows [start, stop) and (on CPU) encode the ok ones. Runs in the worker."""
         values, frac, pole = gather_patches(
-            self.model_layers, lat[start:stop], lng[start:stop], self.patch_px, self.patch_km
+            self.model_layers, lat[start:stop], lng[start:stop], self.patch_px, self.patch_km, self.scales
         )
         code = cell_status(frac, pole, self.max_nodata_frac)
         ok = np.flatnonzero(code == 0)

@@ -56,9 +56,10 @@ class LayerSpec:
         water: Raw values that are water/ocean (categorical and mask).
         scale: Continuous only: physical = raw * scale + offset.
         offset: Continuous only.
-        normalize: Continuous only: ``patch_minmax`` or ``standardize`` (model input).
-        mean: Continuous only: global mean for ``standardize`` (physical units).
-        std: Continuous only: global std for ``standardize`` (physical units).
+        normalize: Continuous only: ``patch_minmax``, ``standardize`` or ``both`` (model input).
+        mean: Continuous only: global mean for ``standardize`` (physical units), one per band.
+        std: Continuous only: global std for ``standardize`` (physical units), one per band.
+        bands: Continuous only: band names of a multi-band raster (empty for a single band).
     """
 
     name: str
@@ -70,8 +71,14 @@ class LayerSpec:
     scale: float
     offset: float
     normalize: str
-    mean: float
-    std: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    bands: tuple[str, ...] = ()
+
+    @property
+    def n_bands(self) -> int:
+        """Bands of the raster: 1, or the length of ``bands``."""
+        return len(self.bands) or 1
 
     @property
     def n_classes(self) -> int:
@@ -102,8 +109,9 @@ class LayerSpec:
             scale=layer.scale,
             offset=layer.offset,
             normalize=layer.normalize,
-            mean=layer.mean,
-            std=layer.std,
+            mean=_per_band(layer.mean, layer.n_bands),
+            std=_per_band(layer.std, layer.n_bands),
+            bands=tuple(layer.bands or ()),
         )
 
     @classmethod
@@ -119,8 +127,8 @@ class LayerSpec:
             scale=1.0,
             offset=0.0,
             normalize="patch_minmax",
-            mean=0.0,
-            std=1.0,
+            mean=(0.0,),
+            std=(1.0,),
         )
 
     @classmethod
@@ -146,8 +154,9 @@ class LayerSpec:
             "scale": self.scale,
             "offset": self.offset,
             "normalize": self.normalize,
-            "mean": self.mean,
-            "std": self.std,
+            "mean": self.mean[0] if len(self.mean) == 1 else list(self.mean),
+            "std": self.std[0] if len(self.std) == 1 else list(self.std),
+            **({"bands": list(self.bands)} if self.bands else {}),
         }
 
     @classmethod
@@ -172,6 +181,13 @@ class LayerSpec:
         d = self.to_dict()
         d.pop("source")
         return d
+
+
+def _per_band(v: float | list[float], n: int) -> tuple[float, ...]:
+    """A per-band value: one number for every band, or the list as it is."""
+    if isinstance(v, list):
+        return tuple(float(x) for x in v)
+    return (float(v),) * n
 
 
 def layer_specs(config: Mapping[str, Any]) -> dict[str, LayerSpec]:
@@ -204,14 +220,19 @@ class Layer:
     """
 
     def __init__(self, spec: LayerSpec, grid: Grid, array: np.ndarray) -> None:
-        if array.shape != grid.shape:
-            raise RasterError(spec.name, f"array shape {array.shape} does not match grid {grid.shape}")
+        expected = grid.shape if not spec.bands else (*grid.shape, len(spec.bands))
+        if array.shape != expected:
+            raise RasterError(
+                spec.name, f"array shape {array.shape} does not match grid {grid.shape} and {spec.n_bands} band(s)"
+            )
+        if array.dtype == np.bool_:
+            array = array.view(np.uint8)  # decoding tables are indexed by value, never used as a boolean mask
         self.spec = spec
         self.grid = grid
         self.array = array
         self._lut: np.ndarray | None = None
         self._invalid_lut: np.ndarray | None = None
-        if spec.kind in ("categorical", "mask") and array.dtype in (np.uint8, np.int8, np.bool_):
+        if spec.kind in ("categorical", "mask") and array.dtype in (np.uint8, np.int8):
             self._build_luts()
 
     @classmethod
@@ -261,19 +282,23 @@ class Layer:
         Returns:
             values: categorical: uint8 class indices, :data:`NODATA_INDEX` for
             nodata, unknown raw values and points off the grid; continuous:
-            float32 physical values, NaN for nodata; mask: bool, True on land.
-            invalid: bool, True where nodata, water/ocean or off the grid.
+            float32 physical values, NaN for nodata (a multi-band layer has the
+            bands on a last axis); mask: bool, True on land.
+            invalid: bool, True where nodata, water/ocean or off the grid (for
+            a multi-band layer: where any band is).
         """
         kind = self.spec.kind
         if kind == "continuous":
             out = raw.astype(np.float32) * np.float32(self.spec.scale) + np.float32(self.spec.offset)
-            bad = ~inside
+            multi = bool(self.spec.bands)
+            bad: np.ndarray = np.broadcast_to(~inside[..., None], raw.shape).copy() if multi else ~inside
             if self.spec.nodata is not None:
-                bad |= raw == self.spec.nodata
+                bad = bad | (raw == self.spec.nodata)
             if np.issubdtype(raw.dtype, np.floating):
-                bad |= np.isnan(raw)
+                bad = bad | np.isnan(raw)
             out[bad] = np.nan
-            return out, bad
+            invalid: np.ndarray = np.asarray(bad.any(axis=-1)) if multi else bad
+            return out, invalid
         if self._lut is not None and self._invalid_lut is not None:
             vals = self._lut[raw]
             invalid = self._invalid_lut[raw] | ~inside

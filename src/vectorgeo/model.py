@@ -1,41 +1,46 @@
-"""The Tile2Vec encoder: input encoding, a ResNet, and a self-describing model file.
+"""The Tile2Vec encoder: input encoding, a multi-scale ResNet, and a self-describing model file.
 
 Input encoding (:func:`encode`, the one place that turns patches into model
-input). A batch is a mapping layer name -> array of shape (N, P, P), as stored
-in sample shards and as returned by ``vectorgeo.sampling.patches``. Channels
-are laid out layer by layer in the order of the layer specs:
+input). A batch is a mapping patch key -> array of shape (N, P, P) (or
+(N, P, P, B) for a multi-band layer), as stored in sample shards and as
+returned by ``vectorgeo.sampling.patches``: key ``L`` is layer L's local patch,
+``L@k`` its context patch at scale k. Channels are laid out scale by scale, and
+layer by layer in the order of the layer specs within a scale:
 
 * categorical layer with K classes -> K one-hot channels; pixel value ``k`` in
   ``0..K-1`` sets channel ``k`` to 1, nodata (255, or any value >= K) leaves
   all K channels at 0.
-* continuous layer -> two channels, *value* then *validity*. A pixel is valid
-  when it is finite (nodata is NaN). Values are scaled per the layer's
-  ``normalize``:
+* continuous layer -> per band one *value* channel (two for ``both``: relief
+  then level), then one *validity* channel. A pixel is valid when every band
+  is finite (nodata is NaN). Values are scaled per the layer's ``normalize``:
 
   - ``patch_minmax``: :math:`v' = (v - \\min_p) / (\\max_p - \\min_p)` with the
     min and max over the valid pixels of that patch; a flat patch
-    (:math:`\\max_p = \\min_p`) gives 0 everywhere;
-  - ``standardize``: :math:`v' = (v - \\mu) / \\sigma` with the spec's global
-    ``mean`` and ``std``.
+    (:math:`\\max_p = \\min_p`) gives 0 everywhere (relief);
+  - ``standardize``: :math:`v' = (v - \\mu_b) / \\sigma_b` with the spec's global
+    ``mean`` and ``std`` of band b (level);
+  - ``both``: the relief channel, then the level channel.
 
   Invalid pixels get value 0 and validity 0; valid pixels validity 1.
 
-So :math:`C = \\sum_{cat} K_l + 2 \\cdot n_{cont}`.
+So per scale :math:`C = \\sum_{cat} K_l + \\sum_{cont} (B_l m_l + 1)` with
+:math:`m_l = 2` for ``both`` else 1, and the input has :math:`S \\cdot C` channels.
 
-Network (:class:`Encoder`): a 3x3 stem convolution, ``stages`` stages of
-``blocks_per_stage`` residual blocks each (3x3 conv-BN-ReLU-3x3 conv-BN plus an
-identity skip, or a strided 1x1 conv-BN projection where the shape changes),
-channel width doubling and spatial stride 2 between stages, global average
-pooling, an MLP head (Linear-ReLU-Linear) to ``embedding_dim`` and L2
-normalisation, so every embedding is a unit vector.
+Network (:class:`Encoder`): per scale a :class:`Trunk` (a 3x3 stem convolution,
+``stages`` stages of ``blocks_per_stage`` residual blocks each (3x3
+conv-BN-ReLU-3x3 conv-BN plus an identity skip, or a strided 1x1 conv-BN
+projection where the shape changes), channel width doubling and spatial stride
+2 between stages, global average pooling); the pooled features of all scales
+are concatenated, an MLP head (Linear-ReLU-Linear) maps them to
+``embedding_dim`` and L2 normalisation makes every embedding a unit vector.
 
 Model file (:func:`save` / :func:`load`): a ``torch.save`` dict of plain types
-``{"format": "vectorgeo-model", "format_version": 1, "state_dict", "metadata"}``.
+``{"format": "vectorgeo-model", "format_version": 2, "state_dict", "metadata"}``.
 The metadata carries everything inference needs: ``layers`` (name -> spec
-dict, in channel order), ``patch_px``, ``patch_km``, ``architecture``,
-``embedding_dim``, ``in_channels``, ``train`` (the training config),
-``library_version`` and ``model_version``: the first 12 hex digits of the
-SHA-256 of the weights and the rest of the metadata.
+dict, in channel order), ``patch_px``, ``patch_km``, ``scales``,
+``architecture``, ``embedding_dim``, ``in_channels``, ``train`` (the training
+config), ``library_version`` and ``model_version``: the first 12 hex digits of
+the SHA-256 of the weights and the rest of the metadata.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +63,7 @@ from vectorgeo.errors import ConfigError, DataError
 from vectorgeo.layers import LayerSpec
 
 FORMAT = "vectorgeo-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 SpecsLike = Mapping[str, LayerSpec] | Mapping[str, Any]
 
@@ -97,27 +102,84 @@ def specs_of(specs_or_metadata: SpecsLike) -> dict[str, LayerSpec]:
     return out
 
 
+def n_scales_of(specs_or_metadata: SpecsLike, batch: Mapping[str, Any] | None = None) -> int:
+    """Number of patch scales: the metadata's ``scales``, else the ``name@k`` keys of a batch, else 1."""
+    scales = specs_or_metadata.get("scales") if "layers" in specs_or_metadata else None
+    if isinstance(scales, (list, tuple)) and scales:
+        return len(scales)
+    if batch:
+        first = next(iter(specs_of(specs_or_metadata)), None)
+        k = 1
+        while first is not None and f"{first}@{k}" in batch:
+            k += 1
+        return k
+    return 1
+
+
 def input_channels(specs_or_metadata: SpecsLike) -> int:
-    """Number of input channels C of the encoding of these layers."""
-    return len(channel_names(specs_or_metadata))
+    """Number of input channels C of the encoding of these layers at one scale."""
+    return len(channel_names(specs_or_metadata, 1))
 
 
-def channel_names(specs_or_metadata: SpecsLike) -> list[str]:
-    """Names of the input channels in order, e.g. ``landcover:water``, ``elevation:valid``."""
+def _continuous_channels(spec: LayerSpec) -> list[str]:
+    bands = list(spec.bands) or ["value"]
+    if spec.normalize == "both":
+        return [f"{b}:{kind}" for b in bands for kind in ("relief", "level")] + ["valid"]
+    return [*bands, "valid"]
+
+
+def channel_names(specs_or_metadata: SpecsLike, n_scales: int | None = None) -> list[str]:
+    """Names of the input channels in order, e.g. ``landcover:water``, ``elevation:valid``, ``landcover@1:water``.
+
+    Channels are laid out scale by scale (the local patch first), layer by layer within a scale.
+    """
+    n = n_scales_of(specs_or_metadata) if n_scales is None else n_scales
     names: list[str] = []
-    for name, spec in specs_of(specs_or_metadata).items():
-        if spec.kind == "categorical":
-            names.extend(f"{name}:{c}" for c in spec.class_names)
-        elif spec.kind == "continuous":
-            names.extend([f"{name}:value", f"{name}:valid"])
-        else:
-            raise ConfigError(f"layers.{name}.kind", f"expected categorical or continuous, got {spec.kind!r}")
+    for k in range(n):
+        for name, spec in specs_of(specs_or_metadata).items():
+            key = name if k == 0 else f"{name}@{k}"
+            if spec.kind == "categorical":
+                names.extend(f"{key}:{c}" for c in spec.class_names)
+            elif spec.kind == "continuous":
+                names.extend(f"{key}:{c}" for c in _continuous_channels(spec))
+            else:
+                raise ConfigError(f"layers.{name}.kind", f"expected categorical or continuous, got {spec.kind!r}")
     return names
 
 
 def _as_tensor(x: np.ndarray | torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
     t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
     return t.to(device, non_blocking=True) if device is not None else t
+
+
+def _patch_minmax(v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    inf = torch.tensor(float("inf"), device=v.device)
+    lo = torch.where(valid, v, inf).amin(dim=(1, 2), keepdim=True)
+    hi = torch.where(valid, v, -inf).amax(dim=(1, 2), keepdim=True)
+    span = hi - lo
+    ok = torch.isfinite(span) & (span > 0)
+    return torch.where(ok, (v - lo) / torch.where(ok, span, torch.ones_like(span)), torch.zeros_like(v))
+
+
+def _encode_continuous(x: torch.Tensor, spec: LayerSpec, out: torch.Tensor) -> int:
+    """Write a continuous layer's channels into ``out`` (N, c, P, P); returns c."""
+    v = x.to(torch.float32)
+    if v.ndim == 3:
+        v = v.unsqueeze(-1)
+    valid = torch.isfinite(v).all(dim=-1)
+    c = 0
+    for b in range(v.shape[-1]):
+        vb = v[..., b]
+        kinds = ("patch_minmax", "standardize") if spec.normalize == "both" else (spec.normalize,)
+        for kind in kinds:
+            if kind == "standardize":
+                scaled = (vb - spec.mean[b]) / spec.std[b]
+            else:
+                scaled = _patch_minmax(vb, valid)
+            out[:, c] = torch.where(valid, scaled, torch.zeros_like(scaled))
+            c += 1
+    out[:, c] = valid
+    return c + 1
 
 
 def encode(
@@ -128,15 +190,16 @@ def encode(
     """Encode a batch of patches into model input (see the module docstring).
 
     Args:
-        batch: Layer name -> (N, P, P) array: uint8 class indices (255 nodata)
-            for categorical layers, float32 physical values (NaN nodata) for
-            continuous ones. numpy arrays or tensors (kept on their device
-            unless ``device`` is given).
-        specs_or_metadata: Layer specs (``{name: LayerSpec}``) or model metadata.
+        batch: Patch key -> (N, P, P) array (``(N, P, P, B)`` for a multi-band layer): uint8 class
+            indices (255 nodata) for categorical layers, float32 physical values (NaN nodata) for
+            continuous ones; keys ``name`` for the local patch and ``name@k`` for context scale k.
+            numpy arrays or tensors (kept on their device unless ``device`` is given).
+        specs_or_metadata: Layer specs (``{name: LayerSpec}``; the scales are then those present in the
+            batch) or model metadata (its ``scales``).
         device: Where to compute; default: where the tensors are (CPU for numpy).
 
     Returns:
-        float32 tensor (N, C, P, P).
+        float32 tensor (N, S·C, P, P): the channels of every scale, scale by scale.
 
     Raises:
         DataError: a layer is missing from the batch or has the wrong shape.
@@ -144,46 +207,41 @@ def encode(
     specs = specs_of(specs_or_metadata)
     if not specs:
         raise ConfigError("layers", "no model input layers")
+    n_scales = n_scales_of(specs_or_metadata, batch)
     xs: dict[str, torch.Tensor] = {}
     shape: tuple[int, ...] | None = None
-    for name in specs:
-        if name not in batch:
-            raise DataError("batch", f"layer '{name}' is missing; got {sorted(batch)}")
-        x = _as_tensor(batch[name], device)
-        if x.ndim != 3 or (shape is not None and tuple(x.shape) != shape):
-            raise DataError("batch", f"layer '{name}' has shape {tuple(x.shape)}; expected (N, P, P) like the others")
-        shape = tuple(x.shape)
-        xs[name] = x
+    for k in range(n_scales):
+        for name, spec in specs.items():
+            key = name if k == 0 else f"{name}@{k}"
+            if key not in batch:
+                raise DataError("batch", f"layer '{key}' is missing; got {sorted(batch)}")
+            x = _as_tensor(batch[key], device)
+            want_ndim = 4 if spec.bands else 3
+            if x.ndim != want_ndim or (shape is not None and tuple(x.shape[:3]) != shape):
+                raise DataError(
+                    "batch", f"layer '{key}' has shape {tuple(x.shape)}; expected (N, P, P) like the others"
+                )
+            shape = tuple(x.shape[:3])
+            xs[key] = x
     assert shape is not None
     first = next(iter(xs.values()))
+    per_scale = input_channels(specs)
     # one output buffer, filled channel group by channel group (no concatenation copies)
-    out = torch.empty((shape[0], input_channels(specs), shape[1], shape[2]), dtype=torch.float32, device=first.device)
+    out = torch.empty((shape[0], n_scales * per_scale, shape[1], shape[2]), dtype=torch.float32, device=first.device)
     c = 0
-    for name, spec in specs.items():
-        x = xs[name]
-        if spec.kind == "categorical":
-            k = spec.n_classes
-            idx = x.to(torch.int64)
-            known = idx < k  # nodata (255) and out-of-range values: an all-zero pixel
-            one_hot = out[:, c : c + k]
-            one_hot.zero_()
-            one_hot.scatter_(1, torch.where(known, idx, 0).unsqueeze(1), known.unsqueeze(1).to(torch.float32))
-            c += k
-        else:
-            v = x.to(torch.float32)
-            valid = torch.isfinite(v)
-            if spec.normalize == "standardize":
-                v = (v - spec.mean) / spec.std
+    for k in range(n_scales):
+        for name, spec in specs.items():
+            x = xs[name if k == 0 else f"{name}@{k}"]
+            if spec.kind == "categorical":
+                n_cls = spec.n_classes
+                idx = x.to(torch.int64)
+                known = idx < n_cls  # nodata (255) and out-of-range values: an all-zero pixel
+                one_hot = out[:, c : c + n_cls]
+                one_hot.zero_()
+                one_hot.scatter_(1, torch.where(known, idx, 0).unsqueeze(1), known.unsqueeze(1).to(torch.float32))
+                c += n_cls
             else:
-                inf = torch.tensor(float("inf"), device=v.device)
-                lo = torch.where(valid, v, inf).amin(dim=(1, 2), keepdim=True)
-                hi = torch.where(valid, v, -inf).amax(dim=(1, 2), keepdim=True)
-                span = hi - lo
-                ok = torch.isfinite(span) & (span > 0)
-                v = torch.where(ok, (v - lo) / torch.where(ok, span, torch.ones_like(span)), torch.zeros_like(v))
-            out[:, c] = torch.where(valid, v, torch.zeros_like(v))
-            out[:, c + 1] = valid
-            c += 2
+                c += _encode_continuous(x, spec, out[:, c:])
     return out
 
 
@@ -209,24 +267,11 @@ class ResidualBlock(nn.Module):
         return F.relu(y + self.skip(x), inplace=True)
 
 
-class Encoder(nn.Module):
-    """ResNet encoder: (N, C, P, P) float -> (N, embedding_dim) unit vectors."""
+class Trunk(nn.Module):
+    """The ResNet of one scale: stem, residual stages, global average pooling → (N, width · 2^(stages-1))."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        *,
-        width: int,
-        stages: int,
-        blocks_per_stage: int,
-        embedding_dim: int,
-        head_hidden: int,
-    ) -> None:
+    def __init__(self, in_channels: int, width: int, stages: int, blocks_per_stage: int) -> None:
         super().__init__()
-        if min(in_channels, width, stages, blocks_per_stage, embedding_dim, head_hidden) < 1:
-            raise ConfigError(
-                "model", "in_channels, width, stages, blocks_per_stage, embedding_dim, head_hidden must be >= 1"
-            )
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
         )
@@ -239,15 +284,54 @@ class Encoder(nn.Module):
             stage_list.append(nn.Sequential(*blocks))
             c = c_out
         self.stages = nn.Sequential(*stage_list)
+        self.out_channels = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features of a batch."""
+        out: torch.Tensor = self.stages(self.stem(x)).mean(dim=(2, 3))
+        return out
+
+
+class Encoder(nn.Module):
+    """Multi-scale ResNet encoder: (N, S·C, P, P) float -> (N, embedding_dim) unit vectors.
+
+    Each of the S scales (the local patch, then the context patches) has its own :class:`Trunk`; their
+    pooled features are concatenated and an MLP head maps them to the embedding.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        *,
+        width: int,
+        stages: int,
+        blocks_per_stage: int,
+        embedding_dim: int,
+        head_hidden: int,
+        n_scales: int = 1,
+    ) -> None:
+        super().__init__()
+        if min(in_channels, width, stages, blocks_per_stage, embedding_dim, head_hidden, n_scales) < 1:
+            raise ConfigError(
+                "model", "in_channels, width, stages, blocks_per_stage, embedding_dim, head_hidden must be >= 1"
+            )
+        self.in_channels = in_channels
+        self.trunks = nn.ModuleList(Trunk(in_channels, width, stages, blocks_per_stage) for _ in range(n_scales))
+        c = sum(t.out_channels for t in self.trunks)  # type: ignore[misc]
         self.head = nn.Sequential(
             nn.Linear(c, head_hidden), nn.ReLU(inplace=True), nn.Linear(head_hidden, embedding_dim)
         )
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's output before normalisation (N, embedding_dim) (what variance objectives act on)."""
+        parts = torch.split(x, self.in_channels, dim=1)
+        h = torch.cat([trunk(p) for trunk, p in zip(self.trunks, parts, strict=True)], dim=1)
+        out: torch.Tensor = self.head(h)
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed a batch; rows of the result have L2 norm 1."""
-        h = self.stages(self.stem(x))
-        h = h.mean(dim=(2, 3))
-        return F.normalize(self.head(h).float(), dim=1)
+        return F.normalize(self.project(x).float(), dim=1)
 
 
 def architecture(model_cfg: ModelConfig | Mapping[str, Any] | None) -> ModelConfig:
@@ -261,12 +345,15 @@ def architecture(model_cfg: ModelConfig | Mapping[str, Any] | None) -> ModelConf
     return section(ModelConfig, model_cfg, "model")
 
 
-def build_model(specs_or_metadata: SpecsLike, model_cfg: ModelConfig | Mapping[str, Any] | None) -> Encoder:
+def build_model(
+    specs_or_metadata: SpecsLike, model_cfg: ModelConfig | Mapping[str, Any] | None, n_scales: int | None = None
+) -> Encoder:
     """A fresh encoder for these layers.
 
     Args:
-        specs_or_metadata: Layer specs or model metadata (decides C).
+        specs_or_metadata: Layer specs or model metadata (decides C, and S from the metadata's ``scales``).
         model_cfg: The ``model`` config section (or metadata ``architecture``).
+        n_scales: Patch scales S (default: the metadata's, else 1).
     """
     arch = architecture(model_cfg)
     return Encoder(
@@ -276,6 +363,7 @@ def build_model(specs_or_metadata: SpecsLike, model_cfg: ModelConfig | Mapping[s
         blocks_per_stage=arch.blocks_per_stage,
         embedding_dim=arch.embedding_dim,
         head_hidden=arch.head_hidden,
+        n_scales=n_scales_of(specs_or_metadata) if n_scales is None else n_scales,
     )
 
 
@@ -306,6 +394,7 @@ def make_metadata(
     patch_km: float | None,
     model_cfg: ModelConfig | Mapping[str, Any] | None,
     train_cfg: TrainConfig | None = None,
+    scales: Sequence[float] = (1.0,),
     **extra: Any,
 ) -> dict[str, Any]:
     """Model metadata (without ``model_version``, which :func:`save` adds)."""
@@ -314,10 +403,11 @@ def make_metadata(
     arch = architecture(model_cfg)
     return {
         "layers": {name: spec.to_dict() for name, spec in specs.items()},
-        "channels": channel_names(specs),
-        "in_channels": input_channels(specs),
+        "channels": channel_names(specs, len(scales)),
+        "in_channels": input_channels(specs) * len(scales),
         "patch_px": int(patch_px),
         "patch_km": None if patch_km is None else float(patch_km),
+        "scales": [float(x) for x in scales],
         "architecture": arch.model_dump(mode="json"),
         "embedding_dim": arch.embedding_dim,
         "train": train_cfg.model_dump(mode="json") if train_cfg is not None else {},

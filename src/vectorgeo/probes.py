@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from vectorgeo import h3cells
-from vectorgeo.config import EvaluateConfig
+from vectorgeo.config import SAME_INPUT_BASELINES, EvaluateConfig
 from vectorgeo.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -91,6 +91,26 @@ def spatial_folds(h3: np.ndarray, resolution: int, n_folds: int, seed: int) -> n
     return fold_of_block[inverse.ravel()]
 
 
+def selection_blocks(h3: np.ndarray, resolution: int, fraction: float, seed: int) -> np.ndarray:
+    """True for cells whose block (H3 parent at ``resolution``) is held out for model selection.
+
+    A block is held out when a hash of its id and ``seed`` falls below ``fraction``: the choice depends on
+    the block alone, never on which cells were drawn, so the selection cells and the evaluated cells are
+    disjoint in space for any draw.
+    """
+    if fraction <= 0:
+        return np.zeros(len(h3), dtype=bool)
+    parents = h3cells.parents(np.asarray(h3, dtype=np.uint64), resolution).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = parents ^ np.uint64((seed * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
+        x = (x ^ (x >> np.uint64(33))) * np.uint64(0xFF51AFD7ED558CCD)
+        x = (x ^ (x >> np.uint64(33))) * np.uint64(0xC4CEB9FE1A85EC53)
+        x = x ^ (x >> np.uint64(33))
+    u = (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    out: np.ndarray = u < fraction
+    return out
+
+
 def probe_scores(
     x: np.ndarray,
     y: np.ndarray,
@@ -101,11 +121,28 @@ def probe_scores(
     logistic_c: float = DEFAULTS.logistic_c,
     logistic_max_iter: int = DEFAULTS.logistic_max_iter,
     ridge_alpha: float = DEFAULTS.ridge_alpha,
+    train_fraction: float = 1.0,
+    seed: int = DEFAULTS.seed,
+    linear_only: bool = False,
 ) -> dict[str, list[float]]:
     """Scores of the linear and kNN probes on each fold (standardised features).
 
     A fold is skipped when its training part has a single class or fewer
     cells than ``knn_k``, or its test part is empty.
+
+    Args:
+        x: (N, F) features.
+        y: Labels.
+        kind: classification or regression.
+        folds: Fold of each cell.
+        knn_k: Neighbours of the kNN probe.
+        logistic_c: Inverse regularisation of the logistic probe.
+        logistic_max_iter: Its iteration limit.
+        ridge_alpha: Penalty of the ridge probe.
+        train_fraction: Train on this fraction of each training part (drawn with ``seed``; the same cells
+            for every method), score on the whole test fold.
+        seed: Seed of that draw.
+        linear_only: Fit the linear probe only.
 
     Returns:
         metric -> one score per scored fold.
@@ -118,7 +155,17 @@ def probe_scores(
     # waits for descheduled threads (logistic regression measured 60x slower on 2 busy cores).
     with threadpool_limits(limits=1):
         for f in np.unique(folds):
-            got = _score_fold(x, y, kind, folds == f, knn_k, logistic_c, logistic_max_iter, ridge_alpha)
+            test = folds == f
+            train = ~test
+            if train_fraction < 1.0:
+                rng = np.random.default_rng([seed, int(f)])
+                idx = np.flatnonzero(train)
+                keep = rng.permutation(len(idx))[: max(1, round(train_fraction * len(idx)))]
+                train = np.zeros_like(train)
+                train[idx[keep]] = True
+            got = _score_fold(
+                x, y, kind, test, knn_k, logistic_c, logistic_max_iter, ridge_alpha, train=train, knn=not linear_only
+            )
             for k, v in got.items():
                 scores.setdefault(k, []).append(v)
     return scores
@@ -133,14 +180,20 @@ def _score_fold(
     logistic_c: float = DEFAULTS.logistic_c,
     logistic_max_iter: int = DEFAULTS.logistic_max_iter,
     ridge_alpha: float = DEFAULTS.ridge_alpha,
+    *,
+    train: np.ndarray | None = None,
+    knn: bool = True,
 ) -> dict[str, float]:
-    """Fit the probes on the cells outside ``test`` and score them on ``test`` ({} if not scorable)."""
+    """Fit the probes on ``train`` (default: the cells outside ``test``) and score them on ``test``.
+
+    Returns {} when the fold is not scorable; only the linear metric when ``knn`` is False.
+    """
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.metrics import accuracy_score, f1_score, r2_score
     from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
     from sklearn.preprocessing import StandardScaler
 
-    train = ~test
+    train = ~test if train is None else train
     if test.sum() == 0 or train.sum() < knn_k:
         return {}
     if kind == "classification" and len(np.unique(y[train])) < 2:
@@ -152,6 +205,8 @@ def _score_fold(
         warnings.simplefilter("ignore")  # convergence and ill-conditioning notes, kept out of logs
         if kind == "classification":
             pred = LogisticRegression(C=logistic_c, max_iter=logistic_max_iter).fit(xtr, ytr).predict(xte)
+            if not knn:
+                return {"linear_macro_f1": float(f1_score(yte, pred, average="macro", zero_division=0))}
             knn_pred = KNeighborsClassifier(n_neighbors=knn_k).fit(xtr, ytr).predict(xte)
             return {
                 "linear_macro_f1": float(f1_score(yte, pred, average="macro", zero_division=0)),
@@ -159,18 +214,21 @@ def _score_fold(
                 "knn_macro_f1": float(f1_score(yte, knn_pred, average="macro", zero_division=0)),
             }
         pred = Ridge(alpha=ridge_alpha).fit(xtr, ytr).predict(xte)
+        if not knn:
+            return {"linear_r2": float(r2_score(yte, pred))}
         knn_pred = KNeighborsRegressor(n_neighbors=knn_k).fit(xtr, ytr).predict(xte)
         return {"linear_r2": float(r2_score(yte, pred)), "knn_r2": float(r2_score(yte, knn_pred))}
 
 
-def summarise(scores: Mapping[str, Sequence[float]], metrics: Sequence[str]) -> dict[str, dict[str, float | None]]:
-    """Mean and (population) standard deviation over folds; None where no fold was scored."""
-    out: dict[str, dict[str, float | None]] = {}
+def summarise(scores: Mapping[str, Sequence[float]], metrics: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Mean, (population) standard deviation and the per-fold scores; None where no fold was scored."""
+    out: dict[str, dict[str, Any]] = {}
     for m in metrics:
         v = np.asarray(scores.get(m, []), dtype=np.float64)
         out[m] = {
             "mean": float(v.mean()) if len(v) else None,
             "std": float(v.std()) if len(v) else None,
+            "folds": [float(x) for x in v],
         }
     return out
 
@@ -185,14 +243,87 @@ class TaskResult:
     class_names: list[str] = field(default_factory=list)
 
 
+def _job(
+    x: np.ndarray, y: np.ndarray, kind: TaskKind, folds: np.ndarray, params: EvaluateConfig, fraction: float
+) -> dict[str, list[float]]:
+    return probe_scores(
+        x,
+        y,
+        kind,
+        folds,
+        knn_k=params.knn_k,
+        logistic_c=params.logistic_c,
+        logistic_max_iter=params.logistic_max_iter,
+        ridge_alpha=params.ridge_alpha,
+        train_fraction=fraction,
+        seed=params.seed,
+        linear_only=fraction < 1.0,
+    )
+
+
+def task_methods(location: bool, methods: Sequence[str]) -> list[str]:
+    """The methods scored on a task: ``<method>+latlng`` only on location tasks, where they are the comparison.
+
+    A location task is scored with embedding, latlng and the ``+latlng`` methods; a content task with every
+    method that is not a ``+latlng`` one (position is no part of what such a task asks of the content).
+    """
+    if location:
+        return [m for m in methods if m in ("embedding", "latlng") or m.endswith("+latlng")]
+    return [m for m in methods if not m.endswith("+latlng")]
+
+
+def comparison_set(method: str, location: bool, methods: Sequence[str]) -> tuple[str, list[str]]:
+    """The method that stands for the embedding on a task, and the baselines it is compared with.
+
+    Content tasks: ``embedding`` against every same-input baseline present. Location tasks:
+    ``embedding+latlng`` against ``latlng`` and every ``<baseline>+latlng`` present.
+    """
+    if location:
+        rivals = ["latlng", *(f"{b}+latlng" for b in SAME_INPUT_BASELINES)]
+        return f"{method}+latlng", [m for m in rivals if m in methods]
+    return method, [m for m in SAME_INPUT_BASELINES if m in methods]
+
+
+def paired_differences(scores: Mapping[str, Any], main: str, ours: str, rivals: Sequence[str]) -> dict[str, Any]:
+    """Per-fold differences ``ours - best rival`` (best by mean) on the main metric, and the folds won."""
+    if ours not in scores:
+        return {}
+    scored = [r for r in rivals if r in scores and scores[r][main]["mean"] is not None]
+    if not scored:
+        return {}
+    best = max(scored, key=lambda r: scores[r][main]["mean"])
+    a = np.asarray(scores[ours][main]["folds"], dtype=np.float64)
+    b = np.asarray(scores[best][main]["folds"], dtype=np.float64)
+    if len(a) != len(b):
+        return {}
+    d = a - b
+    wins = {
+        r: int(np.sum(a > np.asarray(scores[r][main]["folds"]))) for r in scored
+    }  # folds where ours beats each rival
+    return {
+        "method": ours,
+        "best_baseline": best,
+        "diffs": [float(v) for v in d],
+        "mean_diff": float(d.mean()) if len(d) else None,
+        "folds_won": wins,
+        "folds": len(d),
+    }
+
+
 def evaluate_features(
     features: Mapping[str, np.ndarray],
     h3: np.ndarray,
     tasks: Mapping[str, TaskSpec],
     labels: Mapping[str, Labels],
     params: EvaluateConfig,
+    n_jobs: int = 1,
 ) -> tuple[dict[str, Any], dict[str, TaskResult]]:
     """Score every method on every task, on the same cells and folds.
+
+    Besides each method's scores (mean, std and per-fold), every task gets ``paired`` (per-fold
+    differences of the embedding, or embedding+latlng on a location task, against the best baseline) and
+    ``label_efficiency`` (the main metric of the linear probe trained on each of
+    ``params.label_fractions`` of every training fold).
 
     Args:
         features: method -> (N, F) features of the N evaluated cells.
@@ -200,44 +331,59 @@ def evaluate_features(
         tasks: The tasks.
         labels: task -> labels at the N cells.
         params: Probe hyperparameters, folds and seed.
+        n_jobs: Probes fitted in parallel processes.
 
     Returns:
         (metrics, details): ``metrics`` in the metrics.json layout;
         ``details`` per task (cell and class counts).
     """
+    from joblib import Parallel, delayed
+
     folds_all = spatial_folds(h3, params.fold_resolution, params.folds, params.seed)
     out: dict[str, Any] = {"tasks": {}, "n_cells": len(h3), "folds": params.folds}
     details: dict[str, TaskResult] = {}
+    prepared: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]] = {}
     for name, task in tasks.items():
         lab = labels[name]
         if task.kind == "classification":
             lab = drop_rare_classes(lab, task.min_class_cells)
         idx = np.flatnonzero(lab.valid)
-        y = lab.y[idx]
-        folds = folds_all[idx]
-        methods: dict[str, Any] = {}
-        n_scored = 0
-        for m in params.methods:
-            if m not in features:
-                continue
-            sc = probe_scores(
-                features[m][idx],
-                y,
-                task.kind,
-                folds,
-                knn_k=params.knn_k,
-                logistic_c=params.logistic_c,
-                logistic_max_iter=params.logistic_max_iter,
-                ridge_alpha=params.ridge_alpha,
-            )
-            methods[m] = summarise(sc, task.metrics)
-            n_scored = len(sc.get(task.main_metric, []))
-            log.info("task %s method %s: %s", name, m, {k: round(v["mean"], 4) for k, v in methods[m].items()})
-        out["tasks"][name] = {"kind": task.kind, "methods": methods}
+        prepared[name] = (idx, lab.y[idx], folds_all[idx], lab.class_names)
+    methods = [m for m in params.methods if m in features]
+    fractions = sorted({float(f) for f in params.label_fractions} | {1.0})
+    by_task = {t: task_methods(task.location, methods) for t, task in tasks.items()}
+    jobs = [(t, m, f) for t in tasks for f in fractions for m in by_task[t]]
+    results = Parallel(n_jobs=n_jobs, backend="loky" if n_jobs > 1 else "sequential")(
+        delayed(_job)(features[m][prepared[t][0]], prepared[t][1], tasks[t].kind, prepared[t][2], params, f)
+        for t, m, f in jobs
+    )
+    by_job = dict(zip(jobs, results, strict=True))
+    for name, task in tasks.items():
+        idx, y, _, class_names = prepared[name]
+        main = task.main_metric
+        per_method = {m: summarise(by_job[(name, m, 1.0)], task.metrics) for m in by_task[name]}
+        for m in by_task[name]:
+            log.info("task %s method %s: %s", name, m, {k: v["mean"] for k, v in per_method[m].items()})
+        ours, rivals = comparison_set("embedding", task.location, by_task[name])
+        curve = {str(f): {m: summarise(by_job[(name, m, f)], [main])[main] for m in by_task[name]} for f in fractions}
+        margins = {}
+        for f, per in curve.items():
+            scored = [r for r in rivals if per[r]["mean"] is not None]
+            if ours in per and per[ours]["mean"] is not None and scored:
+                best = max(scored, key=lambda r: per[r]["mean"])
+                margins[f] = {"best_baseline": best, "margin": per[ours]["mean"] - per[best]["mean"]}
+        out["tasks"][name] = {
+            "kind": task.kind,
+            "location": task.location,
+            "n_cells": len(idx),
+            "methods": per_method,
+            "paired": paired_differences(per_method, main, ours, rivals),
+            "label_efficiency": {"method": ours, "scores": curve, "margins": margins},
+        }
         details[name] = TaskResult(
             n_cells=len(idx),
             n_classes=len(np.unique(y)) if task.kind == "classification" else 0,
-            n_folds_scored=n_scored,
-            class_names=lab.class_names,
+            n_folds_scored=len(by_job[(name, by_task[name][0], 1.0)].get(main, [])) if by_task[name] else 0,
+            class_names=class_names,
         )
     return out, details

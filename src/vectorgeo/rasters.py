@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vectorgeo.atomic import atomic_path, write_json_atomic
-from vectorgeo.errors import RasterError
+from vectorgeo.errors import ConfigError, RasterError
 from vectorgeo.sources import BUILTINS, builtin_name
 
 if TYPE_CHECKING:
@@ -138,8 +138,8 @@ def layer_key(name: str) -> str:
 
 
 def declared_bands(spec: LayerSpec) -> int:
-    """The number of raster bands a layer reads (every layer kind reads one band)."""
-    return 1
+    """The number of raster bands a layer reads: its ``bands`` list's length, else one."""
+    return spec.n_bands
 
 
 @contextmanager
@@ -305,6 +305,12 @@ def _prepare_geotiff(
     with _open(path, key) as ds:
         full = _grid_from_rasterio(ds, path, key)
         want = declared_bands(spec)
+        if ds.count != want and spec.bands:
+            raise ConfigError(
+                f"layers.{spec.name}.bands",
+                f"the raster {path} has {ds.count} band(s), the layer lists {want} ({', '.join(spec.bands)}); "
+                f"expected {ds.count} band names",
+            )
         if ds.count != want:
             raise RasterError(
                 path,
@@ -316,52 +322,93 @@ def _prepare_geotiff(
         dtype = np.dtype(ds.dtypes[0])
         rows = rows_per_block or block_rows(grid.width, dtype)
         nodata = _nodata_values(spec, ds.nodata)
-        has_data = False
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=grid.shape)
-        for r0 in range(w0, w1, rows):
-            n = min(rows, w1 - r0)
-            block = ds.read(1, window=Window(c0, r0, c1 - c0, n))
-            arr[r0 - w0 : r0 - w0 + n] = block
-            has_data = has_data or _has_data(block, nodata)
+        has_data = np.zeros(want, dtype=bool)
+        shape = (*grid.shape, want) if spec.bands else grid.shape
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        for r0 in range(w0, w1, max(1, rows // want)):
+            n = min(max(1, rows // want), w1 - r0)
+            win = Window(c0, r0, c1 - c0, n)
+            # a multi-band layer keeps a pixel's bands side by side: (n, W, B)
+            block = np.moveaxis(ds.read(window=win), 0, -1) if spec.bands else ds.read(1, window=win)[..., None]
+            arr[r0 - w0 : r0 - w0 + n] = block if spec.bands else block[..., 0]
+            if not has_data.all():
+                has_data |= [_has_data(block[..., b], nodata) for b in range(want)]
         arr.flush()
         del arr
-    if not has_data:
-        _all_nodata(path, spec, nodata, crop, key)
+    _check_band_data(path, spec, has_data, nodata, crop, key)
     return grid
+
+
+def _check_band_data(
+    path: str, spec: LayerSpec, has_data: np.ndarray, nodata: Sequence[float], crop: Sequence[float] | None, key: str
+) -> None:
+    """Refuse a source without data, or a multi-band one with a band without a single valid pixel.
+
+    Raises:
+        RasterError: every pixel is nodata.
+        ConfigError: naming ``layers.<name>.bands``, a band of a multi-band layer has no valid pixel.
+    """
+    if not has_data.any():
+        _all_nodata(path, spec, nodata, crop, key)
+    if spec.bands and not has_data.all():
+        empty = [b for b, ok in zip(spec.bands, has_data, strict=True) if not ok]
+        raise ConfigError(
+            f"layers.{spec.name}.bands",
+            f"band(s) {', '.join(empty)} of {path} have no valid pixel (all nodata); expected data in every band",
+        )
 
 
 def _prepare_array(
     spec: LayerSpec, path: str, tmp: Path, data: np.ndarray, crop: Sequence[float] | None, key: str
 ) -> Grid:
-    """Copy a global lat/lng array (north row first) of a built-in data set into a ``.npy`` at ``tmp``."""
-    h, w = data.shape
+    """Copy a global lat/lng array (north row first; (H, W) or (H, W, B)) of a built-in into a ``.npy`` at ``tmp``.
+
+    The array's west edge is -180, its north edge +90, its pixels square in degrees (plate carree).
+    """
+    h, w = data.shape[:2]
     grid = Grid(-180.0, 90.0, 360.0 / w, -180.0 / h, w, h)
     (w0, w1, c0, c1), grid = crop_window(grid, crop, path, key)
     rows = block_rows(grid.width, data.dtype)
     nodata = _nodata_values(spec, None)
-    has_data = False
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=data.dtype, shape=grid.shape)
+    bands = data.shape[2] if data.ndim == 3 else 1
+    has_data = np.zeros(bands, dtype=bool)
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=data.dtype, shape=(*grid.shape, *data.shape[2:]))
     for r0 in range(w0, w1, rows):
         block = data[r0 : min(r0 + rows, w1), c0:c1]
         arr[r0 - w0 : r0 - w0 + block.shape[0]] = block
-        has_data = has_data or _has_data(block, nodata)
+        if not has_data.all():
+            per_band = block if data.ndim == 3 else block[..., None]
+            has_data |= [_has_data(per_band[..., b], nodata) for b in range(bands)]
     arr.flush()
     del arr
-    if not has_data:
-        _all_nodata(path, spec, nodata, crop, key)
+    _check_band_data(path, spec, has_data, nodata, crop, key)
     return grid
 
 
 def _read_builtin(fmt: str, path: str, key: str) -> np.ndarray:
-    """The global array of a built-in data set stored as npz (GLOBE) or HDF5 (pvlib)."""
+    """The global array of a built-in data set: npz (GLOBE), HDF5 (pvlib altitude and Linke turbidity), JPEG.
+
+    Linke turbidity is the annual mean of the 12 monthly grids (float32, TL * 20); Blue Marble is the
+    JPEG's RGB pixels (H, W, 3).
+    """
     if fmt == "globe_npz":
         with np.load(path) as z:
             if "mask" not in z.files:
                 raise RasterError(path, "has no array 'mask'; expected the GLOBE land mask npz", key)
-            return np.asarray(z["mask"])
+            mask = np.asarray(z["mask"])
+            # stored as bool; prepared masks are uint8 (1 = ocean), which the decoding tables index
+            return mask.view(np.uint8) if mask.dtype == np.bool_ else mask
+    if fmt == "bmng_jpeg":
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
     import h5py
 
     with h5py.File(path, "r") as h:
+        if fmt == "pvlib_linke_h5":
+            monthly = np.asarray(h["LinkeTurbidity"][:])  # (2160, 4320, 12) uint8
+            return np.asarray(monthly.mean(axis=2, dtype=np.float32))
         return np.asarray(h["Altitude"][:])
 
 

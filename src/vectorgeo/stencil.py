@@ -271,11 +271,7 @@ def write_stencil(
     if progress:
         from tqdm import tqdm
 
-        n = (
-            len(res0_cells())
-            if ext.regions is None
-            else len({h3cells.parent(r, 0) for r in ext.regions})
-        )
+        n = len(res0_cells()) if ext.regions is None else len({h3cells.parent(r, 0) for r in ext.regions})
         it = tqdm(it, total=n, desc="stencil (res-0 parents)", unit="parent")
     for cells, lat, lng, region in it:
         if len(cells) == 0:

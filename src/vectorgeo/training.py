@@ -14,16 +14,13 @@ chunks, so memory stays bounded whatever the number and size of the shards
 uint8/float32 numpy until :func:`vectorgeo.model.encode` turns it into a
 tensor on the training device.
 
-Loss. With unit-vector embeddings :math:`a, p, n` of anchor, neighbor and
-distant patch, the triplet margin loss is
-
-.. math::
-
-    L = \\max(0, \\lVert a - p \\rVert_2 - \\lVert a - n \\rVert_2 + m)
-
-(``train.margin`` = m; distances lie in [0, 2]). The validation triplet
-accuracy is the fraction of held-out triplets with
-:math:`\\lVert a - p \\rVert < \\lVert a - n \\rVert`.
+Loss. ``train.objective`` (triplet margin, InfoNCE or VICReg) plus, with
+``train.reconstruction`` > 0, a reconstruction head's loss: see
+:mod:`vectorgeo.objectives`. Every objective is validated with the same
+criterion, the validation triplet accuracy: the fraction of held-out triplets
+with :math:`\\lVert a - p \\rVert < \\lVert a - n \\rVert` on unit vectors.
+The metrics also give the effective rank of the validation anchors'
+embeddings, which falls towards 1 when the embeddings collapse.
 
 Optimisation: AdamW (``train.lr``, ``train.weight_decay``) with a per-step
 cosine learning-rate decay over ``train.epochs``, gradient-norm clipping
@@ -55,10 +52,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from vectorgeo import model as vg_model
+from vectorgeo import objectives
 from vectorgeo.atomic import atomic_path, write_json_atomic
 from vectorgeo.config import ModelConfig, TrainConfig
 from vectorgeo.errors import ConfigError
 from vectorgeo.layers import LayerSpec
+from vectorgeo.sampling import patch_keys
 from vectorgeo.shards import ROLES, ShardInfo, concat_shards, read_shard, shard_info, stream_groups
 
 log = logging.getLogger("vectorgeo.training")
@@ -147,6 +146,16 @@ class StepContext:
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
     scaler: Any = None
+    n_scales: int = 1
+    objective: objectives.Objective = "triplet"
+    temperature: float = 0.1
+    reconstruction: float = 0.0
+    recon_head: objectives.ReconstructionHead | None = None
+
+    @property
+    def keys(self) -> list[str]:
+        """Patch keys of a batch: every layer at every scale."""
+        return patch_keys(self.specs, self.n_scales)
 
     def autocast(self) -> Any:
         """Mixed-precision context (a no-op on CPU or with amp off)."""
@@ -156,13 +165,13 @@ class StepContext:
 
 
 def stack_roles(batch: Mapping[str, np.ndarray], names: Iterable[str]) -> dict[str, np.ndarray]:
-    """Per layer, the anchor, neighbor and distant patches stacked into one (3B, P, P) array (dtype kept)."""
+    """Per patch key, the anchor, neighbor and distant patches stacked into one (3B, P, P) array (dtype kept)."""
     return {name: np.concatenate([batch[f"{role}_{name}"] for role in ROLES]) for name in names}
 
 
 def encode_stacked(stacked: Mapping[str, np.ndarray | torch.Tensor], ctx: StepContext) -> torch.Tensor:
     """Encode role-stacked patches (see :func:`stack_roles`) into model input (3B, C, P, P) on the device."""
-    x = vg_model.encode(stacked, ctx.specs, ctx.device)
+    x = vg_model.encode({k: stacked[k] for k in ctx.keys}, ctx.specs, ctx.device)
     if ctx.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
@@ -170,7 +179,7 @@ def encode_stacked(stacked: Mapping[str, np.ndarray | torch.Tensor], ctx: StepCo
 
 def encode_triplets(batch: Mapping[str, np.ndarray], ctx: StepContext) -> torch.Tensor:
     """Encode a triplet batch into one (3B, C, P, P) tensor: anchors, then neighbors, then distants."""
-    return encode_stacked(stack_roles(batch, ctx.specs), ctx)
+    return encode_stacked(stack_roles(batch, ctx.keys), ctx)
 
 
 def triplet_distances(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,22 +188,31 @@ def triplet_distances(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.linalg.vector_norm(a - p, dim=1), torch.linalg.vector_norm(a - n, dim=1)
 
 
+def batch_loss(model: nn.Module, x: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """The objective (plus the weighted reconstruction loss) of an encoded triplet batch, and the unit vectors."""
+    with ctx.autocast():
+        h = model.project(x) if isinstance(model, vg_model.Encoder) else model(x)
+    z = F.normalize(h.float(), dim=1)
+    loss = objectives.objective_loss(ctx.objective, z, h, margin=ctx.margin, temperature=ctx.temperature)
+    if ctx.recon_head is not None and ctx.reconstruction > 0:
+        loss = loss + ctx.reconstruction * ctx.recon_head.loss(z, x)
+    return loss, z
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
     """One optimisation step on an encoded triplet batch; returns the (detached) loss."""
     optimizer.zero_grad(set_to_none=True)
-    with ctx.autocast():
-        z = model(x)
-    a, p, n = z.float().chunk(3)
-    loss = F.triplet_margin_loss(a, p, n, margin=ctx.margin)
+    loss, _ = batch_loss(model, x, ctx)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     if ctx.scaler is not None:
         ctx.scaler.scale(loss).backward()
         ctx.scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(model.parameters(), ctx.grad_clip)
+        nn.utils.clip_grad_norm_(params, ctx.grad_clip)
         ctx.scaler.step(optimizer)
         ctx.scaler.update()
     else:
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), ctx.grad_clip)
+        nn.utils.clip_grad_norm_(params, ctx.grad_clip)
         optimizer.step()
     return loss.detach()
 
@@ -211,10 +229,9 @@ def evaluate(
     n = 0
     anchors = []
     for batch in iterate_batches(arrays, batch_size, None):
-        with ctx.autocast():
-            z = model(encode_triplets(batch, ctx))
+        loss, z = batch_loss(model, encode_triplets(batch, ctx), ctx)
         d_ap, d_an = triplet_distances(z)
-        loss_sum += F.relu(d_ap - d_an + ctx.margin).sum()
+        loss_sum += loss * len(d_ap)
         correct += (d_ap < d_an).sum()
         n += len(d_ap)
         anchors.append(z.float()[: len(d_ap)].cpu())
@@ -250,7 +267,7 @@ def plot_training(metrics: Mapping[str, Any], path: str | Path) -> None:
     ax1.plot(ep, [e["train_loss"] for e in metrics["epochs"]], "o-", label="train")
     ax1.plot(ep, [e["val_loss"] for e in metrics["epochs"]], "o-", label="validation")
     ax1.set_xlabel("epoch")
-    ax1.set_ylabel(f"triplet loss (margin {metrics.get('margin', '?')})")
+    ax1.set_ylabel(f"{metrics.get('objective', 'triplet')} loss")
     ax1.legend()
     ax2.plot(ep, [e["val_triplet_accuracy"] for e in metrics["epochs"]], "o-", color="C2")
     if metrics.get("best_epoch") is not None:
@@ -313,6 +330,7 @@ class TrainingData:
     specs: dict[str, LayerSpec]
     patch_px: int
     patch_km: float | None
+    scales: list[float]
     train_paths: list[str]
     n_train: int
     val: dict[str, np.ndarray]
@@ -329,6 +347,7 @@ class TrainingData:
         patch_px: int | None,
         patch_km: float | None,
         cfg: TrainConfig,
+        scales: Sequence[float] | None = None,
     ) -> TrainingData:
         """Read and validate every shard before any training starts.
 
@@ -338,18 +357,25 @@ class TrainingData:
         """
         specs = dict(specs)
         train_paths, val_paths = split_shards(shards, cfg.val_shards)
-        val_shards = [read_shard(p, specs, patch_px, patch_km) for p in val_paths]
+        val_shards = [read_shard(p, specs, patch_px, patch_km, scales) for p in val_paths]
         px = val_shards[0].patch_px
+        own = [float(x) for x in val_shards[0].meta.get("scales") or [1.0]]
+        scales = own if scales is None else [float(x) for x in scales]
         val = concat_shards(val_shards)
         n_val = sum(s.n for s in val_shards)
         del val_shards
         # training shards: validated from their headers now, streamed in chunks at each epoch
-        infos = [shard_info(p, specs, px, patch_km) for p in train_paths]
+        infos = [shard_info(p, specs, px, patch_km, scales) for p in train_paths]
         n_train = sum(i.n for i in infos)
         cache = None
         if len(infos) <= cfg.shards_in_memory and sum(i.nbytes for i in infos) <= CACHE_BYTES:
-            cache = concat_shards([read_shard(p, specs, px, patch_km) for p in train_paths])
-        return cls(specs, px, patch_km, train_paths, n_train, val, n_val, cfg.shards_in_memory, cache, infos)
+            cache = concat_shards([read_shard(p, specs, px, patch_km, scales) for p in train_paths])
+        return cls(specs, px, patch_km, scales, train_paths, n_train, val, n_val, cfg.shards_in_memory, cache, infos)
+
+    @property
+    def keys(self) -> list[str]:
+        """Patch keys: every layer at every scale."""
+        return patch_keys(self.specs, len(self.scales))
 
     def groups(self, rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
         """The training triplets of one epoch, a group at a time: all of them when cached, else streamed
@@ -363,13 +389,16 @@ class TrainingData:
         """Shuffled batches of one epoch, roles stacked (uint8 / float32 patches)."""
         for arrays in self.groups(rng):
             for batch in iterate_batches(arrays, batch_size, rng):
-                yield stack_roles(batch, self.specs)
+                yield stack_roles(batch, self.keys)
 
 
 def _step_context(
-    module: nn.Module, specs: dict[str, LayerSpec], device: torch.device, cfg: TrainConfig
+    module: nn.Module, specs: dict[str, LayerSpec], device: torch.device, cfg: TrainConfig, n_scales: int = 1
 ) -> tuple[nn.Module, StepContext]:
-    """Device placement and mixed precision: channels_last and AMP on CUDA, plain float32 on the CPU."""
+    """Device placement and mixed precision: channels_last and AMP on CUDA, plain float32 on the CPU.
+
+    With ``train.reconstruction`` > 0 the context holds a reconstruction head (seeded after the encoder).
+    """
     cuda = device.type == "cuda"
     amp_dtype: torch.dtype | None = None
     scaler = None
@@ -379,7 +408,25 @@ def _step_context(
             amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
             if amp_dtype == torch.float16:
                 scaler = torch.amp.GradScaler("cuda")
-    return module, StepContext(specs, device, cfg.margin, cfg.grad_clip, amp_dtype, cuda, scaler)
+    head = None
+    if cfg.reconstruction > 0 and isinstance(module, vg_model.Encoder):
+        dim = int(module.head[-1].out_features)  # type: ignore[arg-type]
+        head = objectives.ReconstructionHead(dim, vg_model.input_channels(specs), n_scales).to(device)
+    ctx = StepContext(
+        specs,
+        device,
+        cfg.margin,
+        cfg.grad_clip,
+        amp_dtype,
+        cuda,
+        scaler,
+        n_scales=n_scales,
+        objective=cfg.objective,
+        temperature=cfg.temperature,
+        reconstruction=cfg.reconstruction,
+        recon_head=head,
+    )
+    return module, ctx
 
 
 @dataclass
@@ -444,6 +491,7 @@ def train(
     plot_path: str | Path | None = None,
     threads: int | None = None,
     progress: bool | None = None,
+    scales: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Train the encoder on sample shards and write the model, metrics and plot.
 
@@ -459,6 +507,7 @@ def train(
         plot_path: Output ``training.png`` (optional).
         threads: CPU threads for torch (default: leave torch's setting).
         progress: Show a progress bar; default only when stderr is a terminal.
+        scales: ``sample.scales`` (checked against the shards; None: as in the shards).
 
     Returns:
         The metrics dict (also written to ``metrics_path``).
@@ -479,11 +528,15 @@ def train(
     else:
         torch.backends.cudnn.benchmark = True
     try:
-        data = TrainingData.read(shards, specs, patch_px, patch_km, cfg)
+        data = TrainingData.read(shards, specs, patch_px, patch_km, cfg, scales)
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
-        module, ctx = _step_context(vg_model.build_model(data.specs, model_cfg).to(device), data.specs, device, cfg)
-        optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        n_scales = len(data.scales)
+        module, ctx = _step_context(
+            vg_model.build_model(data.specs, model_cfg, n_scales).to(device), data.specs, device, cfg, n_scales
+        )
+        params = list(module.parameters()) + (list(ctx.recon_head.parameters()) if ctx.recon_head else [])
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps_per_epoch = math.ceil(data.n_train / cfg.batch_size)  # for the progress bar and LR schedule
         total_steps = max(1, steps_per_epoch * cfg.epochs)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -535,6 +588,7 @@ def train(
             patch_km,
             model_cfg,
             cfg,
+            scales=data.scales,
             best_epoch=stopper.epoch,
             best_val_triplet_accuracy=best_acc,
         )
@@ -545,6 +599,13 @@ def train(
             "best_val_triplet_accuracy": best_acc,
             "best_val_loss": -stopper.best[1] if stopper.best else None,
             "pca_components_99": pca_components(stopper.embeddings) if stopper.embeddings is not None else None,
+            "effective_rank": (
+                round(objectives.effective_rank(torch.from_numpy(stopper.embeddings)), 2)
+                if stopper.embeddings is not None
+                else None
+            ),
+            "objective": cfg.objective,
+            "reconstruction": cfg.reconstruction,
             "stopped_early": stopped_early,
             "margin": cfg.margin,
             "model_version": saved["model_version"],
@@ -627,4 +688,5 @@ def train_from_config(
         out / "training.png",
         threads=threads,
         progress=progress,
+        scales=cfg.sample.scales,
     )

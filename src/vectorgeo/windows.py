@@ -250,7 +250,7 @@ class WindowLayer(Layer):
 
     def _values(self, row: np.ndarray, col: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.array.size == 0:
-            return self.decode(np.zeros(inside.shape, dtype=self.array.dtype), inside)
+            return self.decode(np.zeros((*inside.shape, *self.array.shape[2:]), dtype=self.array.dtype), inside)
         return self.decode(self.array[row, col], inside)
 
     def gather_grid(self, lat_rows: np.ndarray, lng_cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -276,7 +276,7 @@ class WindowLayer(Layer):
         if (lr_in & lc_in & ~inside).any():
             self._fail()
         if self.array.size == 0:
-            return np.zeros(inside.shape, dtype=self.array.dtype), inside
+            return np.zeros((*inside.shape, *self.array.shape[2:]), dtype=self.array.dtype), inside
         return self.array[row, col], inside
 
 
