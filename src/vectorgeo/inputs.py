@@ -90,7 +90,11 @@ class InputLayers:
         return rows[0], cols[0]
 
     def patches(self, lat: float, lng: float) -> list[dict[str, Any]]:
-        """Each layer's patch at a point: ``{name, kind, values, legend|unit, min, max}`` (nodata → None)."""
+        """Each layer's patch at a point: ``{name, kind, bands, values, legend|unit, min, max}``.
+
+        ``values`` is rows × columns (north row first), nodata → None; for a multi-band layer each pixel
+        is a list of its band values (``bands`` names them; None for a single-band layer).
+        """
         values, _, _ = gather_patches(self.layers, np.array([lat]), np.array([lng]), self.patch_px, self.patch_km)
         out = []
         for name, layer in self.layers.items():
@@ -102,11 +106,14 @@ class InputLayers:
                 grid = v.astype(np.float64)
                 extra = {"legend": None, "unit": UNITS.get(name)}
             finite = grid[np.isfinite(grid)]
+            cells = grid.astype(object)
+            cells[~np.isfinite(grid)] = None  # nodata → null; a multi-band pixel stays a list of its bands
             out.append(
                 {
                     "name": name,
                     "kind": layer.spec.kind,
-                    "values": [[None if np.isnan(x) else float(x) for x in row] for row in grid.tolist()],
+                    "bands": list(layer.spec.bands) or None,
+                    "values": cells.tolist(),
                     "min": float(finite.min()) if finite.size else None,
                     "max": float(finite.max()) if finite.size else None,
                     **extra,

@@ -125,6 +125,23 @@ def _check_patches(p: str, key: str, a: np.ndarray, spec: LayerSpec) -> np.ndarr
     return a.astype(np.float32, copy=False)
 
 
+def _check_footprint(
+    p: str, meta: Mapping[str, Any], patch_km: float | None, scales: Sequence[float] | None
+) -> list[float]:
+    """The shard's patch scales; refuses a footprint or scales that differ from the config's (when both known).
+
+    Raises:
+        DataError: naming the shard, its value and the config key.
+    """
+    if patch_km is not None and meta.get("patch_km") is not None:
+        if abs(float(meta["patch_km"]) - float(patch_km)) > 1e-9:
+            raise DataError(p, f"patches are {meta['patch_km']} km across; config sample.patch_km is {patch_km}")
+    own = [float(x) for x in meta.get("scales") or [1.0]]
+    if scales is not None and [float(x) for x in scales] != own:
+        raise DataError(p, f"patches were sampled at scales {own}; config sample scales are {list(scales)}")
+    return own
+
+
 def read_shard(
     path: str | Path,
     specs: Mapping[str, LayerSpec] | None = None,
@@ -153,12 +170,7 @@ def read_shard(
             raise DataError(p, "not a vectorgeo shard: missing 'meta' with its layers")
         specs = {n: LayerSpec.from_dict(d) for n, d in meta["layers"].items()}
     _check_layers(p, raw, meta, specs)
-    if patch_km is not None and meta.get("patch_km") is not None:
-        if abs(float(meta["patch_km"]) - float(patch_km)) > 1e-9:
-            raise DataError(p, f"patches are {meta['patch_km']} km across; config sample.patch_km is {patch_km}")
-    own = [float(x) for x in meta.get("scales") or [1.0]]
-    if scales is not None and [float(x) for x in scales] != own:
-        raise DataError(p, f"patches were sampled at scales {own}; config sample scales are {list(scales)}")
+    own = _check_footprint(p, meta, patch_km, scales)
     arrays: dict[str, np.ndarray] = {}
     n: int | None = None
     keys = [(spec, name if k == 0 else f"{name}@{k}") for k in range(len(own)) for name, spec in specs.items()]
@@ -277,12 +289,7 @@ def shard_info(
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
         raise DataError(p, f"not a readable npz shard ({type(e).__name__}: {e})") from None
     _check_layers(p, dict.fromkeys(headers, np.empty(0)), meta, specs)
-    if patch_km is not None and meta.get("patch_km") is not None:
-        if abs(float(meta["patch_km"]) - float(patch_km)) > 1e-9:
-            raise DataError(p, f"patches are {meta['patch_km']} km across; config sample.patch_km is {patch_km}")
-    own = [float(x) for x in meta.get("scales") or [1.0]]
-    if scales is not None and [float(x) for x in scales] != own:
-        raise DataError(p, f"patches were sampled at scales {own}; config sample scales are {list(scales)}")
+    own = _check_footprint(p, meta, patch_km, scales)
     keys: list[str] = []
     n: int | None = None
     for role in ROLES:

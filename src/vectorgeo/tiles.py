@@ -44,8 +44,7 @@ import pyarrow as pa
 import shapely
 from psycopg import sql
 
-from vectorgeo import h3cells, store
-from vectorgeo.errors import RequestError
+from vectorgeo import h3cells, store, validation
 from vectorgeo.store.catalog import fetch_one
 from vectorgeo.store.connection import database_error
 
@@ -495,13 +494,7 @@ def check_tile(z: int, x: int, y: int) -> None:
     Raises:
         RequestError: naming ``z``, ``x`` or ``y`` when out of range.
     """
-    if not 0 <= z <= MAX_ZOOM:
-        raise RequestError("z", f"zoom must be in 0..{MAX_ZOOM}, got {z}")
-    n = 1 << z
-    if not 0 <= x < n:
-        raise RequestError("x", f"tile column must be in 0..{n - 1} at zoom {z}, got {x}")
-    if not 0 <= y < n:
-        raise RequestError("y", f"tile row must be in 0..{n - 1} at zoom {z}, got {y}")
+    validation.check_tile(z, x, y, MAX_ZOOM)
 
 
 def tile(conn: psycopg.Connection[Any], meta: TileMeta, z: int, x: int, y: int, *, compress: bool = True) -> bytes:

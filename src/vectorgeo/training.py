@@ -479,6 +479,57 @@ def _run_epoch(
     return float(loss_sum) / max(n_steps, 1), n_seen
 
 
+@dataclass
+class _Fit:
+    """What the epochs of one training run left: the best epoch, the epoch log, triplets seen, seconds."""
+
+    stopper: _EarlyStopping
+    epochs: list[dict[str, Any]]
+    seen: int
+    stopped_early: bool
+    seconds: float
+
+
+def _fit(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    data: TrainingData,
+    ctx: StepContext,
+    cfg: TrainConfig,
+    rng: np.random.Generator,
+    steps_per_epoch: int,
+    progress: bool | None,
+) -> _Fit:
+    """Train epoch by epoch, validate after each, stop early on no improvement or a non-finite loss."""
+    fit = _Fit(_EarlyStopping(cfg.patience), [], 0, False, 0.0)
+    t_train = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        with _epoch_bar(epoch, cfg.epochs, steps_per_epoch, progress, t_train, fit.seen) as (bar, on_step):
+            train_loss, seen = _run_epoch(
+                module, optimizer, scheduler, data.batches(rng, cfg.batch_size), ctx, bar, on_step
+            )
+        fit.seen += seen
+        val_loss, val_acc, emb = evaluate(module, data.val, ctx, batch_size=4 * cfg.batch_size)
+        fit.epochs.append(
+            {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_triplet_accuracy": val_acc}
+        )
+        log.info(
+            "epoch %d/%d: train loss %.4f, val loss %.4f, val triplet accuracy %.4f",
+            *(epoch, cfg.epochs, train_loss, val_loss, val_acc),
+        )
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            log.warning("loss is not finite at epoch %d; stopping and keeping the best weights", epoch)
+            fit.stopped_early = True
+            break
+        if fit.stopper.update(epoch, val_acc, val_loss, module, emb):
+            log.info("early stop after epoch %d: no improvement for %d epochs", epoch, fit.stopper.bad_epochs)
+            fit.stopped_early = epoch < cfg.epochs
+            break
+    fit.seconds = time.perf_counter() - t_train
+    return fit
+
+
 def train(
     shards: Sequence[str | Path],
     specs: Mapping[str, LayerSpec],
@@ -550,36 +601,8 @@ def train(
             data.n_val,
             vg_model.input_channels(data.specs),
         )
-        epochs, stopper, n_seen, stopped_early, t_train = (
-            [],
-            _EarlyStopping(cfg.patience),
-            0,
-            False,
-            time.perf_counter(),
-        )
-        for epoch in range(1, cfg.epochs + 1):
-            with _epoch_bar(epoch, cfg.epochs, steps_per_epoch, progress, t_train, n_seen) as (bar, on_step):
-                train_loss, seen = _run_epoch(
-                    module, optimizer, scheduler, data.batches(rng, cfg.batch_size), ctx, bar, on_step
-                )
-            n_seen += seen
-            val_loss, val_acc, emb = evaluate(module, data.val, ctx, batch_size=4 * cfg.batch_size)
-            epochs.append(
-                {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_triplet_accuracy": val_acc}
-            )
-            log.info(
-                "epoch %d/%d: train loss %.4f, val loss %.4f, val triplet accuracy %.4f",
-                *(epoch, cfg.epochs, train_loss, val_loss, val_acc),
-            )
-            if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-                log.warning("loss is not finite at epoch %d; stopping and keeping the best weights", epoch)
-                stopped_early = True
-                break
-            if stopper.update(epoch, val_acc, val_loss, module, emb):
-                log.info("early stop after epoch %d: no improvement for %d epochs", epoch, stopper.bad_epochs)
-                stopped_early = epoch < cfg.epochs
-                break
-        train_seconds = time.perf_counter() - t_train
+        fit = _fit(module, optimizer, scheduler, data, ctx, cfg, rng, steps_per_epoch, progress)
+        stopper, epochs, stopped_early, train_seconds = fit.stopper, fit.epochs, fit.stopped_early, fit.seconds
         module.load_state_dict(stopper.state)
         best_acc = stopper.best[0] if stopper.best else None
         meta = vg_model.make_metadata(
@@ -614,7 +637,7 @@ def train(
             "val_triplets": data.n_val,
             "train_seconds": round(train_seconds, 2),
             "seconds": round(time.perf_counter() - t_start, 2),
-            "samples_per_s": round(n_seen / train_seconds, 1) if train_seconds > 0 else None,
+            "samples_per_s": round(fit.seen / train_seconds, 1) if train_seconds > 0 else None,
         }
         _write_outputs(metrics, metrics_path, plot_path)
         return metrics

@@ -279,3 +279,18 @@ def parse_polygon(value: Any, param: str = "polygon") -> Any:
     if not poly.is_valid:
         raise RequestError(param, f"invalid polygon: {explain_validity(poly)}")
     return poly
+
+
+def check_tile(z: int, x: int, y: int, max_zoom: int, what: str = "zoom") -> None:
+    """Validate web-mercator tile coordinates.
+
+    Raises:
+        RequestError: naming ``z``, ``x`` or ``y`` when out of range (``what`` names the zoom in the message).
+    """
+    if not 0 <= z <= max_zoom:
+        raise RequestError("z", f"{what} must be in 0..{max_zoom}, got {z}")
+    n = 1 << z
+    if not 0 <= x < n:
+        raise RequestError("x", f"tile column must be in 0..{n - 1} at zoom {z}, got {x}")
+    if not 0 <= y < n:
+        raise RequestError("y", f"tile row must be in 0..{n - 1} at zoom {z}, got {y}")

@@ -121,8 +121,10 @@ class QueryResponse(BaseModel):
 class LayerPatch(BaseModel):
     name: str
     kind: Literal["categorical", "continuous"]
-    values: list[list[float | None]] = Field(
-        description="The patch, north row first: class indexes (categorical) or physical values; null = nodata."
+    bands: list[str] | None = Field(default=None, description="A multi-band layer's band names; null for one band.")
+    values: list[list[float | list[float | None] | None]] = Field(
+        description="The patch, north row first: class indexes (categorical) or physical values, for a "
+        "multi-band layer a list of band values per pixel; null = nodata."
     )
     legend: list[dict[str, Any]] | None = Field(default=None, description="Categorical: index, name, colour.")
     unit: str | None = None

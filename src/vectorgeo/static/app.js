@@ -378,10 +378,16 @@ function drawPatch(layer) {
   const img = ctx.createImageData(m, n);
   const colours = layer.legend ? layer.legend.map((c) => [1, 3, 5].map((i) => parseInt(c.colour.slice(i, i + 2), 16))) : null;
   const lo = layer.min ?? 0, span = (layer.max ?? 1) - lo || 1;
+  const grey = (v) => Math.round(40 + 200 * ((v - lo) / span));
   rows.forEach((row, i) => row.forEach((v, j) => {
     const o = 4 * (i * m + j);
-    if (v === null) { img.data.set([0, 0, 0, 0], o); return; }
-    const c = colours ? colours[v] : [0, 0, 0].map(() => Math.round(40 + 200 * ((v - lo) / span)));
+    // a multi-band pixel is a list of band values: its first three bands as RGB (red, green, blue imagery)
+    const px = Array.isArray(v) ? v : null;
+    if (v === null || (px && px.some((b) => b === null))) { img.data.set([0, 0, 0, 0], o); return; }
+    let c;
+    if (colours) c = colours[v];
+    else if (px) c = px.length >= 3 ? px.slice(0, 3).map(grey) : [grey(px[0]), grey(px[0]), grey(px[0])];
+    else c = [grey(v), grey(v), grey(v)];
     img.data.set([...c, 255], o);
   }));
   ctx.putImageData(img, 0, 0);
@@ -407,13 +413,14 @@ async function inspect(h3) {
           .map((c) => `<li><span style="background:${c.colour}"></span>${c.name}</li>`).join('')}</ul>`;
       } else {
         const u = layer.unit ? ` ${layer.unit}` : '';
-        cap.textContent = `${layer.name}: ${layer.min === null ? 'nodata' : `${layer.min.toFixed(0)}–${layer.max.toFixed(0)}${u}`}`;
+        const bands = layer.bands ? ` (${layer.bands.join(', ')})` : '';
+        cap.textContent = `${layer.name}${bands}: ${layer.min === null ? 'nodata' : `${layer.min.toFixed(0)}–${layer.max.toFixed(0)}${u}`}`;
       }
       fig.appendChild(cap);
       out.appendChild(fig);
     }
     const fig = document.createElement('figure');
-    fig.dataset.layer = 'imagery';
+    fig.dataset.layer = 'basemap';
     const img = document.createElement('img');
     img.alt = 'Blue Marble imagery of the patch';
     img.src = cell.imagery;
