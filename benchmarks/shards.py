@@ -1,7 +1,7 @@
 """Training memory: peak RSS of the training data path with n shards and with 4n shards.
 
 Writes synthetic shards (the layers and patch size of ``--config``) of ``--per-shard`` triplets each,
-then, in a fresh process per case, reads them as training does (:class:`vectorgeo.training.TrainingData`:
+then, in a fresh process per case, reads them as training does (:class:`vectorgeo.batches.TrainingData`:
 the validation shard in memory, the training shards validated from their headers and streamed) and runs
 one epoch of batches through the data path (shuffle, role stacking; no model, whose memory does not
 depend on the shards). Peak RSS comes from ``getrusage`` of the child.
@@ -34,7 +34,7 @@ CHILD = """
 import json, sys, time
 import numpy as np
 from vectorgeo.config import TrainConfig
-from vectorgeo.training import TrainingData
+from vectorgeo.batches import TrainingData
 from synthetic_shards import fixture_specs
 paths, px, group = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 cfg = TrainConfig(shards_in_memory=group, val_shards=1)
