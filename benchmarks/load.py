@@ -338,7 +338,8 @@ def hnsw_plan_used(conn: Any, mv: str, cell: int) -> bool:
     with conn.transaction():
         conn.execute("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)")
         plan = conn.execute(
-            sql.SQL("EXPLAIN ") + _index_sql(ds, cond), {"q": q["embedding"], "k": 10, **spatial.params}
+            sql.SQL("EXPLAIN ") + _index_sql(ds, cond),
+            {"q": q["embedding"], "k": 10, "candidates": 100, **spatial.params},
         ).fetchall()
     return any("hnsw" in str(r[0]) for r in plan)
 

@@ -309,7 +309,7 @@ def test_index_path_scans_the_hnsw_index(small_table) -> None:
     with conn.transaction():
         conn.execute("SET LOCAL enable_seqscan = off")
         plan = conn.execute(
-            sql.SQL("EXPLAIN ") + _index_sql(ds, sql.SQL("embedding IS NOT NULL")), {"q": q, "k": 10}
+            sql.SQL("EXPLAIN ") + _index_sql(ds, sql.SQL("embedding IS NOT NULL")), {"q": q, "k": 10, "candidates": 100}
         ).fetchall()
     text = "\n".join(r[0] for r in plan)
     assert hnsw_index_name(ds, index_settings(8, 32, ds.hnsw_storage)) in text, text

@@ -266,7 +266,10 @@ class DatabaseConfig(Section):
         100,
         ge=1,
         le=1000,
-        description="HNSW candidate list size per query (hnsw.ef_search); raised to k when k is larger.",
+        description=(
+            "HNSW candidate list size per query (hnsw.ef_search); raised to k when k is larger. The index path "
+            "re-ranks that many candidates with the float32 embeddings and keeps the best k."
+        ),
     )
     max_scan_tuples: int = Field(
         50000,

@@ -148,12 +148,17 @@ def _exact_sql(ds: Dataset, cond: sql.Composable) -> sql.Composed:
 
 
 def _index_sql(ds: Dataset, cond: sql.Composable) -> sql.Composed:
-    """HNSW candidates in relaxed order (an iterative scan), re-sorted exactly (with the float32 embeddings,
-    also when the index holds half-precision ones)."""
+    """The first ``candidates`` rows of an HNSW scan (relaxed order with an iterative scan), re-ranked
+    exactly with the float32 embeddings (also when the index holds half-precision ones); the best k.
+
+    ``candidates`` is the scan's candidate list (``ef_search``): the scan has their index distances at
+    hand anyway, and re-ranking them all, not only the first k, recovers neighbours that the index's
+    (float16, relaxed) order puts just after the k-th.
+    """
     return sql.SQL(
         "WITH c AS MATERIALIZED (SELECT h3, geom, embedding <=> %(q)s AS dist FROM {t} WHERE {cond} "
-        "ORDER BY {key} <=> {q} LIMIT %(k)s) "
-        "SELECT h3, ST_Y(geom), ST_X(geom), 1 - dist FROM c ORDER BY dist, h3"
+        "ORDER BY {key} <=> {q} LIMIT %(candidates)s) "
+        "SELECT h3, ST_Y(geom), ST_X(geom), 1 - dist FROM c ORDER BY dist, h3 LIMIT %(k)s"
     ).format(t=ds.ident, cond=cond, key=ds.hnsw_key(), q=ds.hnsw_query("q"))
 
 
@@ -211,6 +216,7 @@ def _search(
         if use_exact(conn, ds, spatial, req.k, req.method, settings.exact_scan_max_rows):
             return _run(conn, _exact_sql(ds, sql.SQL(" AND ").join(where + spatial.exact)), params, ())
         gucs = _index_gucs(settings, req.k, iterative=bool(spatial) or exclude_self)
+        params["candidates"] = max(settings.ef_search, req.k)
         return _run(conn, _index_sql(ds, sql.SQL(" AND ").join(where + spatial.index)), params, gucs)
     except psycopg.Error as e:
         raise database_error("similarity query", e) from None
