@@ -325,22 +325,19 @@ def measure_queries(
     return out
 
 
-def hnsw_plan_used(conn: Any, mv: str, cell: int) -> bool:
-    """Whether the index path of a large-radius query scans the HNSW index (its plan)."""
+def hnsw_plan_used(conn: Any, query: store.QuerySettings, mv: str, cell: int) -> bool:
+    """Whether the index path of a 2,000 km query scans the HNSW index: its plan, under the settings the
+    query runs with (parallel workers and JIT off, the HNSW scan settings)."""
     from vectorgeo.store.plan import spatial_filter
-    from vectorgeo.store.query import _index_sql
+    from vectorgeo.store.query import _index_gucs, _index_sql, _run
 
     ds = store.dataset(conn, mv)
     q = store.get_cell(conn, cell, model_version=mv)
     assert q is not None
     spatial = spatial_filter(2_000_000.0, (q["lat"], q["lng"]), None)
     cond = sql.SQL(" AND ").join([sql.SQL("embedding IS NOT NULL"), *spatial.index])
-    with conn.transaction():
-        conn.execute("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)")
-        plan = conn.execute(
-            sql.SQL("EXPLAIN ") + _index_sql(ds, cond),
-            {"q": q["embedding"], "k": 10, "candidates": 100, **spatial.params},
-        ).fetchall()
+    params = {"q": q["embedding"], "k": 10, "candidates": max(query.ef_search, 10), **spatial.params}
+    plan = _run(conn, sql.SQL("EXPLAIN ") + _index_sql(ds, cond), params, _index_gucs(query, 10, iterative=True))
     return any("hnsw" in str(r[0]) for r in plan)
 
 
@@ -424,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             sampler.phase = "queries"
             queries = np.random.default_rng(args.seed + 1).choice(h3.shape[0], size=args.queries, replace=False)
             out["per_radius"] = measure_queries(conn, query, mv, h3, emb, queries)
-            out["index_path_plan_uses_hnsw"] = hnsw_plan_used(conn, mv, int(h3[queries[0]]))
+            out["index_path_plan_uses_hnsw"] = hnsw_plan_used(conn, query, mv, int(h3[queries[0]]))
             out["query_settings"] = asdict(query)
             ds = store.dataset(conn, mv)
             out["exact_scan_limit_rows"] = round(store.exact_scan_limit(conn, ds, 10, query.exact_scan_max_rows))
