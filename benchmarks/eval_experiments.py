@@ -208,16 +208,16 @@ def baseline_scores(
 
 
 def task_labels(config: dict[str, Any], cells: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, Any]]:
-    from vectorgeo import evaluate as vg_eval
+    from vectorgeo import labels as vg_labels
 
-    tasks = vg_eval.task_specs(config)
+    tasks = vg_labels.task_specs(config)
     label_paths: dict[str, str] = {}
     for n, t in tasks.items():
         if t.type == "raster":
-            label_paths[n] = str(prepared_npy(t.layer_spec(), vg_eval.raster_source(t)))
+            label_paths[n] = str(prepared_npy(t.layer_spec(), vg_labels.raster_source(t)))
         else:
-            label_paths[n] = str(vg_eval.vector_source_path(t))
-    labels = {n: vg_eval.task_labels(t, label_paths[n], cells["lat"], cells["lng"]) for n, t in tasks.items()}
+            label_paths[n] = str(vg_labels.vector_source_path(t))
+    labels = {n: vg_labels.task_labels(t, label_paths[n], cells["lat"], cells["lng"]) for n, t in tasks.items()}
     return tasks, labels
 
 

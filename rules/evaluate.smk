@@ -1,7 +1,7 @@
-from vectorgeo import evaluate as vg_evaluate
+from vectorgeo import labels as vg_labels
 
 EVAL_TASKS = {
-    name: vg_evaluate.TaskSpec.from_task(name, task)
+    name: vg_labels.TaskSpec.from_task(name, task)
     for name, task in CFG.evaluate.tasks.items()
 }
 EVAL_RASTER_TASKS = [n for n, t in EVAL_TASKS.items() if t.type == "raster"]
@@ -12,7 +12,7 @@ rule prepare_eval_label:
         source=lambda wildcards: (
             storage(EVAL_TASKS[wildcards.task].source)
             if vg_sources.is_remote(EVAL_TASKS[wildcards.task].source)
-            else local(vg_evaluate.raster_source(EVAL_TASKS[wildcards.task]))
+            else local(vg_labels.raster_source(EVAL_TASKS[wildcards.task]))
         ),
     output:
         npy=results("eval", "labels", "{task}.npy"),
@@ -49,7 +49,7 @@ rule evaluate:
             (
                 results("eval", "labels", f"{name}.npy")
                 if task.type == "raster"
-                else local(str(vg_evaluate.vector_source_path(task)))
+                else local(str(vg_labels.vector_source_path(task)))
             )
             for name, task in EVAL_TASKS.items()
         ],

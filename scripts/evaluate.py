@@ -3,7 +3,8 @@
 import torch
 
 from vectorgeo.config import EvaluateConfig, section
-from vectorgeo.evaluate import TaskSpec, run_evaluation
+from vectorgeo.evaluate import run_evaluation
+from vectorgeo.labels import TaskSpec
 from vectorgeo.log import setup_logging
 from vectorgeo.probes import MAIN_METRIC
 

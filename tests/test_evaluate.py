@@ -19,6 +19,7 @@ from rasterio import Affine
 from vectorgeo import config as C
 from vectorgeo import evaluate as ev
 from vectorgeo import features, h3cells, probes
+from vectorgeo import labels as vg_labels
 from vectorgeo.config import TrainConfig
 from vectorgeo.errors import ConfigError, DataError
 from vectorgeo.layers import NODATA_INDEX, LayerSpec
@@ -119,7 +120,7 @@ def write_embeddings(path: Path, cells: np.ndarray, emb: np.ndarray, status: lis
 
 
 def test_default_tasks_parse(default_config: dict) -> None:
-    tasks = ev.task_specs(default_config)
+    tasks = vg_labels.task_specs(default_config)
     assert set(tasks) == {"koppen", "elevation", "turbidity", "country"}
     tl = tasks["turbidity"].layer_spec()
     assert (tl.kind, tl.scale, tasks["turbidity"].location, tasks["country"].location) == (
@@ -132,7 +133,7 @@ def test_default_tasks_parse(default_config: dict) -> None:
     el = tasks["elevation"].layer_spec()
     assert (el.kind, el.scale, el.offset, el.nodata) == ("continuous", 28.0, -450.0, 255.0)
     assert tasks["country"].type == "vector" and tasks["country"].field == "ADMIN"
-    assert ev.vector_source_path(tasks["country"]).exists()
+    assert vg_labels.vector_source_path(tasks["country"]).exists()
     C.check(default_config)
     assert tuple(C.section(C.EvaluateConfig, default_config["evaluate"], "evaluate").methods) == C.METHODS
 
@@ -153,7 +154,7 @@ def test_default_tasks_parse(default_config: dict) -> None:
 )
 def test_bad_task_names_key(task: dict, key: str) -> None:
     with pytest.raises(ConfigError) as e:
-        ev.task_specs({"evaluate": {"tasks": {"t": task}}})
+        vg_labels.task_specs({"evaluate": {"tasks": {"t": task}}})
     assert e.value.key == key
 
 
@@ -289,17 +290,17 @@ def test_polygon_labels_vectorised() -> None:
     names = np.array(["Alpha", "Beta", "Alpha"])
     lat = np.array([5.0, 5.0, 0.5, 50.0])
     lng = np.array([5.0, 15.0, 30.5, 5.0])
-    y, valid, classes = ev.polygon_labels(geoms, names, lat, lng)
+    y, valid, classes = vg_labels.polygon_labels(geoms, names, lat, lng)
     assert classes == ["Alpha", "Beta"]
     np.testing.assert_array_equal(valid, [True, True, True, False])
     np.testing.assert_array_equal(y[:3], [0, 1, 0])
 
 
 def test_country_labels_from_natural_earth(default_config: dict) -> None:
-    task = ev.task_specs(default_config)["country"]
+    task = vg_labels.task_specs(default_config)["country"]
     lat = np.array([48.85, 52.52, -33.87, 0.0, 35.68])
     lng = np.array([2.35, 13.40, 151.21, -30.0, 139.69])
-    lab = ev.task_labels(task, ev.vector_source_path(task), lat, lng)
+    lab = vg_labels.task_labels(task, vg_labels.vector_source_path(task), lat, lng)
     names = [lab.class_names[i] if v else None for i, v in zip(lab.y, lab.valid, strict=True)]
     assert names == ["France", "Germany", "Australia", None, "Japan"]
 
@@ -415,7 +416,7 @@ def test_goal_check() -> None:
 
 
 def test_elevation_note_says_whether_held_out() -> None:
-    task = ev.TaskSpec.from_config("elev", {"kind": "regression", "source": "builtin:pvlib_altitude"})
+    task = vg_labels.TaskSpec.from_config("elev", {"kind": "regression", "source": "builtin:pvlib_altitude"})
     relief = LayerSpec.from_config("elevation", {"kind": "continuous", "source": "builtin:pvlib_altitude"})
     level = LayerSpec.from_config(
         "elevation", {"kind": "continuous", "source": "builtin:pvlib_altitude", "normalize": "standardize"}
@@ -454,10 +455,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     # labels: elevation again (regression), latitude bands (raster classes), west/east polygons (vector)
     bands = (1 + np.repeat(np.arange(3), [67, 67, 66])[:, None] * np.ones((1, 200))).astype(np.uint8)
     tasks = {
-        "height": ev.TaskSpec.from_config(
+        "height": vg_labels.TaskSpec.from_config(
             "height", {"kind": "regression", "source": specs["elevation"].source, "nodata": -9999}
         ),
-        "band": ev.TaskSpec.from_config(
+        "band": vg_labels.TaskSpec.from_config(
             "band",
             {
                 "kind": "classification",
@@ -477,7 +478,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     gpd.GeoDataFrame(
         {"NAME": ["West", "East"]}, geometry=[shapely.box(-1, 39, 5, 51), shapely.box(5, 39, 11, 51)], crs=4326
     ).to_file(d / "halves.geojson")
-    tasks["side"] = ev.TaskSpec.from_config(
+    tasks["side"] = vg_labels.TaskSpec.from_config(
         "side", {"kind": "classification", "type": "vector", "source": str(d / "halves.geojson"), "field": "NAME"}
     )
     label_paths["side"] = d / "halves.geojson"
@@ -573,7 +574,7 @@ def test_run_evaluation_end_to_end(world: dict, tmp_path: Path) -> None:
         assert curve["1.0"]["embedding"]["mean"] == t["methods"]["embedding"][main]["mean"]
     # mean and std are those of the per-fold scores: recompute one task × method from the same cells and folds
     task = world["tasks"]["side"]
-    labels = ev.task_labels(task, world["label_paths"]["side"], cells.lat, cells.lng)
+    labels = vg_labels.task_labels(task, world["label_paths"]["side"], cells.lat, cells.lng)
     lab = probes.drop_rare_classes(labels, task.min_class_cells)
     idx = np.flatnonzero(lab.valid)
     folds = probes.spatial_folds(cells.h3, params.fold_resolution, params.folds, params.seed)[idx]

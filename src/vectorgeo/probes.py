@@ -21,7 +21,7 @@ from vectorgeo.config import SAME_INPUT_BASELINES, EvaluateConfig
 from vectorgeo.errors import ConfigError
 
 if TYPE_CHECKING:
-    from vectorgeo.evaluate import TaskSpec
+    from vectorgeo.labels import TaskSpec
 
 log = logging.getLogger("vectorgeo.evaluate")
 
