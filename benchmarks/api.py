@@ -20,7 +20,9 @@ and over a synthetic ``--synthetic-cells`` × ``--dim`` matrix (default 4M × 64
 ``--repeats`` runs per mode.
 
 Prints one JSON object on its last line: per endpoint requests, errors (non-200 answers and transport
-errors), p50_ms, p95_ms, rps; the scoring times; plus the set-up.
+errors), p50_ms, p95_ms, rps, the CPU milliseconds per request of the server, the database's processes
+(for a unix-socket URL) and the clients, and the cores that a 50 ms mean would need at that CPU cost; the
+scoring times; plus the set-up.
 
     .venv/bin/python benchmarks/api.py                      # 20 clients, 20 s per endpoint
     .venv/bin/python benchmarks/api.py --clients 5 --seconds 5 --synthetic-cells 1000000
@@ -162,10 +164,83 @@ async def drive(base: str, send: Request, clients: int, seconds: float) -> tuple
     return latencies, errors, time.perf_counter() - t0
 
 
-def load(base: str, send: Request, args: argparse.Namespace) -> dict[str, Any]:
-    """Warm up for a second, then N clients for T seconds: the latency figures."""
+class CpuMeter:
+    """CPU seconds (user + system) used by the server process, the database server's processes and this
+    process (the clients), between :meth:`start` and :meth:`stop`.
+
+    The database's processes are the postmaster named by the lock file of a unix-socket URL
+    (``<socket dir>/.s.PGSQL.<port>.lock``) and its children; for other URLs they are not counted.
+    """
+
+    def __init__(self, server_pid: int, url: str) -> None:
+        self.server_pid = server_pid
+        self.postmaster = postmaster_pid(url)
+        self._start: dict[str, float] = {}
+
+    def _times(self) -> dict[str, float]:
+        import psutil
+
+        def cpu(p: psutil.Process) -> float:
+            try:
+                t = p.cpu_times()
+                return float(t.user + t.system)
+            except psutil.Error:
+                return 0.0
+
+        out = {"server": 0.0, "database": 0.0, "client": time.process_time()}
+        try:
+            server = psutil.Process(self.server_pid)
+            out["server"] = cpu(server) + sum(cpu(c) for c in server.children(recursive=True))
+        except psutil.Error:
+            pass
+        if self.postmaster is not None:
+            try:
+                pm = psutil.Process(self.postmaster)
+                # per process, so that a backend that exits meanwhile does not count negative
+                out.update({f"pg{c.pid}": cpu(c) for c in [pm, *pm.children()]})
+            except psutil.Error:
+                pass
+        return out
+
+    def start(self) -> None:
+        self._start = self._times()
+
+    def stop(self, requests: int) -> dict[str, Any]:
+        end = self._times()
+        used = {k: end[k] - self._start.get(k, 0.0) for k in ("server", "client")}
+        used["database"] = sum(v - self._start.get(k, 0.0) for k, v in end.items() if k.startswith("pg"))
+        if self.postmaster is None:
+            used.pop("database")
+        per = {k: round(1000 * v / max(requests, 1), 3) for k, v in used.items()}
+        per["total"] = round(sum(per.values()), 3)
+        return {"cpu_ms_per_request": per, "cpu_s": {k: round(v, 2) for k, v in used.items()}}
+
+
+def postmaster_pid(url: str) -> int | None:
+    """PID of the PostgreSQL server of a unix-socket URL (``?host=/dir&port=N``), from its socket's lock file."""
+    from urllib.parse import parse_qs, urlsplit
+
+    query = parse_qs(urlsplit(url).query)
+    host, port = query.get("host", [""])[0], query.get("port", ["5432"])[0]
+    lock = Path(host) / f".s.PGSQL.{port}.lock"
+    if not host.startswith("/") or not lock.is_file():
+        return None
+    return int(lock.read_text().split()[0])
+
+
+def load(base: str, send: Request, args: argparse.Namespace, meter: CpuMeter) -> dict[str, Any]:
+    """Warm up for a second, then N clients for T seconds: the latency figures, the CPU each request took
+    (server, database, clients) and what that CPU means for the p95 goal with this many clients.
+
+    N clients that each wait for their answer get at most X answers per second, so their mean latency is at
+    least N / X (Little's law); a mean of 50 ms at N = 20 needs X = 400 requests/s, that is 400 × the CPU
+    seconds of one request of cores, clients included (``cores_for_50ms_mean``).
+    """
     asyncio.run(drive(base, send, args.clients, 1.0))
+    load0 = os.getloadavg()[0]
+    meter.start()
     latencies, errors, wall = asyncio.run(drive(base, send, args.clients, args.seconds))
+    cpu = meter.stop(len(latencies))
     lat_ms = np.array(latencies) * 1000.0
     return {
         "requests": len(latencies),
@@ -173,6 +248,10 @@ def load(base: str, send: Request, args: argparse.Namespace) -> dict[str, Any]:
         "p50_ms": round(float(np.percentile(lat_ms, 50)), 2) if len(lat_ms) else None,
         "p95_ms": round(float(np.percentile(lat_ms, 95)), 2) if len(lat_ms) else None,
         "rps": round(len(latencies) / wall, 1),
+        **cpu,
+        "cores_used": round(sum(cpu["cpu_s"].values()) / wall, 2),
+        "cores_for_50ms_mean": round(args.clients / 0.050 * cpu["cpu_ms_per_request"]["total"] / 1000, 2),
+        "load_average_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
         "first_errors": errors[:3],
     }
 
@@ -285,10 +364,11 @@ def main() -> None:
                 raise SystemExit(f"server did not start: {server.stderr.read() if server.stderr else ''}")
             time.sleep(0.2)
         endpoints: dict[str, Any] = {}
+        meter = CpuMeter(server.pid, url)
         if "search" in args.endpoints:
-            endpoints["search"] = load(base, search_request(centres, args), args)
+            endpoints["search"] = load(base, search_request(centres, args), args, meter)
         if "query" in args.endpoints:
-            endpoints["query"] = load(base, query_request(centres, args), args)
+            endpoints["query"] = load(base, query_request(centres, args), args, meter)
         if "scores" in args.endpoints:
             maps = []
             for i in range(4):
@@ -297,7 +377,7 @@ def main() -> None:
                 answer = httpx.post(f"{base}/query", json=body, timeout=120).json()
                 maps.append(answer["score_id"])
             meta = httpx.get(f"{base}/meta", timeout=60).json()
-            endpoints["scores"] = load(base, tile_request(maps, meta["bounds"], answer["tile_maxzoom"]), args)
+            endpoints["scores"] = load(base, tile_request(maps, meta["bounds"], answer["tile_maxzoom"]), args, meter)
 
         t2 = time.perf_counter()
         with store.connect(url) as conn:

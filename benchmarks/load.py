@@ -2,19 +2,34 @@
 
 Synthetic data: N points uniform on land (uniform on the sphere, kept where the GLOBE land mask says
 land), each the H3 cell (res 12) containing it, sorted by h3 and grouped into res-0 regions like the
-workflow's region files, with random unit vectors (d = 16).
+workflow's region files, with unit vectors of dimension ``--dim`` (default 64):
+
+- ``--vectors smooth`` (default): like trained embeddings, of low intrinsic dimension and varying
+  smoothly with position: random Fourier features of the position (wavelengths ~100 to ~3,000 km)
+  mapped to a 24-dimensional latent with a little per-cell noise, then to ``dim`` dimensions with
+  decaying scales, plus isotropic noise. At 64 dimensions: 95 % of the variance in 9 dimensions, 99 %
+  in 14 (``vector_stats``), against 9 and 15 for a trained 64-dimensional model's embeddings of the
+  default res-5 world; their nearest neighbours are less tight (mean cosine of the 10th neighbour in a
+  20,000-cell sample 0.92 against 0.98), so kNN is, if anything, harder here;
+- ``--vectors random``: independent normal vectors, the worst case (in 64 dimensions every vector is
+  almost equally far from every other, so an approximate index finds few of the exact neighbours).
+
+Figures:
 
 - ``copy_rows_per_s``: :func:`vectorgeo.store.load_arrays` per region (DELETE of the region's key
   range + numpy-built binary COPY, one transaction per region) into a table with its primary key.
-- ``insert_rows_per_s``: the old way, same data, same run, same table definition: multi-row INSERT
-  statements of 10,000 rows with literal values (SQL text building not timed, which favours INSERT;
-  ``insert_rows_per_s_incl_sql_building`` counts it), interleaved with the COPY region by region so
-  that both see the same load of the shared machine; one transaction per statement.
-- ``hnsw_build_s``: :func:`vectorgeo.store.build_indexes` HNSW step (m, ef_construction from config).
-- ``query_p50_ms``, ``query_p95_ms``: :func:`vectorgeo.store.similar` (method auto, k = 10) from random
-  cells, unfiltered and at every radius, client-side wall time over a socket.
-- ``recall_at_10``: radius km → mean |auto ∩ exact| / |exact| over the query cells, where exact is the
-  exact scan over the radius-filtered rows (``method="exact"``).
+- ``insert_rows_per_s`` (without ``--skip-insert``): the old way, same data, same run, same table
+  definition: multi-row INSERT statements of 10,000 rows with literal values (SQL text building not
+  timed, which favours INSERT; ``insert_rows_per_s_incl_sql_building`` counts it), interleaved with the
+  COPY region by region so that both see the same load of the shared machine.
+- ``hnsw_build_s``: :func:`vectorgeo.store.build_indexes` HNSW step (settings from the default config's
+  ``database`` section, or the ``--hnsw-*`` / ``--build-workers`` options).
+- ``per_radius``: :func:`vectorgeo.store.similar` (method auto, k = 10) from random cells, unfiltered
+  (``none``) and at every radius, client-side wall time over a socket: p50, p95, the path the planner
+  took (share of exact scans) and ``recall_at_10``: mean |auto ∩ exact| / |exact| over the query cells,
+  where exact is the exact scan over the radius-filtered rows (``method="exact"``), and for ``none`` the
+  exact top 10 of all rows computed with numpy.
+- ``load_average``: the 1-minute load average sampled every 2 s during each phase (mean, max).
 
 Runs its own temporary cluster (removed afterwards) unless ``--url`` names a database.
 Usage: ``.venv/bin/python benchmarks/load.py --rows 1000000``. Prints one JSON object on its last line.
@@ -44,8 +59,8 @@ from vectorgeo.rasters import prepare_layer
 
 ROOT = Path(__file__).resolve().parents[1]
 RADII_KM = (20, 50, 100, 200, 500, 1000, 2000)
-DIM = 16
 CELL_RES = 12
+VECTOR_CHUNK = 500_000
 INSERT_BATCH = 10_000
 
 
@@ -56,7 +71,11 @@ def land_mask() -> Layer:
     if not npy.exists():
         npy.parent.mkdir(parents=True, exist_ok=True)
         prepare_layer(spec, layer_source_files(spec)[0], npy, npy.with_suffix(".grid.json"))
-    return Layer.open(spec, npy)
+    layer = Layer.open(spec, npy)
+    if layer.array.dtype == np.bool_:
+        # a mask prepared as bool: look it up as 0/1 bytes (Layer's lookup table indexes by raw value)
+        layer = Layer(spec, layer.grid, layer.array.view(np.uint8))
+    return layer
 
 
 def land_points(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -87,6 +106,75 @@ def land_points(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarra
     order = np.argsort(h3[first])
     idx = first[order]
     return h3[idx], lat[idx], lng[idx]
+
+
+def smooth_vectors(lat: np.ndarray, lng: np.ndarray, dim: int, rng: np.random.Generator) -> np.ndarray:
+    """Unit vectors of low intrinsic dimension that vary smoothly with position (see the module docstring)."""
+    latent, features = 24, 64
+    w = rng.normal(size=(3, features)) * np.geomspace(2.0, 60.0, features)  # radians^-1 on the unit sphere
+    b = rng.uniform(0, 2 * np.pi, features)
+    to_latent = rng.normal(size=(features, latent)) / np.sqrt(features)
+    to_dim = rng.normal(size=(latent, dim)) * np.exp(-np.arange(latent) / 6.0)[:, None]
+    out = np.empty((lat.shape[0], dim), dtype=np.float32)
+    for s in range(0, lat.shape[0], VECTOR_CHUNK):
+        phi, lam = np.radians(lat[s : s + VECTOR_CHUNK]), np.radians(lng[s : s + VECTOR_CHUNK])
+        xyz = np.stack([np.cos(phi) * np.cos(lam), np.cos(phi) * np.sin(lam), np.sin(phi)], axis=1)
+        z = np.cos(xyz @ w + b) @ to_latent
+        z += 0.03 * rng.normal(size=z.shape)
+        x = z @ to_dim + 0.08 * rng.normal(size=(z.shape[0], dim))
+        out[s : s + x.shape[0]] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def random_vectors(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
+    """Independent normal unit vectors."""
+    out = np.empty((n, dim), dtype=np.float32)
+    for s in range(0, n, VECTOR_CHUNK):
+        x = rng.normal(size=(min(VECTOR_CHUNK, n - s), dim))
+        out[s : s + x.shape[0]] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def vector_stats(emb: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
+    """Dimensions holding 90/95/99 % of the variance; mean cosine of the 1st and 10th neighbour of 2,000 cells
+    within a sample of 20,000 (how tight neighbourhoods are)."""
+    sample = emb[rng.choice(emb.shape[0], size=min(20_000, emb.shape[0]), replace=False)].astype(np.float64)
+    centred = sample - sample.mean(axis=0)
+    var = np.sort(np.linalg.eigvalsh(centred.T @ centred))[::-1]
+    cum = np.cumsum(var) / var.sum()
+    sim = sample[:2000] @ sample.T
+    sim[np.arange(min(2000, sample.shape[0])), np.arange(min(2000, sample.shape[0]))] = -2.0
+    sim.sort(axis=1)
+    return {
+        "dims_for_variance_90_95_99": [int(np.searchsorted(cum, q)) + 1 for q in (0.90, 0.95, 0.99)],
+        "neighbour_cosine_1st": round(float(sim[:, -1].mean()), 3),
+        "neighbour_cosine_10th": round(float(sim[:, -10].mean()), 3),
+    }
+
+
+class LoadSampler:
+    """The 1-minute load average every ``every_s`` seconds, in a background thread, by phase."""
+
+    def __init__(self, every_s: float = 2.0) -> None:
+        import threading
+
+        self.phase = "setup"
+        self.samples: dict[str, list[float]] = {}
+        self._stop = threading.Event()
+        self._every_s = every_s
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.setdefault(self.phase, []).append(os.getloadavg()[0])
+            self._stop.wait(self._every_s)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        self._stop.set()
+        return {
+            k: {"mean": round(float(np.mean(v)), 2), "max": round(float(np.max(v)), 2)} for k, v in self.samples.items()
+        }
 
 
 def free_port() -> int:
@@ -137,7 +225,7 @@ def load_both(
     conn.execute("DROP TABLE IF EXISTS bench_insert")
     conn.execute(
         f"""CREATE TABLE bench_insert (h3 bigint PRIMARY KEY, geom geometry(Point, 4326) NOT NULL,
-            embedding vector({DIM}), status text NOT NULL, region bigint NOT NULL)"""
+            embedding vector({emb.shape[1]}), status text NOT NULL, region bigint NOT NULL)"""
     )
     bounds = np.flatnonzero(np.diff(region)) + 1
     starts, ends = np.r_[0, bounds], np.r_[bounds, h3.shape[0]]
@@ -189,113 +277,160 @@ def load_both(
     return out
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def exact_top10(emb: np.ndarray, i: int) -> set[int]:
+    """Rows of the 10 most similar vectors to row ``i`` (itself left out), by numpy over every row."""
+    sim = emb @ emb[i]
+    sim[i] = -np.inf
+    return set(np.argpartition(-sim, 10)[:10].tolist())
+
+
+def measure_queries(
+    conn: Any, query: store.QuerySettings, mv: str, h3: np.ndarray, emb: np.ndarray, queries: np.ndarray
+) -> dict[str, Any]:
+    """Latency, path and recall per radius (``none`` = unfiltered) from the query rows ``queries``."""
+    from vectorgeo.store.plan import spatial_filter, use_exact
+
+    kw = {"model_version": mv}
+    ds = store.dataset(conn, mv)
+    for i in queries[:5]:  # warm-up
+        store.similar(conn, query, h3=int(h3[i]), k=10, **kw)
+    out: dict[str, Any] = {}
+    for r_km in (None, *RADII_KM):
+        radius = None if r_km is None else r_km * 1000.0
+        ts, recalls, sizes, exact_path = [], [], [], 0
+        for i in queries:
+            t = time.perf_counter()
+            got = store.similar(conn, query, h3=int(h3[i]), k=10, radius_m=radius, **kw)
+            ts.append(time.perf_counter() - t)
+            if radius is None:
+                truth = {int(h3[j]) for j in exact_top10(emb, int(i))}
+            else:
+                rows = store.similar(conn, query, h3=int(h3[i]), k=10, radius_m=radius, method="exact", **kw)
+                truth = {x["h3"] for x in rows}
+                cell = store.get_cell(conn, int(h3[i]), model_version=mv)
+                spatial = spatial_filter(radius, (cell["lat"], cell["lng"]), None)
+                exact_path += use_exact(conn, ds, spatial, 10, "auto", query.exact_scan_max_rows)
+            sizes.append(len(truth))
+            if truth:
+                recalls.append(len({g["h3"] for g in got} & truth) / len(truth))
+        key = "none" if r_km is None else str(r_km)
+        out[key] = {
+            "p50_ms": round(1000 * float(np.median(ts)), 2),
+            "p95_ms": round(1000 * float(np.percentile(ts, 95)), 2),
+            "recall_at_10": round(float(np.mean(recalls)), 4) if recalls else None,
+            "exact_path_share": round(exact_path / len(queries), 2),
+            "mean_results": round(float(np.mean(sizes)), 1),
+        }
+        print(f"radius {key} km: {out[key]}", file=sys.stderr)
+    return out
+
+
+def hnsw_plan_used(conn: Any, query: store.QuerySettings, mv: str, cell: int) -> bool:
+    """Whether the index path of a 2,000 km query scans the HNSW index: its plan, under the settings the
+    query runs with (parallel workers and JIT off, the HNSW scan settings)."""
+    from vectorgeo.store.plan import spatial_filter
+    from vectorgeo.store.query import _index_gucs, _index_sql, _run
+
+    ds = store.dataset(conn, mv)
+    q = store.get_cell(conn, cell, model_version=mv)
+    assert q is not None
+    spatial = spatial_filter(2_000_000.0, (q["lat"], q["lng"]), None)
+    cond = sql.SQL(" AND ").join([sql.SQL("embedding IS NOT NULL"), *spatial.index])
+    params = {"q": q["embedding"], "k": 10, "candidates": max(query.ef_search, 10), **spatial.params}
+    plan = _run(conn, sql.SQL("EXPLAIN ") + _index_sql(ds, cond), params, _index_gucs(query, 10, iterative=True))
+    return any("hnsw" in str(r[0]) for r in plan)
+
+
+def settings_from(args: argparse.Namespace) -> tuple[store.QuerySettings, store.IndexSettings]:
+    """The default config's query and index settings, with the command line's overrides."""
+    database = db.settings(load_config(ROOT / "config" / "config.yaml"))
+    overrides = {
+        "hnsw_m": args.hnsw_m,
+        "hnsw_ef_construction": args.ef_construction,
+        "hnsw_storage": args.storage,
+        "index_build_workers": args.build_workers,
+        "ef_search": args.ef_search,
+        "maintenance_work_mem": args.maintenance_work_mem,
+    }
+    database.update({k: v for k, v in overrides.items() if v is not None})
+    return store.QuerySettings.from_config(database), store.IndexSettings.from_config(database)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--dim", type=int, default=64, help="embedding dimension")
+    ap.add_argument("--vectors", choices=["smooth", "random"], default="smooth")
     ap.add_argument("--queries", type=int, default=50, help="query cells per radius")
     ap.add_argument("--url", help="use this database instead of a temporary cluster (tables are added)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-insert", action="store_true", help="skip the INSERT baseline")
+    ap.add_argument("--hnsw-m", type=int, help="database.hnsw_m (default: the config's)")
+    ap.add_argument("--ef-construction", type=int, help="database.hnsw_ef_construction")
+    ap.add_argument("--storage", choices=["vector", "halfvec"], help="database.hnsw_storage")
+    ap.add_argument("--build-workers", type=int, help="database.index_build_workers")
+    ap.add_argument("--ef-search", type=int, help="database.ef_search")
+    ap.add_argument("--maintenance-work-mem", help="database.maintenance_work_mem, e.g. 4GB")
     ap.add_argument(
         "--queries-only",
         metavar="MODEL_VERSION",
-        help="with --url: only the query measurements, on a dataset an earlier run with the same --rows and "
-        "--seed left there (e.g. to repeat them when the shared machine is quieter)",
+        help="with --url: only the query measurements, on a dataset an earlier run with the same --rows, --dim, "
+        "--vectors and --seed left there (e.g. to repeat them when the shared machine is quieter)",
     )
-    args = ap.parse_args(argv)
-    database = db.settings(load_config(ROOT / "config" / "config.yaml"))
-    query = store.QuerySettings.from_config(database)
-    rng = np.random.default_rng(args.seed)
+    return ap.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.queries_only and args.url is None:
+        raise SystemExit("--queries-only needs --url")
+    query, index = settings_from(args)
+    sampler = LoadSampler()
+    rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
     h3, lat, lng = land_points(args.rows, rng)
-    emb = rng.normal(size=(h3.shape[0], DIM)).astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    if args.vectors == "smooth":
+        emb = smooth_vectors(lat, lng, args.dim, rng)
+    else:
+        emb = random_vectors(h3.shape[0], args.dim, rng)
     region = regions_of(h3)
     print(f"generated {h3.shape[0]} land cells in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-
+    out: dict[str, Any] = {
+        "rows": int(h3.shape[0]),
+        "dim": args.dim,
+        "vectors": args.vectors,
+        "vector_stats": vector_stats(emb, np.random.default_rng(1)),
+    }
     cluster = None
     url = args.url
     if url is None:
         cluster = db.Cluster(home=Path(tempfile.mkdtemp(prefix="vectorgeo-bench-")), port=free_port())
         url = cluster.start()
-    out: dict[str, Any] = {"rows": int(h3.shape[0]), "dim": DIM}
     try:
         with store.connect(url) as conn:
-            mv = args.queries_only or f"bench-{args.rows}-{args.seed}-{time.time_ns()}"
-            if args.queries_only:
-                if args.url is None:
-                    ap.error("--queries-only needs --url")
-                out["queries_only"] = True
-                out["load_average_1min_at_start"] = round(os.getloadavg()[0], 2)
-            else:
+            mv = args.queries_only or f"bench-{args.rows}-{args.dim}-{args.vectors}-{args.seed}-{time.time_ns()}"
+            if not args.queries_only:
+                sampler.phase = "load"
                 out.update(load_both(conn, mv, h3, lat, lng, emb, region, insert=not args.skip_insert))
                 print(f"load: {out}", file=sys.stderr)
-                summary = store.build_indexes(conn, store.IndexSettings.from_config(database), model_version=mv)
+                sampler.phase = "index"
+                summary = store.build_indexes(conn, index, model_version=mv)
+                out["index"] = {k: v for k, v in summary.items() if k not in ("model_version", "table")}
                 out["hnsw_build_s"] = summary["hnsw_s"]
-                out["gist_build_s"] = summary["gist_s"]
-                out["hnsw_m"], out["hnsw_ef_construction"] = summary["hnsw_m"], summary["hnsw_ef_construction"]
                 print(f"indexes: {summary}", file=sys.stderr)
-
-            qkw = {"model_version": mv}
-            cells = rng.choice(h3, size=args.queries, replace=False)
-            for c in cells[:5]:  # warm-up
-                store.similar(conn, query, h3=int(c), k=10, **qkw)
-            times: list[float] = []
-            per_radius: dict[str, Any] = {}
-            recall: dict[str, float] = {}
-            t_unf: list[float] = []
-            for c in cells:
-                t = time.perf_counter()
-                store.similar(conn, query, h3=int(c), k=10, **qkw)
-                t_unf.append(time.perf_counter() - t)
-            times += t_unf
-            per_radius["none"] = {"p95_ms": round(1000 * float(np.percentile(t_unf, 95)), 2)}
-            for r_km in RADII_KM:
-                ts, recalls, sizes = [], [], []
-                for c in cells:
-                    t = time.perf_counter()
-                    got = store.similar(conn, query, h3=int(c), k=10, radius_m=r_km * 1000.0, **qkw)
-                    ts.append(time.perf_counter() - t)
-                    truth = store.similar(conn, query, h3=int(c), k=10, radius_m=r_km * 1000.0, method="exact", **qkw)
-                    sizes.append(len(truth))
-                    if truth:
-                        recalls.append(len({g["h3"] for g in got} & {x["h3"] for x in truth}) / len(truth))
-                times += ts
-                recall[str(r_km)] = round(float(np.mean(recalls)), 4) if recalls else float("nan")
-                per_radius[str(r_km)] = {
-                    "p50_ms": round(1000 * float(np.median(ts)), 2),
-                    "p95_ms": round(1000 * float(np.percentile(ts, 95)), 2),
-                    "mean_results": round(float(np.mean(sizes)), 1),
-                }
-                print(f"radius {r_km} km: {per_radius[str(r_km)]}, recall {recall[str(r_km)]}", file=sys.stderr)
-            # evidence that the index path uses HNSW: the plan of a large-radius query
+            sampler.phase = "queries"
+            queries = np.random.default_rng(args.seed + 1).choice(h3.shape[0], size=args.queries, replace=False)
+            out["per_radius"] = measure_queries(conn, query, mv, h3, emb, queries)
+            out["index_path_plan_uses_hnsw"] = hnsw_plan_used(conn, query, mv, int(h3[queries[0]]))
+            out["query_settings"] = asdict(query)
             ds = store.dataset(conn, mv)
-            q = store.get_cell(conn, int(cells[0]), model_version=mv)
-            assert q is not None
-            with conn.transaction():
-                conn.execute("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)")
-                plan = conn.execute(
-                    sql.SQL(
-                        "EXPLAIN SELECT h3 FROM {} WHERE embedding IS NOT NULL AND ST_Distance(geom::geography, "
-                        "ST_SetSRID(ST_MakePoint(%s, %s), 4326)::geography) <= %s ORDER BY embedding <=> %s LIMIT 10"
-                    ).format(ds.ident),
-                    (q["lng"], q["lat"], 2_000_000.0, q["embedding"]),
-                ).fetchall()
-            out["index_path_plan_uses_hnsw"] = any("hnsw" in str(r[0]) for r in plan)
-            out["query_p50_ms"] = round(1000 * float(np.median(times)), 2)
-            out["query_p95_ms"] = round(1000 * float(np.percentile(times, 95)), 2)
-            out["recall_at_10"] = recall
-            out["per_radius"] = per_radius
-            out["queries_per_radius"] = int(args.queries)
-            out["settings"] = asdict(query)
             out["exact_scan_limit_rows"] = round(store.exact_scan_limit(conn, ds, 10, query.exact_scan_max_rows))
-            out["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
-            out["cpus"] = os.cpu_count()
     finally:
         if cluster is not None:
             cluster.stop(mode="immediate")
             shutil.rmtree(cluster.home, ignore_errors=True)
+    out["load_average"] = sampler.summary()
+    out["cpus"] = os.cpu_count()
     return out
 
 

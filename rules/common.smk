@@ -140,6 +140,13 @@ def region_targets(pattern):
     ]
 
 
+def after_stencil(path):
+    """``path``, as an input function's answer once the stencil checkpoint has run (the job is then
+    planned with the jobs that read the regions, not before)."""
+    checkpoints.stencil.get()
+    return path
+
+
 def stencil_region_file(wildcards):
     """A region's stencil file, once the stencil checkpoint has run.
 
@@ -172,7 +179,7 @@ def share_database():
     if workflow.local_exec or vg_db.external_url(config):
         return
     if not any(
-        job.rule.name in ("load_region", "build_index")
+        job.rule.name in ("load_regions", "build_index")
         for job in workflow.dag.needrun_jobs()
     ):
         return

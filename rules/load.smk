@@ -1,31 +1,37 @@
-rule load_region:
+rule load_regions:
     input:
-        embeddings=results("embeddings", "{region}_{digest}.parquet"),
+        # every region of the run in one job (one start-up, a few connections): regions whose file the
+        # database already holds (same checksum and rows) are skipped, regions no file names are removed
+        embeddings=lambda wildcards: region_targets(
+            results("embeddings", "{region}_{digest}.parquet")
+        ),
     output:
-        marker=results("loaded", "{region}_{digest}.json"),
+        summary=results("loaded", "regions.json"),
     log:
-        "logs/load_region/{region}_{digest}.log",
+        "logs/load_regions/load_regions.log",
     benchmark:
-        "benchmarks/load_region/{region}_{digest}.tsv"
+        "benchmarks/load_regions/load_regions.tsv"
     conda:
         "../envs/db.yaml"
+    # regions loaded at once, each in its own transaction over its own connection
+    threads: 2
     resources:
-        db=1,
-        # the region's arrays and the COPY stream
-        mem_mb=mem_mb(500, 4.0),
-        runtime=30,
+        db=2,
+        # one region's arrays and COPY stream per thread
+        mem_mb=mem_mb(1000),
+        runtime=120,
     params:
         # the database the rows go to (the URL itself, which may hold a password, is read at run time)
         database=CFG.database.to_params(include={"home", "port", "dbname"}),
     script:
-        "../scripts/load_region.py"
+        "../scripts/load_regions.py"
 
 
 rule build_index:
     input:
-        markers=lambda wildcards: region_targets(
-            results("loaded", "{region}_{digest}.json")
-        ),
+        # after the stencil checkpoint, like load_regions: a stencil rerun that leaves every region as it
+        # was then reruns neither job (a plain input would be planned while load_regions still waited for it)
+        loaded=lambda wildcards: after_stencil(rules.load_regions.output.summary),
     output:
         summary=results("loaded", "index.json"),
     log:
@@ -35,12 +41,18 @@ rule build_index:
     conda:
         "../envs/db.yaml"
     resources:
-        db=1,
+        db=2,
         mem_mb=mem_mb(1000),
         runtime=120,
     params:
         database=CFG.database.to_params(
-            include={"hnsw_m", "hnsw_ef_construction", "maintenance_work_mem"}
+            include={
+                "hnsw_m",
+                "hnsw_ef_construction",
+                "maintenance_work_mem",
+                "hnsw_storage",
+                "index_build_workers",
+            }
         ),
     script:
         "../scripts/build_index.py"

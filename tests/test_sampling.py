@@ -194,7 +194,7 @@ def test_changing_patch_km_makes_only_sampling_and_downstream_stale(workflow_run
             "embed_region": n,
             "rollup": 1,
             "build_tiles": 1,
-            "load_region": n,
+            "load_regions": 1,
             "build_index": 1,
             "evaluate": 1,
             "all": 1,

@@ -28,8 +28,14 @@ N_R3 = 343  # res-3 children of a res-0 cell (hexagon)
 QUERY = store.QuerySettings.from_config(db.settings())  # the default config's
 
 
-def index_settings(m: int, ef_construction: int) -> store.IndexSettings:
-    return store.IndexSettings(hnsw_m=m, hnsw_ef_construction=ef_construction, maintenance_work_mem="64MB")
+def index_settings(m: int, ef_construction: int, storage: str = "vector") -> store.IndexSettings:
+    return store.IndexSettings(
+        hnsw_m=m,
+        hnsw_ef_construction=ef_construction,
+        maintenance_work_mem="64MB",
+        hnsw_storage=storage,
+        build_workers=0,
+    )
 
 
 def write(tmp_path: Path, region: str = R_US, res: int = 3, dim: int = 16, mv: str = MV, seed: int = 0, **kw) -> Path:
@@ -196,15 +202,16 @@ def brute_force(a: dict, valid: np.ndarray, q: np.ndarray, mask: np.ndarray, k: 
     return [int(a["h3"][i]) for i in order if np.isfinite(sim[i])]
 
 
-@pytest.fixture
-def small_table(conn, tmp_path: Path):
-    """Two regions at res 4 (2 × 2401 cells), indexed."""
+@pytest.fixture(params=["vector", "halfvec"])
+def small_table(conn, tmp_path: Path, request: pytest.FixtureRequest):
+    """Two regions at res 4 (2 × 2401 cells), indexed, the HNSW index on float32 or on float16 embeddings."""
     arrays = {}
     for i, region in enumerate((R_US, R_CHUKOTKA)):
         path = write(tmp_path, region, res=4, seed=10 + i)
         store.load_region(conn, path)
         arrays[region] = region_arrays(region, res=4, seed=10 + i)
-    store.build_indexes(conn, index_settings(8, 32))
+    store.build_indexes(conn, index_settings(8, 32, request.param))
+    assert store.dataset(conn).hnsw_storage == request.param
     merged = {k: np.concatenate([arrays[r][k] for r in arrays]) for k in arrays[R_US]}
     return conn, merged
 
@@ -273,11 +280,46 @@ def test_build_indexes_is_idempotent_and_follows_params(small_table) -> None:
         )
         return [r[0] for r in rows]
 
-    assert hnsw() == [f"{table}_hnsw_m8_ef32"]
-    store.build_indexes(conn, index_settings(8, 32))
-    assert hnsw() == [f"{table}_hnsw_m8_ef32"]
-    s = store.build_indexes(conn, index_settings(12, 40))
-    assert hnsw() == [f"{table}_hnsw_m12_ef40"] and s["rows"] == 2 * 2401
+    storage = store.dataset(conn).hnsw_storage
+    half = "_half" if storage == "halfvec" else ""
+    assert hnsw() == [f"{table}_hnsw{half}_m8_ef32"]
+    store.build_indexes(conn, index_settings(8, 32, storage))
+    assert hnsw() == [f"{table}_hnsw{half}_m8_ef32"]
+    s = store.build_indexes(conn, index_settings(12, 40, storage))
+    assert hnsw() == [f"{table}_hnsw{half}_m12_ef40"] and s["rows"] == 2 * 2401
+    assert s["hnsw_storage"] == storage and s["hnsw_bytes"] > 0
+    # the other storage replaces the index, and the catalog records which one queries must order by
+    other = "vector" if storage == "halfvec" else "halfvec"
+    store.build_indexes(conn, index_settings(12, 40, other))
+    assert hnsw() == [f"{table}_hnsw{'_half' if other == 'halfvec' else ''}_m12_ef40"]
+    assert store.dataset(conn).hnsw_storage == other
+
+
+def test_index_path_scans_the_hnsw_index(small_table) -> None:
+    """The index path orders by the expression the HNSW index is built on (float32 or float16), so the
+    planner uses the index; the candidates are re-ranked with the float32 embeddings."""
+    from psycopg import sql
+
+    from vectorgeo.store.indexes import hnsw_index_name
+    from vectorgeo.store.query import _index_sql
+
+    conn, a = small_table
+    ds = store.dataset(conn)
+    q = a["embedding"][0] / np.linalg.norm(a["embedding"][0])
+    with conn.transaction():
+        conn.execute("SET LOCAL enable_seqscan = off")
+        plan = conn.execute(
+            sql.SQL("EXPLAIN ") + _index_sql(ds, sql.SQL("embedding IS NOT NULL")), {"q": q, "k": 10, "candidates": 100}
+        ).fetchall()
+    text = "\n".join(r[0] for r in plan)
+    assert hnsw_index_name(ds, index_settings(8, 32, ds.hnsw_storage)) in text, text
+    got = store.similar(conn, QUERY, vector=q, k=10, method="index")
+    sims = [r["similarity"] for r in got]
+    assert sims == sorted(sims, reverse=True) and len(got) == 10
+    row = {int(c): i for i, c in enumerate(a["h3"])}
+    emb = a["embedding"] / np.linalg.norm(a["embedding"], axis=1, keepdims=True)
+    for r in got:  # float32 similarities (float16 ones are off by ~1e-3)
+        assert r["similarity"] == pytest.approx(float(emb[row[r["h3"]]] @ q), abs=2e-6)
 
 
 HOSTILE = [

@@ -1,7 +1,7 @@
 """The workflow as Snakemake sees it (dry runs, lint, formatting, GPU resources) and one complete run.
 
 The complete run (the session fixture ``workflow_run`` of conftest.py) takes the tiny config through every
-stage: stencil, sample, train, embed, rollup, load_region, build_index (into the session's PostgreSQL) and
+stage: stencil, sample, train, embed, rollup, load_regions, build_index (into the session's PostgreSQL) and
 evaluate; the tests here check its database rows against the stencil.
 
 Also home of the helpers that the other workflow tests use to run the real workflow in a fresh working
@@ -44,7 +44,7 @@ RULES = (
     "cut_windows",
     "embed_region",
     "evaluate",
-    "load_region",
+    "load_regions",
     "mosaic_layer",
     "prepare_eval_label",
     "prepare_layer",
@@ -53,7 +53,7 @@ RULES = (
     "stencil",
     "train_model",
 )
-PER_REGION_RULES = ("embed_region", "load_region")
+PER_REGION_RULES = ("embed_region",)
 # jobs of a complete run of the tiny config, besides the per-region ones (mosaic_layer: no tiled source)
 TINY_JOBS = {
     "prepare_layer": 4,  # landcover, elevation, imagery, land_mask
@@ -63,6 +63,7 @@ TINY_JOBS = {
     "train_model": 1,
     "rollup": 1,
     "build_tiles": 1,
+    "load_regions": 1,  # every region in one job
     "build_index": 1,
     "prepare_eval_label": 3,  # the raster tasks koppen, elevation, turbidity (country is a vector task)
     "evaluate": 1,
@@ -195,8 +196,8 @@ def test_dry_run_lists_every_stage(workdir: Path) -> None:
     tasks = {w["task"] for rule, w in planned_jobs(out) if rule == "prepare_eval_label"}
     assert tasks == {"koppen", "elevation", "turbidity"}
     # a dry run cannot see past the stencil checkpoint: per-region jobs (and the windows they read)
-    # appear once it ran
-    assert job_stats(out) == Counter(TINY_JOBS) - Counter({"cut_windows": 1}), out[-4000:]
+    # appear once it ran, and so does the load job (build_index waits for the checkpoint to name it)
+    assert job_stats(out) == Counter(TINY_JOBS) - Counter({"cut_windows": 1, "load_regions": 1}), out[-4000:]
 
 
 def test_lint_is_clean(workdir: Path) -> None:
@@ -243,7 +244,7 @@ def test_gpu_rules_declare_gpu_when_cuda_is_configured(stenciled: Path) -> None:
     assert len(regions) >= 2
     rules = Counter(rule for rule, _ in planned_jobs(out))
     assert rules["train_model"] == 1, out[-4000:]
-    assert rules["embed_region"] == rules["load_region"] == len(regions)
+    assert rules["embed_region"] == len(regions) and rules["load_regions"] == 1
     assert _gpu_jobs(out) == {rule: {rule in GPU_RULES} for rule in rules}
 
 
@@ -279,25 +280,25 @@ def test_complete_run_finishes_every_job(workflow_run: WorkflowRun) -> None:
     assert len(regions) >= 2
     expected = Counter({**TINY_JOBS, **dict.fromkeys(PER_REGION_RULES, len(regions))})
     assert finished_jobs(workflow_run.output) == expected, workflow_run.output[-4000:]
-    for region, entry in regions.items():
-        assert (workflow_run.results / "loaded" / f"{region}_{entry['digest']}.json").is_file()
+    loaded = json.loads((workflow_run.results / "loaded" / "regions.json").read_text())
+    files = {r: v["file"] for r, v in loaded["regions"].items()}
+    assert files == {region: f"{region}_{entry['digest']}.parquet" for region, entry in regions.items()}
     assert not job_stats(workflow_run.snakemake("-n").stdout)
 
 
-def test_load_region_loads_every_stencil_cell_once(workflow_run: WorkflowRun) -> None:
+def test_load_regions_loads_every_stencil_cell_once(workflow_run: WorkflowRun) -> None:
     results = workflow_run.results
     regions = stencil_regions(results)
     cells = stencil_cells(results)
     total = sum(len(c) for c in cells.values())
     assert total == sum(entry["cells"] for entry in regions.values()) > 0
-    markers = {
-        r: json.loads((results / "loaded" / f"{r}_{entry['digest']}.json").read_text()) for r, entry in regions.items()
-    }
+    loaded = json.loads((results / "loaded" / "regions.json").read_text())
     summary = json.loads((results / "loaded" / "index.json").read_text())
     model_version = json.loads((results / "model" / "metrics.json").read_text())["model_version"]
-    for region, marker in markers.items():
-        assert marker["region"] == region and marker["rows"] == len(cells[region])
-        assert marker["model_version"] == model_version and marker["table"] == summary["table"]
+    assert loaded["model_version"] == model_version and loaded["table"] == summary["table"]
+    assert {r: v["rows"] for r, v in loaded["regions"].items()} == {r: len(c) for r, c in cells.items()}
+    assert loaded["rows"] == total and loaded["loaded"] + loaded["unchanged"] == len(regions)
+    assert loaded["removed"] == []
     assert summary["rows"] == total and summary["regions"] == len(regions)
     assert summary["model_version"] == model_version
     with store.connect(workflow_run.url) as conn:
@@ -343,25 +344,28 @@ def test_rerun_of_the_load_rules_does_not_duplicate_rows(workflow_run: WorkflowR
     with store.connect(workflow_run.url) as conn:
         before = _db_cells(conn, table)
 
-    # every region again
-    out = workflow_run.snakemake("--cores", "2", "--forcerun", "load_region").stdout
-    assert finished_jobs(out) == Counter({"load_region": len(regions), "build_index": 1, "all": 1}), out[-4000:]
+    # the load job again: every region is in the database as its file says, none is loaded again
+    out = workflow_run.snakemake("--cores", "2", "--forcerun", "load_regions").stdout
+    assert finished_jobs(out) == Counter({"load_regions": 1, "build_index": 1, "all": 1}), out[-4000:]
+    loaded = json.loads((results / "loaded" / "regions.json").read_text())
+    assert loaded["loaded"] == 0 and loaded["unchanged"] == len(regions), loaded
     with store.connect(workflow_run.url) as conn:
         after = _db_cells(conn, table)
         assert store.count(conn) == len(before[0])
     np.testing.assert_array_equal(after[0], before[0])
     assert after[1] == before[1]
 
-    # one region whose marker is gone, asked for by name (Snakemake does not rebuild a missing intermediate
-    # file whose consumer is up to date): that region alone
+    # one region file rewritten (same cells, rows in another order, so another checksum): that region alone
     region, entry = sorted(regions.items())[0]
-    marker = f"results/loaded/{region}_{entry['digest']}.json"
-    (workflow_run.workdir / marker).unlink()
-    out = workflow_run.snakemake("--cores", "2", marker).stdout
-    assert [(rule, w["region"]) for rule, w in planned_jobs(out)] == [("load_region", region)], out[-4000:]
-    # the index step reruns only when the new marker differs from the one it read (its load time may not)
-    out = workflow_run.snakemake("--cores", "2").stdout
-    assert set(finished_jobs(out)) <= {"build_index", "all"}, out[-4000:]
+    path = results / "embeddings" / f"{region}_{entry['digest']}.parquet"
+    t, stamp = pq.read_table(path), path.stat()
+    pq.write_table(t.take(np.arange(t.num_rows)[::-1]).replace_schema_metadata(t.schema.metadata), path)
+    out = workflow_run.snakemake("--cores", "2", "results/loaded/index.json").stdout
+    assert finished_jobs(out) == Counter({"load_regions": 1, "build_index": 1}), out[-4000:]
+    # the file's old time back: the other consumers of the embeddings (rollup, tiles, evaluate) stay done
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    loaded = json.loads((results / "loaded" / "regions.json").read_text())
+    assert [r for r, v in loaded["regions"].items() if v["loaded"]] == [region], loaded
     with store.connect(workflow_run.url) as conn:
         again = _db_cells(conn, table)
     np.testing.assert_array_equal(again[0], before[0])

@@ -266,7 +266,10 @@ class DatabaseConfig(Section):
         100,
         ge=1,
         le=1000,
-        description="HNSW candidate list size per query (hnsw.ef_search); raised to k when k is larger.",
+        description=(
+            "HNSW candidate list size per query (hnsw.ef_search); raised to k when k is larger. The index path "
+            "re-ranks that many candidates with the float32 embeddings and keeps the best k."
+        ),
     )
     max_scan_tuples: int = Field(
         50000,
@@ -285,6 +288,23 @@ class DatabaseConfig(Section):
     )
     maintenance_work_mem: str = Field(
         "1GB", description="PostgreSQL maintenance_work_mem for the index build (HNSW builds fastest in memory)."
+    )
+    hnsw_storage: Literal["vector", "halfvec"] = Field(
+        "halfvec",
+        description=(
+            "How the HNSW index holds the embeddings: vector (float32) or halfvec (an index on embedding::halfvec(d), "
+            "float16: half the index size and memory, a faster build; the index's candidates are re-ranked with the "
+            "float32 embeddings of the table)."
+        ),
+    )
+    index_build_workers: int = Field(
+        1,
+        ge=0,
+        le=16,
+        description=(
+            "Parallel workers of the HNSW build besides the leader process (PostgreSQL "
+            "max_parallel_maintenance_workers of the build); 0 = the leader alone."
+        ),
     )
 
 

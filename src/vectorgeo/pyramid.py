@@ -413,46 +413,134 @@ def _clockwise(px: np.ndarray, nverts: np.ndarray) -> np.ndarray:
     return np.take_along_axis(px, order[..., None], axis=1)
 
 
-def zoom_tiles(level: Level, res: int, z: int, max_features: int) -> Iterator[tuple[int, bytes]]:
-    """(tile id, gzipped tile) of every non-empty tile at zoom ``z`` showing ``level``, in tile-id order."""
-    idx, world, nverts = hexagons(level.cells)
-    if idx.size == 0:
+BLOCK_CELLS = 100_000
+"""Most cells whose hexagons are in memory at once while a zoom is cut into tiles (~1 kB each)."""
+CIRCUMRADIUS_FACTOR = 1.5
+"""Bound of an H3 cell's centre-to-vertex distance in average edge lengths (measured: at most 1.10)."""
+
+
+def _centres(cells: np.ndarray, res: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Web Mercator world coordinates (x, y in [0, 1]) of cell centres and a bound of each hexagon's
+    half-extent around its centre, float32 (computed in chunks: nothing per cell beyond these 12 bytes).
+
+    A cell lies within an angle δ of its centre (δ = CIRCUMRADIUS_FACTOR × the average edge length at ``res``);
+    Mercator scales by 1 / cos φ, so its extent is at most δ / (2π cos φ') on either side in x and in y, φ' the
+    largest |latitude| within δ (capped just beyond the Mercator limit: cells past it are dropped anyway).
+    """
+    import h3
+    import pyarrow as pa
+    from h3ronpy import vector
+
+    delta = CIRCUMRADIUS_FACTOR * h3.average_hexagon_edge_length(res, "km") / 6371.0088
+    cap = np.radians(MERCATOR_MAX_LAT + 1.0)
+    x = np.empty(cells.size, np.float32)
+    y = np.empty(cells.size, np.float32)
+    half = np.empty(cells.size, np.float32)
+    for s in range(0, cells.size, HEXAGON_CHUNK):
+        coords = vector.cells_to_coordinates(pa.array(cells[s : s + HEXAGON_CHUNK]))
+        lat = np.radians(coords.column("lat").to_numpy())
+        lng = coords.column("lng").to_numpy()
+        sl = slice(s, s + lat.size)
+        x[sl] = (lng + 180.0) / 360.0
+        phi = np.clip(lat, -cap, cap)
+        y[sl] = (1.0 - np.log(np.tan(np.pi / 4 + phi / 2)) / np.pi) / 2.0
+        half[sl] = delta / (2 * np.pi * np.cos(np.minimum(np.abs(lat) + delta, cap)))
+    return x, y, half
+
+
+def _blocks(
+    x: np.ndarray, y: np.ndarray, half: np.ndarray, z: int, limit: int
+) -> Iterator[tuple[int, int, int, np.ndarray]]:
+    """Quadtree blocks of tiles (bz, bx, by) in PMTiles order, each with the cells that may reach it.
+
+    A block is split into its four children (visited in Hilbert order, so that the tiles of the blocks come
+    out in tile-id order) until at most ``limit`` cells may reach it or it is one tile at zoom ``z``. A cell
+    may reach a block when its centre's box (± ``half``) overlaps the block, shifted by ±1 in x for hexagons
+    drawn on both sides of the antimeridian; margins of 1e-6 cover float32 rounding.
+    """
+    stack: list[tuple[int, int, int, np.ndarray]] = [(0, 0, 0, np.arange(x.size, dtype=np.int64))]
+    while stack:
+        bz, bx, by, idx = stack.pop()
+        if idx.size <= limit or bz == z:
+            if idx.size:
+                yield bz, bx, by, idx
+            continue
+        size = 1.0 / (1 << (bz + 1))
+        children = []
+        for cx, cy in ((2 * bx, 2 * by), (2 * bx + 1, 2 * by), (2 * bx, 2 * by + 1), (2 * bx + 1, 2 * by + 1)):
+            x0, y0 = cx * size, cy * size
+            cxs, cys, ch = x[idx], y[idx], half[idx] + np.float32(1e-6)
+            near_y = (cys + ch >= y0) & (cys - ch <= y0 + size)
+            near_x = np.zeros(idx.size, dtype=bool)
+            for shift in (-1.0, 0.0, 1.0):
+                near_x |= (cxs + shift + ch >= x0) & (cxs + shift - ch <= x0 + size)
+            children.append((int(tile_ids(bz + 1, np.array([cx]), np.array([cy]))[0]), cx, cy, idx[near_x & near_y]))
+        # a stack: push in reverse Hilbert order, so that the first child is processed first
+        for _, cx, cy, sub in sorted(children, reverse=True):
+            stack.append((bz + 1, cx, cy, sub))
+
+
+def zoom_tiles(
+    level: Level, res: int, z: int, max_features: int, block_cells: int = BLOCK_CELLS
+) -> Iterator[tuple[int, bytes]]:
+    """(tile id, gzipped tile) of every non-empty tile at zoom ``z`` showing ``level``, in tile-id order.
+
+    Memory is bounded: the tiles are cut block by block (:func:`_blocks`), with the hexagons of at most about
+    ``block_cells`` cells at once, plus 12 bytes per cell of the level for the centres.
+    """
+    if level.cells.size == 0:
         return
+    x, y, half = _centres(level.cells, res)
     n = 1 << z
-    pix = world * (n * EXTENT)
-    tmin = np.floor(pix.min(axis=1) / EXTENT).astype(np.int64)
-    tmax = np.floor(pix.max(axis=1) / EXTENT).astype(np.int64)
-    tmin = np.clip(tmin, 0, n - 1)
-    tmax = np.clip(tmax, -1, n - 1)
-    nx = np.maximum(tmax[:, 0] - tmin[:, 0] + 1, 0)
-    ny = np.maximum(tmax[:, 1] - tmin[:, 1] + 1, 0)
-    per = nx * ny
-    feat = np.repeat(np.arange(idx.size), per)
-    off = np.arange(feat.size) - np.repeat(np.cumsum(per) - per, per)
-    tx = tmin[feat, 0] + off % np.maximum(nx[feat], 1)
-    ty = tmin[feat, 1] + off // np.maximum(nx[feat], 1)
-    tid = tile_ids(z, tx, ty)
-    order = np.lexsort((level.cells[idx[feat]], tid))
-    feat, tx, ty, tid = feat[order], tx[order], ty[order], tid[order]
-    bounds = np.flatnonzero(np.diff(tid)) + 1
-    for s, e in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [tid.size]]), strict=True):
-        e = min(e, s + max_features)
-        fs = feat[s:e]
-        origin = np.array([tx[s], ty[s]], dtype=np.float64) * EXTENT
-        ring = np.round(pix[fs] - origin).astype(np.int64)
-        ring = _clockwise(ring, nverts[fs])
-        cells = idx[fs]
-        tile = TileFeatures(level.cells[cells], level.color[cells], level.children[cells], res, ring, nverts[fs])
-        yield int(tid[s]), gzip.compress(encode_tile(tile), compresslevel=5, mtime=0)
+    for bz, bx, by, cand in _blocks(x, y, half, z, block_cells):
+        span = 1 << (z - bz)
+        lo_x, lo_y = bx * span, by * span
+        idx, world, nverts = hexagons(level.cells[cand])
+        if idx.size == 0:
+            continue
+        idx = cand[idx]
+        pix = world * (n * EXTENT)
+        tmin = np.floor(pix.min(axis=1) / EXTENT).astype(np.int64)
+        tmax = np.floor(pix.max(axis=1) / EXTENT).astype(np.int64)
+        # only the tiles of this block (its cells may reach into others, cut with those)
+        tmin = np.maximum(tmin, [lo_x, lo_y])
+        tmax = np.minimum(tmax, [lo_x + span - 1, lo_y + span - 1])
+        nx = np.maximum(tmax[:, 0] - tmin[:, 0] + 1, 0)
+        ny = np.maximum(tmax[:, 1] - tmin[:, 1] + 1, 0)
+        per = nx * ny
+        feat = np.repeat(np.arange(idx.size), per)
+        off = np.arange(feat.size) - np.repeat(np.cumsum(per) - per, per)
+        tx = tmin[feat, 0] + off % np.maximum(nx[feat], 1)
+        ty = tmin[feat, 1] + off // np.maximum(nx[feat], 1)
+        if feat.size == 0:  # candidates near the block that reach none of its tiles
+            continue
+        tid = tile_ids(z, tx, ty)
+        order = np.lexsort((level.cells[idx[feat]], tid))
+        feat, tx, ty, tid = feat[order], tx[order], ty[order], tid[order]
+        bounds = np.flatnonzero(np.diff(tid)) + 1
+        for s, e in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [tid.size]]), strict=True):
+            e = min(e, s + max_features)
+            fs = feat[s:e]
+            origin = np.array([tx[s], ty[s]], dtype=np.float64) * EXTENT
+            ring = np.round(pix[fs] - origin).astype(np.int64)
+            ring = _clockwise(ring, nverts[fs])
+            cells = idx[fs]
+            tile = TileFeatures(level.cells[cells], level.color[cells], level.children[cells], res, ring, nverts[fs])
+            yield int(tid[s]), gzip.compress(encode_tile(tile), compresslevel=5, mtime=0)
 
 
-def build_pyramid(files: Sequence[str | Path], out_path: str | Path, max_features: int) -> dict[str, Any]:
+def build_pyramid(
+    files: Sequence[str | Path], out_path: str | Path, max_features: int, block_cells: int = BLOCK_CELLS
+) -> dict[str, Any]:
     """Build the tile pyramid of the region files into one PMTiles archive, atomically.
+
+    Memory: the levels (20 bytes per cell and rollup cell) plus one block of hexagons (:func:`zoom_tiles`).
 
     Args:
         files: The region embedding files (``{region}_{digest}.parquet``).
         out_path: The archive (``results/tiles/cells.pmtiles``).
         max_features: Feature cap per tile (``serve.tile_max_features``).
+        block_cells: Most cells whose hexagons are in memory at once.
 
     Returns:
         A summary: model_version, resolution, cells, zooms, tiles, features, bytes, seconds.
@@ -481,7 +569,7 @@ def build_pyramid(files: Sequence[str | Path], out_path: str | Path, max_feature
         for z, p in by_zoom.items():
             if p not in lv:
                 continue
-            for tid, data in zoom_tiles(lv[p], p, z, max_features):
+            for tid, data in zoom_tiles(lv[p], p, z, max_features, block_cells):
                 writer.write_tile(tid, data)
                 n_tiles += 1
         w, s, e, n = info["bounds"]

@@ -47,10 +47,9 @@ def run_summary(results: str | Path = "results") -> list[str]:
         lines.append(f"embeddings {rows:,} cells in {len(emb)} region files under {r / 'embeddings'}")
     else:
         lines.append("embeddings none")
-    markers = [m for m in (r / "loaded").glob("*_*.json")]
-    if markers:
-        rows = sum((_read_json(m) or {}).get("rows", 0) for m in markers)
-        lines.append(f"database   {rows:,} rows loaded from {len(markers)} regions")
+    loaded = _read_json(r / "loaded" / "regions.json")
+    if loaded:
+        lines.append(f"database   {loaded.get('rows', 0):,} rows loaded from {len(loaded.get('regions', {}))} regions")
     ev = _read_json(r / "eval" / "metrics.json")
     if ev:
         lines.append(

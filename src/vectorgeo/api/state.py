@@ -249,7 +249,7 @@ class AppState:
         self.tiles = TileTracker(url, serve.tile_max_features, meta_ttl_s)
         self.archive = ArchiveTracker(tile_archive, meta_ttl_s)
         self.tile_cache = TileCache(TILE_CACHE_SIZE)
-        self._resolution: Checked[int] | None = None
+        self._dataset: Checked[store.Dataset] | None = None
         self.scores = ScoreService(self.connection, meta_ttl_s, serve.tile_max_features)
         self.inputs = inputs
 
@@ -297,13 +297,17 @@ class AppState:
             return f"cannot connect to database {shown}"
         return f"all {self.serve.pool_size} database connections are busy; try again"
 
+    def dataset(self, conn: psycopg.Connection[Any]) -> store.Dataset:
+        """The active dataset (table, dimension, resolution, index storage), re-read every ``meta_ttl_s`` seconds."""
+        current = self._dataset
+        if current is None or not current.fresh(self.meta_ttl_s):
+            current = Checked(store.dataset(conn), time.monotonic())
+            self._dataset = current
+        return current.value
+
     def resolution(self, conn: psycopg.Connection[Any]) -> int:
         """H3 resolution of the active dataset, re-read every ``meta_ttl_s`` seconds."""
-        current = self._resolution
-        if current is None or not current.fresh(self.meta_ttl_s):
-            current = Checked(store.resolution(conn), time.monotonic())
-            self._resolution = current
-        return current.value
+        return self.dataset(conn).resolution
 
     def tile_archive(self) -> pyramid.Archive | None:
         """The tile archive when it holds the active model version (checked every ``meta_ttl_s``)."""

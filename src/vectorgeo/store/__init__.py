@@ -9,6 +9,8 @@ Modules, by concern:
 - :mod:`~vectorgeo.store.binary_copy`: the binary COPY stream, built with numpy;
 - :mod:`~vectorgeo.store.load`: ``load_region(conn, path)`` (one transaction per region) and
   ``write_marker``;
+- :mod:`~vectorgeo.store.batch`: ``load_regions(url, paths, threads=...)``, the workflow's worker (every
+  region file of a run in one job, unchanged regions skipped, regions no file names removed);
 - :mod:`~vectorgeo.store.indexes`: ``build_indexes(conn, settings)``: GIST + HNSW, then ANALYZE;
 - :mod:`~vectorgeo.store.plan`: spatial filters and the choice between an exact scan and HNSW;
 - :mod:`~vectorgeo.store.query`: ``similar(conn, settings, h3=..., k=..., radius_m=..., bbox=...)``,
@@ -19,6 +21,7 @@ Modules, by concern:
 Every name below is importable from ``vectorgeo.store`` itself.
 """
 
+from vectorgeo.store.batch import check_loaded, load_regions, remove_region
 from vectorgeo.store.binary_copy import COPY_CHUNK_ROWS, COPY_COLUMNS, binary_copy_chunks
 from vectorgeo.store.catalog import (
     Dataset,
@@ -52,6 +55,7 @@ __all__ = [
     "QuerySettings",
     "binary_copy_chunks",
     "build_indexes",
+    "check_loaded",
     "circle_envelopes",
     "configure",
     "connect",
@@ -68,7 +72,9 @@ __all__ = [
     "get_cell",
     "load_arrays",
     "load_region",
+    "load_regions",
     "region_range",
+    "remove_region",
     "resolution",
     "similar",
     "similar_to_point",

@@ -66,16 +66,31 @@ _DATASET_KEYS = (
 
 @dataclass(frozen=True)
 class Dataset:
-    """One loaded model version: its table, dimension and H3 resolution."""
+    """One loaded model version: its table, dimension and H3 resolution, and how its HNSW index stores the
+    embeddings (``vector``, or ``halfvec``: an index on ``embedding::halfvec(d)``; see
+    :class:`~vectorgeo.store.settings.IndexSettings`)."""
 
     model_version: str
     table: str
     dim: int
     resolution: int
+    hnsw_storage: str = "vector"
 
     @property
     def ident(self) -> sql.Identifier:
         return sql.Identifier(self.table)
+
+    def hnsw_key(self) -> sql.Composable:
+        """The expression the HNSW index is built on, and that an index scan must order by."""
+        if self.hnsw_storage == "halfvec":
+            return sql.SQL("(embedding::halfvec({}))").format(sql.Literal(self.dim))
+        return sql.SQL("embedding")
+
+    def hnsw_query(self, param: str) -> sql.Composable:
+        """The query vector (named parameter ``param``) as the index compares it."""
+        if self.hnsw_storage == "halfvec":
+            return sql.SQL("{}::halfvec({})").format(sql.Placeholder(param), sql.Literal(self.dim))
+        return sql.Placeholder(param)
 
 
 def fetch_one(conn: psycopg.Connection[Any], query: str | sql.SQL | sql.Composed, params: Any = None) -> Any:
@@ -118,8 +133,14 @@ def datasets(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     return [dict(zip(_DATASET_KEYS, r, strict=True)) for r in rows]
 
 
+# the columns of a Dataset, in order (the index storage as recorded by the last index build)
+_DATASET_COLUMNS = (
+    "d.model_version, d.table_name, d.dim, d.resolution, coalesce(d.index_params->>'hnsw_storage', 'vector')"
+)
+
+
 def _as_dataset(row: Any) -> Dataset:
-    return Dataset(str(row[0]), str(row[1]), int(row[2]), int(row[3]))
+    return Dataset(str(row[0]), str(row[1]), int(row[2]), int(row[3]), str(row[4]))
 
 
 def dataset(conn: psycopg.Connection[Any], model_version: str | None = None) -> Dataset:
@@ -131,19 +152,18 @@ def dataset(conn: psycopg.Connection[Any], model_version: str | None = None) -> 
     if catalog_exists(conn):
         if model_version is not None:
             row = conn.execute(
-                "SELECT model_version, table_name, dim, resolution FROM vectorgeo_datasets WHERE model_version = %s",
-                (model_version,),
+                f"SELECT {_DATASET_COLUMNS} FROM vectorgeo_datasets d WHERE d.model_version = %s", (model_version,)
             ).fetchone()
         else:
             row = conn.execute(
-                """SELECT d.model_version, d.table_name, d.dim, d.resolution FROM vectorgeo_datasets d
+                f"""SELECT {_DATASET_COLUMNS} FROM vectorgeo_datasets d
                    LEFT JOIN vectorgeo_state s ON s.key = 'active' AND s.value = d.model_version
                    ORDER BY s.value IS NULL, d.created_at DESC LIMIT 1"""
             ).fetchone()
         if row:
             return _as_dataset(row)
     what = f"model_version {model_version!r}" if model_version is not None else "any embeddings"
-    raise DatabaseError(f"the database holds no {what}; load regions first (snakemake, rule load_region)")
+    raise DatabaseError(f"the database holds no {what}; load regions first (snakemake, rule load_regions)")
 
 
 def newest(conn: psycopg.Connection[Any]) -> Dataset:
@@ -153,11 +173,7 @@ def newest(conn: psycopg.Connection[Any]) -> Dataset:
         DatabaseError: nothing loaded.
     """
     return _as_dataset(
-        fetch_one(
-            conn,
-            "SELECT model_version, table_name, dim, resolution FROM vectorgeo_datasets "
-            "ORDER BY created_at DESC LIMIT 1",
-        )
+        fetch_one(conn, f"SELECT {_DATASET_COLUMNS} FROM vectorgeo_datasets d ORDER BY d.created_at DESC LIMIT 1")
     )
 
 
@@ -207,8 +223,7 @@ def create_dataset(conn: psycopg.Connection[Any], model_version: str, dim: int, 
         DataError: the dataset exists with another dimension or resolution.
     """
     row = conn.execute(
-        "SELECT model_version, table_name, dim, resolution FROM vectorgeo_datasets WHERE model_version = %s",
-        (model_version,),
+        f"SELECT {_DATASET_COLUMNS} FROM vectorgeo_datasets d WHERE d.model_version = %s", (model_version,)
     ).fetchone()
     if row is not None:
         ds = _as_dataset(row)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from typing import Any
 
 import psycopg
@@ -15,15 +16,23 @@ from vectorgeo.store.settings import IndexSettings
 
 def hnsw_index_name(ds: Dataset, settings: IndexSettings) -> str:
     """Name of the HNSW index of a dataset, carrying its parameters (so that a change rebuilds it)."""
-    return f"{ds.table}_hnsw_m{settings.hnsw_m}_ef{settings.hnsw_ef_construction}"
+    half = "_half" if settings.hnsw_storage == "halfvec" else ""
+    return f"{ds.table}_hnsw{half}_m{settings.hnsw_m}_ef{settings.hnsw_ef_construction}"
 
 
-def _create_indexes(conn: psycopg.Connection[Any], ds: Dataset, settings: IndexSettings) -> dict[str, float]:
+def _create_indexes(
+    conn: psycopg.Connection[Any], ds: Dataset, settings: IndexSettings, notices: list[str]
+) -> dict[str, float]:
     """GIST, HNSW (an HNSW index with other parameters is dropped first), ANALYZE; seconds per step."""
     t = ds.ident
     hnsw_name = hnsw_index_name(ds, settings)
+    built = replace(ds, hnsw_storage=settings.hnsw_storage)
     timings: dict[str, float] = {}
-    conn.execute("SELECT set_config('maintenance_work_mem', %s, false)", (settings.maintenance_work_mem,))
+    conn.execute(
+        "SELECT set_config('maintenance_work_mem', %s, false), "
+        "set_config('max_parallel_maintenance_workers', %s, false)",
+        (settings.maintenance_work_mem, str(settings.build_workers)),
+    )
     t0 = time.perf_counter()
     conn.execute(
         sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} USING gist (geom)").format(sql.Identifier(f"{ds.table}_geom"), t)
@@ -36,12 +45,28 @@ def _create_indexes(conn: psycopg.Connection[Any], ds: Dataset, settings: IndexS
     for (name,) in stale:
         conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(name)))
     t0 = time.perf_counter()
-    conn.execute(
-        sql.SQL(
-            "CREATE INDEX IF NOT EXISTS {} ON {} USING hnsw (embedding vector_cosine_ops) "
-            "WITH (m = {}, ef_construction = {})"
-        ).format(sql.Identifier(hnsw_name), t, sql.Literal(settings.hnsw_m), sql.Literal(settings.hnsw_ef_construction))
-    )
+
+    # the pgvector notice when the graph outgrows maintenance_work_mem (the build then slows down) goes
+    # into the summary
+    def notice(d: psycopg.errors.Diagnostic) -> None:
+        notices.append(str(d.message_primary))
+
+    conn.add_notice_handler(notice)
+    try:
+        conn.execute(
+            sql.SQL(
+                "CREATE INDEX IF NOT EXISTS {} ON {} USING hnsw ({} {}) WITH (m = {}, ef_construction = {})"
+            ).format(
+                sql.Identifier(hnsw_name),
+                t,
+                built.hnsw_key(),
+                sql.SQL(f"{settings.hnsw_storage}_cosine_ops"),
+                sql.Literal(settings.hnsw_m),
+                sql.Literal(settings.hnsw_ef_construction),
+            )
+        )
+    finally:
+        conn.remove_notice_handler(notice)
     timings["hnsw_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     conn.execute(sql.SQL("ANALYZE {}").format(t))
@@ -49,7 +74,7 @@ def _create_indexes(conn: psycopg.Connection[Any], ds: Dataset, settings: IndexS
     return timings
 
 
-def _record(conn: psycopg.Connection[Any], ds: Dataset, params: dict[str, int], activate: bool) -> None:
+def _record(conn: psycopg.Connection[Any], ds: Dataset, params: dict[str, Any], activate: bool) -> None:
     """Record the index parameters and, with ``activate``, make the dataset the one queries use."""
     with conn.transaction():
         conn.execute(
@@ -83,7 +108,9 @@ def build_indexes(
         activate: Make the dataset the one queries use.
 
     Returns:
-        A summary: model_version, table, rows, hnsw_m, hnsw_ef_construction, seconds per step.
+        A summary: model_version, table, rows, hnsw_m, hnsw_ef_construction, hnsw_storage, build_workers,
+        hnsw_bytes (the index size), notices (PostgreSQL's, e.g. a graph that outgrew maintenance_work_mem),
+        seconds per step.
 
     Raises:
         DatabaseError: nothing loaded, or the version is unknown.
@@ -92,14 +119,23 @@ def build_indexes(
     if model_version is None:
         # the newest load, not the currently active one: the index step is what activates it
         ds = newest(conn)
-    timings = _create_indexes(conn, ds, settings)
-    params = {"hnsw_m": settings.hnsw_m, "hnsw_ef_construction": settings.hnsw_ef_construction}
+    notices: list[str] = []
+    timings = _create_indexes(conn, ds, settings, notices)
+    params = {
+        "hnsw_m": settings.hnsw_m,
+        "hnsw_ef_construction": settings.hnsw_ef_construction,
+        "hnsw_storage": settings.hnsw_storage,
+    }
     _record(conn, ds, params, activate)
     rows = int(fetch_one(conn, sql.SQL("SELECT count(*) FROM {}").format(ds.ident))[0])
+    size = fetch_one(conn, "SELECT pg_relation_size(%s)", (hnsw_index_name(ds, settings),))[0]
     return {
         "model_version": ds.model_version,
         "table": ds.table,
         "rows": rows,
         **params,
+        "build_workers": settings.build_workers,
+        "hnsw_bytes": int(size),
+        "notices": notices,
         **{k: round(v, 3) for k, v in timings.items()},
     }

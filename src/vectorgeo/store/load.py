@@ -217,13 +217,16 @@ def load_arrays(
         raise DatabaseError(f"loading {path} failed, nothing was written", detail=str(e).strip()) from None
 
 
-def load_region(conn: psycopg.Connection[Any], path: str | Path, region: int | str | None = None) -> dict[str, Any]:
+def load_region(
+    conn: psycopg.Connection[Any], path: str | Path, region: int | str | None = None, checksum: str | None = None
+) -> dict[str, Any]:
     """Replace one region in the database with the content of its GeoParquet file.
 
     Args:
         conn: From :func:`vectorgeo.store.connect`.
         path: ``{region}_{digest}.parquet`` written by :func:`vectorgeo.geoparquet.write_region`.
         region: Region cell (hex or int); default from the file metadata or the file name.
+        checksum: The file's SHA-256 (hex) when the caller has it; default computed here.
 
     Returns:
         The marker: region, rows, checksum (SHA-256 of the file), model_version, table, dim,
@@ -245,7 +248,7 @@ def load_region(conn: psycopg.Connection[Any], path: str | Path, region: int | s
         if not m:
             raise DataError(p, "cannot tell the region: no 'region' in the file metadata and no {region}_{digest} name")
         region = m.group(1)
-    checksum = file_sha256(path)
+    checksum = checksum or file_sha256(path)
     ds = load_arrays(
         conn,
         h3=data.h3,

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import psycopg
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 
 from vectorgeo import h3cells
 from vectorgeo.errors import RequestError
@@ -41,8 +42,16 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
 
-def get_cell(conn: psycopg.Connection[Any], h3: Any, model_version: str | None = None) -> dict[str, Any] | None:
+def get_cell(
+    conn: psycopg.Connection[Any], h3: Any, model_version: str | None = None, ds: Dataset | None = None
+) -> dict[str, Any] | None:
     """One cell's row, or None when the cell is not in the database.
+
+    Args:
+        conn: From :func:`vectorgeo.store.connect`.
+        h3: The cell (int or hex string).
+        model_version: Dataset to read; default the active one.
+        ds: The dataset when the caller has it (a server that keeps it): no catalog lookup.
 
     Returns:
         Keys h3 (int), lat, lng, embedding (float32 array or None), status, region (hex), model_version.
@@ -51,7 +60,7 @@ def get_cell(conn: psycopg.Connection[Any], h3: Any, model_version: str | None =
         RequestError: ``h3`` is not a valid cell.
     """
     cell = parse_cell(h3)
-    ds = dataset(conn, model_version)
+    ds = ds or dataset(conn, model_version)
     row = conn.execute(
         sql.SQL("SELECT h3, ST_Y(geom), ST_X(geom), embedding, status, region FROM {} WHERE h3 = %s").format(ds.ident),
         (cell,),
@@ -139,12 +148,18 @@ def _exact_sql(ds: Dataset, cond: sql.Composable) -> sql.Composed:
 
 
 def _index_sql(ds: Dataset, cond: sql.Composable) -> sql.Composed:
-    """HNSW candidates in relaxed order (an iterative scan), re-sorted exactly."""
+    """The first ``candidates`` rows of an HNSW scan (relaxed order with an iterative scan), re-ranked
+    exactly with the float32 embeddings (also when the index holds half-precision ones); the best k.
+
+    ``candidates`` is the scan's candidate list (``ef_search``): the scan has their index distances at
+    hand anyway, and re-ranking them all, not only the first k, recovers neighbours that the index's
+    (float16, relaxed) order puts just after the k-th.
+    """
     return sql.SQL(
         "WITH c AS MATERIALIZED (SELECT h3, geom, embedding <=> %(q)s AS dist FROM {t} WHERE {cond} "
-        "ORDER BY embedding <=> %(q)s LIMIT %(k)s) "
-        "SELECT h3, ST_Y(geom), ST_X(geom), 1 - dist FROM c ORDER BY dist, h3"
-    ).format(t=ds.ident, cond=cond)
+        "ORDER BY {key} <=> {q} LIMIT %(candidates)s) "
+        "SELECT h3, ST_Y(geom), ST_X(geom), 1 - dist FROM c ORDER BY dist, h3 LIMIT %(k)s"
+    ).format(t=ds.ident, cond=cond, key=ds.hnsw_key(), q=ds.hnsw_query("q"))
 
 
 def _index_gucs(settings: QuerySettings, k: int, iterative: bool) -> tuple[str, ...]:
@@ -162,8 +177,10 @@ def _index_gucs(settings: QuerySettings, k: int, iterative: bool) -> tuple[str, 
 def _run(
     conn: psycopg.Connection[Any], query: sql.Composed, params: dict[str, Any], gucs: tuple[str, ...]
 ) -> list[tuple[Any, ...]]:
-    """Run a query in a transaction with its settings, parallel workers and JIT off."""
-    with conn.transaction():
+    """Run a query with its settings, parallel workers and JIT off, in a transaction: the caller's when it
+    has one open (a server request: the settings then last until its end, no savepoint), else its own."""
+
+    def run() -> list[tuple[Any, ...]]:
         # parallel workers and JIT compilation (triggered by the HNSW scan's huge cost estimate) cost
         # more than they save on queries of a few milliseconds
         conn.execute(
@@ -173,6 +190,11 @@ def _run(
         )
         rows: list[tuple[Any, ...]] = conn.execute(query, params).fetchall()
         return rows
+
+    if conn.info.transaction_status == TransactionStatus.INTRANS:
+        return run()
+    with conn.transaction():
+        return run()
 
 
 def _search(
@@ -194,6 +216,7 @@ def _search(
         if use_exact(conn, ds, spatial, req.k, req.method, settings.exact_scan_max_rows):
             return _run(conn, _exact_sql(ds, sql.SQL(" AND ").join(where + spatial.exact)), params, ())
         gucs = _index_gucs(settings, req.k, iterative=bool(spatial) or exclude_self)
+        params["candidates"] = max(settings.ef_search, req.k)
         return _run(conn, _index_sql(ds, sql.SQL(" AND ").join(where + spatial.index)), params, gucs)
     except psycopg.Error as e:
         raise database_error("similarity query", e) from None
@@ -212,6 +235,7 @@ def similar(
     center: tuple[float, float] | None = None,
     model_version: str | None = None,
     method: str = "auto",
+    ds: Dataset | None = None,
 ) -> list[dict[str, Any]]:
     """The k cells most similar (cosine) to a cell or a vector, optionally spatially filtered.
 
@@ -230,6 +254,7 @@ def similar(
         method: ``auto`` (exact when the filter is estimated to keep at most
             :func:`~vectorgeo.store.plan.exact_scan_limit` rows, else HNSW with an iterative scan),
             ``exact`` or ``index``.
+        ds: The dataset when the caller has it (a server that keeps it): no catalog lookup.
 
     Returns:
         Dicts with keys h3 (int), lat, lng, similarity (1 - cosine distance), most similar first.
@@ -239,7 +264,7 @@ def similar(
         DatabaseError: nothing loaded, or the query failed.
     """
     req = _check_request(h3, vector, k, method, radius_m, bbox, center)
-    ds = dataset(conn, model_version)
+    ds = ds or dataset(conn, model_version)
     point = _query_point(conn, ds, h3, vector, req.center)
     rows = _search(conn, ds, settings, req, point, exclude_self)
     return [{"h3": int(r[0]), "lat": float(r[1]), "lng": float(r[2]), "similarity": float(r[3])} for r in rows]

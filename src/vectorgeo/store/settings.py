@@ -44,11 +44,16 @@ class IndexSettings:
         hnsw_m: HNSW graph links per node.
         hnsw_ef_construction: HNSW candidate list size while building.
         maintenance_work_mem: PostgreSQL ``maintenance_work_mem`` for the build, e.g. ``"1GB"``.
+        hnsw_storage: ``vector`` (the index holds the float32 embeddings) or ``halfvec`` (an index on
+            ``embedding::halfvec(d)``: half the memory; candidates are re-ranked with the float32 embeddings).
+        build_workers: Parallel workers of the build besides the leader (``max_parallel_maintenance_workers``).
     """
 
     hnsw_m: int
     hnsw_ef_construction: int
     maintenance_work_mem: str
+    hnsw_storage: str
+    build_workers: int
 
     @classmethod
     def from_config(cls, database: Mapping[str, Any]) -> IndexSettings:
@@ -57,4 +62,6 @@ class IndexSettings:
             hnsw_m=int(database["hnsw_m"]),
             hnsw_ef_construction=int(database["hnsw_ef_construction"]),
             maintenance_work_mem=str(database["maintenance_work_mem"]),
+            hnsw_storage=str(database["hnsw_storage"]),
+            build_workers=int(database["index_build_workers"]),
         )

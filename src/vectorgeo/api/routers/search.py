@@ -41,16 +41,22 @@ def _missing(row: dict[str, Any] | None) -> str | None:
 def search(body: SearchRequest, state: StateDep) -> Any:
     """Old Lambda shape: cells most similar to ``h3`` (or the cell at lat/lon) within the circle."""
     with state.connection() as conn:
-        res = state.resolution(conn)
+        ds = state.dataset(conn)
         if body.h3 is not None:
-            cell = parse_cell(body.h3, "h3", resolution=res)
+            cell = parse_cell(body.h3, "h3", resolution=ds.resolution)
         else:
-            cell = h3cells.cell_at(body.lat, body.lon, res)
-        why = _missing(store.get_cell(conn, cell))
+            cell = h3cells.cell_at(body.lat, body.lon, ds.resolution)
+        why = _missing(store.get_cell(conn, cell, ds=ds))
         if why is not None:
             raise NotFound("h3" if body.h3 else "lat", f"query cell {h3cells.to_str(cell)} {why}")
         rows = store.similar(
-            conn, state.query, h3=cell, k=body.limit, radius_m=body.circleRadiusMeters, center=(body.lat, body.lon)
+            conn,
+            state.query,
+            h3=cell,
+            k=body.limit,
+            radius_m=body.circleRadiusMeters,
+            center=(body.lat, body.lon),
+            ds=ds,
         )
     found = results(rows, False)
     return {
@@ -77,12 +83,13 @@ def similar(
     """The k cells most similar (cosine) to a cell, within a radius of it and/or inside a bbox."""
     box = parse_bbox(bbox) if bbox is not None else None
     with state.connection() as conn:
-        cell = parse_cell(h3, "h3", resolution=state.resolution(conn))
-        row = store.get_cell(conn, cell)
+        ds = state.dataset(conn)
+        cell = parse_cell(h3, "h3", resolution=ds.resolution)
+        row = store.get_cell(conn, cell, ds=ds)
         why = _missing(row)
         if row is None or why is not None:
             raise RequestError("h3", f"cell {h3cells.to_str(cell)} {why}")
-        rows = store.similar(conn, state.query, h3=cell, k=k, radius_m=radius_m, bbox=box)
+        rows = store.similar(conn, state.query, h3=cell, k=k, radius_m=radius_m, bbox=box, ds=ds)
     return {
         "query": {"h3": h3cells.to_str(cell), "lat": row["lat"], "lng": row["lng"]},
         "k": k,
