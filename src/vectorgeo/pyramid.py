@@ -33,6 +33,8 @@ import numpy as np
 from vectorgeo import geoparquet, h3cells
 from vectorgeo.atomic import atomic_path
 from vectorgeo.errors import DataError
+from vectorgeo.mvt import varint_sizes as varint_lengths
+from vectorgeo.mvt import varints, zigzag
 from vectorgeo.tiles import EXTENT, MERCATOR_MAX_LAT, PCA_SAMPLE, level_for_zoom, max_zoom
 
 LAYER = "cells"
@@ -42,37 +44,7 @@ MAX_VERTICES = 10
 ARCHIVE = "cells.pmtiles"
 
 
-# --- protobuf varints ------------------------------------------------------------------------------------
-
-
-def varint_lengths(values: np.ndarray) -> np.ndarray:
-    """Bytes of the varint of each non-negative value (1..10)."""
-    v = np.asarray(values, dtype=np.uint64)
-    n = np.ones(v.shape, dtype=np.int64)
-    for k in range(1, 10):
-        n += v >= np.uint64(1 << (7 * k))
-    return n
-
-
-def varints(values: np.ndarray) -> bytes:
-    """Protobuf varint encoding of a token array (ASCII bytes and small field tags encode as themselves)."""
-    v = np.asarray(values, dtype=np.uint64)
-    n = varint_lengths(v)
-    end = np.cumsum(n)
-    out = np.empty(int(end[-1]) if v.size else 0, dtype=np.uint8)
-    start = end - n
-    for k in range(int(n.max()) if v.size else 0):
-        has = n > k
-        byte = (v[has] >> np.uint64(7 * k)) & np.uint64(0x7F)
-        more = n[has] > k + 1
-        out[start[has] + k] = (byte | np.where(more, np.uint64(0x80), np.uint64(0))).astype(np.uint8)
-    return out.tobytes()
-
-
-def zigzag(values: np.ndarray) -> np.ndarray:
-    """Protobuf zigzag of int32 values (as non-negative tokens)."""
-    v = np.asarray(values, dtype=np.int64)
-    return ((v << 1) ^ (v >> 63)).astype(np.uint64)
+# --- protobuf helpers (varints and zigzag come from vectorgeo.mvt) ------------------------------------------
 
 
 def _ascii(text: str) -> list[int]:
