@@ -58,6 +58,17 @@ def mem_mb(base_mb, factor=0.0):
     return estimate
 
 
+def mem_mb_per_file(base_mb, factor, files_at_once):
+    """A mem_mb resource for a job that works through its input files a few at a time: base_mb plus
+    factor x the largest input file x files_at_once, doubled at each retry."""
+
+    def estimate(wildcards, input, attempt):
+        largest = max(input.size_files_mb, default=0.0)
+        return vg_resources.mem_mb(base_mb, factor, files_at_once * largest, attempt)
+
+    return estimate
+
+
 def results(*parts):
     """A path under the results folder (a logical path: storage prefixes are added by Snakemake)."""
     return os.path.join(RESULTS, *parts)

@@ -17,8 +17,8 @@ rule load_regions:
     threads: 2
     resources:
         db=2,
-        # one region's arrays and COPY stream per thread
-        mem_mb=mem_mb(1000),
+        # one region's arrays and COPY stream per thread: the largest region file, twice
+        mem_mb=mem_mb_per_file(500, 4.0, files_at_once=2),
         runtime=120,
     params:
         # the database the rows go to (the URL itself, which may hold a password, is read at run time)
