@@ -145,3 +145,17 @@ def test_unstarted_cluster_is_a_clear_error(tmp_path: Path) -> None:
     c = db.Cluster(home=tmp_path / "nothing", port=free_port())
     with pytest.raises(DatabaseError, match="vectorgeo db start"):
         store.connect(c.url())
+
+
+def test_port_taken_by_another_server_names_the_key(own_cluster: db.Cluster) -> None:
+    """A second project cluster on a port another server holds: the error says which key to change."""
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="vectorgeo-dbtest-port-"))
+    try:
+        other = db.Cluster(home=home, port=own_cluster.port)
+        with pytest.raises(DatabaseError, match=rf"port {own_cluster.port} is taken .*database\.port"):
+            other.start()
+        assert own_cluster.ready()  # the running server is untouched
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

@@ -338,9 +338,15 @@ class Cluster:
                 tail = ""
                 if self.logfile.exists():
                     tail = "\n".join(self.logfile.read_text(errors="replace").splitlines()[-10:])
+                hint = ""
+                if "Address already in use" in tail:
+                    hint = (
+                        f"port {self.port} is taken by another server: set config key database.port to a free "
+                        "port, or VECTORGEO_DATABASE_URL to use that server\n"
+                    )
                 raise DatabaseError(
                     f"could not start PostgreSQL in {self.datadir} on port {self.port}: "
-                    f"{(proc.stderr or proc.stdout).strip()}\n{tail}"
+                    f"{hint}{(proc.stderr or proc.stdout).strip()}\n{tail}"
                 )
         self._create_database()
         return self.url()
