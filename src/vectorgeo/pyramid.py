@@ -35,7 +35,7 @@ from vectorgeo.atomic import atomic_path
 from vectorgeo.errors import DataError
 from vectorgeo.mvt import varint_sizes as varint_lengths
 from vectorgeo.mvt import varints, zigzag
-from vectorgeo.tiles import EXTENT, MERCATOR_MAX_LAT, PCA_SAMPLE, level_for_zoom, max_zoom
+from vectorgeo.tiles import EXTENT, MERCATOR_MAX_LAT, PCA_SAMPLE, level_for_zoom, max_zoom, pca_colour_axes
 
 LAYER = "cells"
 KEYS = ("h3", "res", "children", "color")
@@ -178,23 +178,9 @@ def tile_ids(z: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def fit_pca(x: np.ndarray) -> dict[str, Any]:
-    """PCA colours of a sample of embeddings (:func:`vectorgeo.tiles` does the same inside PostgreSQL)."""
-    x = np.asarray(x, dtype=np.float64)
-    if x.shape[0] == 0:
-        return {"mean": [], "components": [], "lo": [0.0] * 3, "hi": [1.0] * 3}
-    mean = x.mean(axis=0)
-    centred = x - mean
-    _, vecs = np.linalg.eigh(centred.T @ centred)
-    comps = np.zeros((3, x.shape[1]))
-    k = min(3, vecs.shape[1])
-    comps[:k] = vecs[:, ::-1][:, :k].T
-    idx = np.argmax(np.abs(comps), axis=1)
-    comps *= np.where(comps[np.arange(3), idx] < 0, -1.0, 1.0)[:, None]
-    proj = centred @ comps.T
-    lo = np.percentile(proj, 1, axis=0)
-    hi = np.percentile(proj, 99, axis=0)
-    hi = np.where(hi - lo < 1e-9, lo + 1e-9, hi)
-    return {"mean": mean.tolist(), "components": comps.tolist(), "lo": lo.tolist(), "hi": hi.tolist()}
+    """PCA colours of a sample of embeddings (:func:`vectorgeo.tiles.pca_colour_axes`, which the
+    database-built tiles use too)."""
+    return pca_colour_axes(x)
 
 
 def colors(embeddings: np.ndarray, pca: dict[str, Any]) -> np.ndarray:

@@ -178,11 +178,12 @@ def _sample_embeddings(conn: psycopg.Connection[Any], ds: store.Dataset, n: int)
     return x
 
 
-def _fit_pca(conn: psycopg.Connection[Any], ds: store.Dataset, n: int) -> dict[str, Any]:
-    """PCA of a sample of the embeddings: mean·c_i, components c_i (3, d), 1st/99th percentiles."""
-    x = _sample_embeddings(conn, ds, n)
+def pca_colour_axes(x: np.ndarray) -> dict[str, Any]:
+    """The colour PCA of a sample of embeddings: ``mean`` (d), ``components`` (3, d) with deterministic
+    signs, and ``lo``/``hi``, the 1st/99th percentiles of the projections (empty components for no sample)."""
+    x = np.asarray(x, dtype=np.float64)
     if x.shape[0] == 0:
-        return {"mean_dot": [0.0] * 3, "components": [], "lo": [0.0] * 3, "hi": [1.0] * 3}
+        return {"mean": [], "components": [], "lo": [0.0] * 3, "hi": [1.0] * 3}
     mean = x.mean(axis=0)
     centred = x - mean
     # the top eigenvectors of the d x d scatter matrix are the top right singular vectors of `centred`
@@ -192,18 +193,19 @@ def _fit_pca(conn: psycopg.Connection[Any], ds: store.Dataset, n: int) -> dict[s
     comps[:k] = vecs[:, ::-1][:, :k].T
     # deterministic signs: the largest loading of each component is positive
     idx = np.argmax(np.abs(comps), axis=1)
-    signs = np.where(comps[np.arange(3), idx] < 0, -1.0, 1.0)
-    comps *= signs[:, None]
+    comps *= np.where(comps[np.arange(3), idx] < 0, -1.0, 1.0)[:, None]
     proj = centred @ comps.T
     lo = np.percentile(proj, 1, axis=0)
     hi = np.percentile(proj, 99, axis=0)
     hi = np.where(hi - lo < 1e-9, lo + 1e-9, hi)
-    return {
-        "mean_dot": (comps @ mean).tolist(),
-        "components": comps.tolist(),
-        "lo": lo.tolist(),
-        "hi": hi.tolist(),
-    }
+    return {"mean": mean.tolist(), "components": comps.tolist(), "lo": lo.tolist(), "hi": hi.tolist()}
+
+
+def _fit_pca(conn: psycopg.Connection[Any], ds: store.Dataset, n: int) -> dict[str, Any]:
+    """PCA of a sample of the embeddings: mean·c_i, components c_i (3, d), 1st/99th percentiles."""
+    axes = pca_colour_axes(_sample_embeddings(conn, ds, n))
+    mean_dot = (np.asarray(axes["components"]) @ np.asarray(axes["mean"])).tolist() if axes["components"] else [0.0] * 3
+    return {"mean_dot": mean_dot, "components": axes["components"], "lo": axes["lo"], "hi": axes["hi"]}
 
 
 def _colour_sql(expr: sql.Composable, pca: dict[str, Any]) -> sql.Composable:

@@ -301,16 +301,20 @@ function queryBody() {
   return body;
 }
 
+function clearResults() {
+  state.response = null;
+  state.request = null;
+  drawPins();
+  map.getSource('results').setData(EMPTY);
+  $('results').replaceChildren();
+  $('export').hidden = true;
+}
+
 async function runQuery() {
   const seq = ++state.seq;
   drawCircle();
   if (!firstPositive()) {
-    state.response = null;
-    state.request = null;
-    drawPins();
-    map.getSource('results').setData(EMPTY);
-    $('results').replaceChildren();
-    $('export').hidden = true;
+    clearResults();
     setStatus(state.pins.length ? 'Add a positive pin: a click on the map.' : 'Click the map to add a pin.', 'ready');
     return;
   }
@@ -332,12 +336,7 @@ async function runQuery() {
       + (left ? `; ${left} pin(s) left out` : ''), 'results');
   } catch (e) {
     if (seq !== state.seq) return;
-    state.response = null;
-    state.request = null;
-    drawPins();
-    map.getSource('results').setData(EMPTY);
-    $('results').replaceChildren();
-    $('export').hidden = true;
+    clearResults();
     if (e.status === 404) setStatus(`No usable positive pin: ${e.message}`, 'empty');
     else setStatus(`Search failed: ${e.message}`, 'error', true);
   }
