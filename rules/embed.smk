@@ -44,9 +44,8 @@ rule embed_region:
         "benchmarks/embed_region/{region}_{digest}.tsv"
     conda:
         "../envs/torch.yaml"
-    # CPU: one model thread per job (measured faster than two on a shared machine: run
-    # regions in parallel instead); CUDA: the other cores gather patches for the GPU
-    threads: 4 if cuda_requested(CFG.embed.device) else 1
+    # CPU: embed.cpu_threads model threads per job; CUDA: the other cores gather patches for the GPU
+    threads: 4 if cuda_requested(CFG.embed.device) else CFG.embed.cpu_threads
     resources:
         gpu=1 if cuda_requested(CFG.embed.device) else 0,
         # torch and the model, the window (uncompressed), the region's embeddings

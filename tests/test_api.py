@@ -300,6 +300,44 @@ def test_search_with_h3(client, synthetic):
     assert [loc["h3"] for loc in body["locations"]] == [w[0] for w in want]
 
 
+def test_search_from_memory_and_from_the_database_agree(client, synthetic, monkeypatch):
+    """With the embeddings in memory, POST /search is answered from them without a database connection;
+    without, by the database: the same cells, in the same order, as the exact numpy answer."""
+    state = client.app.state.vectorgeo
+    cases = [((47.3, 8.5, None), 200_000, 15), ((45.2, 6.1, None), 60_000, 5), ((46.0, 11.0, "q"), 150_000, 30)]
+    bodies = []
+    for (lat, lon, with_cell), radius, k in cases:
+        body = {"lat": lat, "lon": lon, "circleRadiusMeters": radius, "limit": k}
+        if with_cell:
+            body["h3"] = a_valid_cell(synthetic, (45.0, 12.0))
+        bodies.append(body)
+
+    def answers() -> list[list[str]]:
+        out = []
+        for body in bodies:
+            r = client.post("/search", json=body)
+            assert r.status_code == 200, r.text
+            out.append([loc["h3"] for loc in r.json()["locations"]])
+        return out
+
+    monkeypatch.setattr(state.scores, "_snapshot", None)  # not in memory: the database answers
+    from_database = answers()
+    assert client.get("/healthz").json()["embeddings_in_memory"] == 0
+    assert state.scores.vectors().model_version == VERSION  # read them (as the start-up warm-up does)
+    assert client.get("/healthz").json()["embeddings_in_memory"] == int(synthetic.valid.sum())
+    assert state.vectors_in_memory() is not None  # of the active dataset, whose metadata is now fresh
+
+    def no_database():
+        raise AssertionError("the database was asked")
+
+    monkeypatch.setattr(state, "connection", no_database)
+    from_memory = answers()
+    for body, db_cells, mem_cells in zip(bodies, from_database, from_memory, strict=True):
+        query = body.get("h3") or h3.latlng_to_cell(body["lat"], body["lon"], RES)
+        want = synthetic.brute_similar(query, body["limit"], body["circleRadiusMeters"], (body["lat"], body["lon"]))
+        assert db_cells == mem_cells == [w[0] for w in want]
+
+
 def test_search_ocean_point_is_404(client):
     r = client.post("/search", json={"lat": 0.0, "lon": -30.0, "circleRadiusMeters": 1000, "limit": 3})
     assert r.status_code == 404 and "not loaded" in r.json()["message"]

@@ -43,6 +43,67 @@ def test_radius_across_the_antimeridian_and_near_a_pole(w):
         search.Area(radius_m=10.0).rows(w)
 
 
+@pytest.fixture(scope="module")
+def w4() -> CellVectors:
+    return world(res=4)
+
+
+def test_radius_rows_come_from_a_cover_of_coarse_cells(w4):
+    """The radius's rows are read from a few key ranges (a ring of coarse cells): the same rows as a scan of
+    every cell, at random centres (poles and the antimeridian among them) and radii from 3 km to 8,000 km."""
+    rng = np.random.default_rng(1)
+    covered = 0
+    for trial in range(150):
+        lat = float(np.degrees(np.arcsin(rng.uniform(-1, 1))))
+        lng = float(rng.uniform(-180, 180))
+        if trial % 10 == 0:
+            lat = float(rng.choice([89.9, -89.9, 85.0, -87.0]))
+        if trial % 7 == 0:
+            lng = float(rng.choice([179.9, -179.95]))
+        r = float(10 ** rng.uniform(3.5, 6.9))
+        near = search.cover_rows(w4, lat, lng, r)
+        want = np.flatnonzero(haversine(lat, lng, w4.lat, w4.lng) <= r)
+        assert search.Area(radius_m=r, center=(lat, lng)).rows(w4).tolist() == want.tolist(), (lat, lng, r)
+        if near is not None:
+            covered += 1
+            assert np.isin(want, near).all() and np.all(np.diff(near) > 0)
+            if r < 500_000:
+                assert near.size < w4.n // 20  # a few ranges, not the world
+    assert covered > 100
+
+
+def test_nearest_is_the_exact_answer_in_a_radius(w4):
+    """nearest(): the k most similar cells within the radius (the query cell left out), ties by h3; the
+    radius on the WGS84 ellipsoid (pyproj) where the sphere and the ellipsoid disagree."""
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        row = int(rng.integers(w4.n))
+        lat, lng = float(w4.lat[row]), float(w4.lng[row])
+        r = float(rng.uniform(200_000, 2_000_000))
+        got = search.nearest(w4, row, 12, search.Area(radius_m=r, center=(lat, lng)))
+        inside = np.flatnonzero(search.geodesic_m(lat, lng, w4.lat, w4.lng) <= r)
+        inside = inside[inside != row]
+        sim = w4.embedding[inside] @ w4.embedding[row]
+        want = inside[np.lexsort((inside, -sim))][:12]
+        assert got.tolist() == want.tolist()
+    # a tie: two cells with the query's own vector come back lowest h3 first
+    v = CellVectors(w4.model_version, 4, "s", w4.h3, w4.lat, w4.lng, w4.embedding.copy(), w4.regions)
+    a, b = 1000, 1001
+    v.embedding[[a, b]] = v.embedding[999]
+    got = search.nearest(v, 999, 2, search.Area(radius_m=500_000, center=(float(v.lat[999]), float(v.lng[999]))))
+    assert got.tolist() == [a, b]
+
+
+def test_geodesic_radius_differs_from_the_sphere_only_near_the_edge(w4):
+    lat, lng, r = 60.0, 10.0, 1_000_000.0
+    sphere = search.Area(radius_m=r, center=(lat, lng)).rows(w4)
+    ellipsoid = search.Area(radius_m=r, center=(lat, lng)).rows(w4, geodesic=True)
+    assert ellipsoid.tolist() == np.flatnonzero(search.geodesic_m(lat, lng, w4.lat, w4.lng) <= r).tolist()
+    d = haversine(lat, lng, w4.lat, w4.lng)
+    differ = np.setxor1d(sphere, ellipsoid)
+    assert np.all((d[differ] > 0.99 * r) & (d[differ] < 1.01 * r))
+
+
 def test_bbox_across_the_antimeridian(w):
     rows = search.Area(bbox=(170.0, -30.0, -170.0, 0.0)).rows(w)
     want = np.flatnonzero(((w.lng >= 170) | (w.lng <= -170)) & (w.lat >= -30) & (w.lat <= 0))

@@ -64,8 +64,16 @@ class Area:
     def __bool__(self) -> bool:
         return self.radius_m is not None or self.bbox is not None or self.polygon is not None
 
-    def rows(self, vectors: CellVectors) -> np.ndarray | None:
-        """Rows of the cells inside (int64), or None when there is no area (every cell)."""
+    def rows(self, vectors: CellVectors, geodesic: bool = False) -> np.ndarray | None:
+        """Rows of the cells inside (int64, ascending), or None when there is no area (every cell).
+
+        Args:
+            vectors: The loaded embeddings.
+            geodesic: Measure the radius on the WGS84 ellipsoid (as the database's similarity queries do)
+                instead of on the sphere: the great-circle distance decides every cell outside a thin
+                ring (0.99–1.01 of the radius; the two differ by less than 0.6 %), pyproj's geodesic
+                the cells in it.
+        """
         if not self:
             return None
         lat, lng = vectors.lat, vectors.lng
@@ -74,9 +82,20 @@ class Area:
             if self.center is None:
                 raise RequestError("center", "a radius needs a centre")
             clat, clng = self.center
+            near = cover_rows(vectors, clat, clng, self.radius_m)
+            if near is not None:
+                keep = near
             band = self.radius_m / M_PER_DEG
             keep = keep[np.abs(lat[keep] - clat) <= band]
-            keep = keep[haversine_m(clat, clng, lat[keep], lng[keep]) <= self.radius_m]
+            d = haversine_m(clat, clng, lat[keep], lng[keep])
+            if geodesic:
+                ring = np.flatnonzero((d > 0.99 * self.radius_m) & (d <= 1.01 * self.radius_m))
+                inside = d <= 0.99 * self.radius_m
+                if ring.size:
+                    inside[ring] = geodesic_m(clat, clng, lat[keep[ring]], lng[keep[ring]]) <= self.radius_m
+                keep = keep[inside]
+            else:
+                keep = keep[d <= self.radius_m]
         if self.bbox is not None:
             w, s, e, n = self.bbox
             x, y = lng[keep], lat[keep]
@@ -91,6 +110,77 @@ class Area:
             shapely.prepare(self.polygon)
             keep = keep[shapely.contains_xy(self.polygon, lng[keep], lat[keep])]
         return keep
+
+
+# Covering a radius with coarse cells: at most this many rings of them around the centre's
+COVER_MAX_RINGS = 8
+
+
+def cover_level(resolution: int, radius_m: float) -> tuple[int, int] | None:
+    """(coarse resolution, rings) of :func:`cover_rows` for cells of ``resolution``, or None when even
+    resolution 0 needs more than :data:`COVER_MAX_RINGS` rings."""
+    import h3
+
+    for coarse in range(resolution, -1, -1):
+        # neighbouring cell centres are at least sqrt(3) x the shortest edge apart
+        spacing_m = math.sqrt(3) * 0.5 * h3.average_hexagon_edge_length(coarse, unit="m")
+        rings = math.ceil(radius_m / spacing_m) + 1
+        if rings <= COVER_MAX_RINGS:
+            return coarse, rings
+    return None
+
+
+def cover_rows(vectors: CellVectors, lat: float, lng: float, radius_m: float) -> np.ndarray | None:
+    """Rows (ascending) of every cell that may lie within ``radius_m`` of (lat, lng) and few others, or None
+    when the radius is too large to cover this way (then every row may).
+
+    The rows are sorted by h3, so the descendants of a coarse cell are one range of rows
+    (:func:`vectorgeo.h3cells.descendant_range`). The cover is the grid disk of k rings of coarse cells
+    around the centre's, at the finest resolution where k <= :data:`COVER_MAX_RINGS`, k counted with
+    half the average edge length of that resolution (H3 edges vary by less than 2x) plus one ring:
+    the cells a great circle of ``radius_m`` from the centre crosses are all in it.
+    """
+    import h3
+
+    res = int(vectors.resolution)
+    cover = cover_level(res, radius_m)
+    if cover is None:
+        return None
+    coarse, rings = cover
+    disk = h3.grid_disk(h3.latlng_to_cell(lat, lng, coarse), rings)
+    bounds = np.array([h3cells.descendant_range(h3.str_to_int(c), res) for c in disk], dtype=np.uint64)
+    starts = np.searchsorted(vectors.h3, bounds[:, 0], side="left")
+    ends = np.searchsorted(vectors.h3, bounds[:, 1], side="right")
+    order = np.argsort(starts)
+    parts = [np.arange(a, b, dtype=np.int64) for a, b in zip(starts[order], ends[order], strict=True) if b > a]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def geodesic_m(lat: float, lng: float, lats: np.ndarray, lngs: np.ndarray) -> np.ndarray:
+    """Geodesic distances in metres on the WGS84 ellipsoid from one point to many (pyproj)."""
+    from pyproj import Geod
+
+    n = lats.shape[0]
+    _, _, dist = Geod(ellps="WGS84").inv(np.full(n, lng), np.full(n, lat), lngs, lats)
+    out: np.ndarray = np.asarray(dist, dtype=np.float64)
+    return out
+
+
+def nearest(vectors: CellVectors, row: int, k: int, area: Area, exclude_self: bool = True) -> np.ndarray:
+    """Rows of the ``k`` cells most similar (cosine) to row ``row``, most similar first (ties: lower h3),
+    among those inside ``area`` (radius measured on the WGS84 ellipsoid, like the database's queries).
+
+    An exact scan of the area's cells, as the database's exact path, over the in-memory embeddings.
+    """
+    inside = area.rows(vectors, geodesic=True)
+    if inside is None:
+        inside = np.arange(vectors.n, dtype=np.int64)
+    if exclude_self:
+        inside = inside[inside != row]
+    sim = vectors.embedding[inside] @ vectors.embedding[row]
+    # ``inside`` ascends with h3, so top_k's ties (lower position first) break by h3 as the database's do
+    out: np.ndarray = inside[scores.top_k(sim, k)]
+    return out
 
 
 def haversine_m(lat: float, lng: float, lats: np.ndarray, lngs: np.ndarray) -> np.ndarray:

@@ -102,6 +102,13 @@ class Health(BaseModel):
     model_version: str | None = None
     cells: int | None = None
     viewer_assets: bool
+    embeddings_in_memory: int = Field(
+        0,
+        description=(
+            "Cells of the active dataset whose embeddings the server holds in memory (search by example, and "
+            "POST /search answered without a database query); 0 while they are being read at start-up."
+        ),
+    )
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {

@@ -148,6 +148,16 @@ class ScoreService:
         """The embeddings in force (:meth:`snapshot`)."""
         return self.snapshot().vectors
 
+    def in_memory(self) -> CellVectors | None:
+        """The embeddings in force when they have been read already (never waits for the first read;
+        None also when the periodic check cannot reach the database)."""
+        if self._snapshot is None:
+            return None
+        try:
+            return self.snapshot().vectors
+        except VectorgeoError:
+            return None
+
     def _read(self, conn: psycopg.Connection[Any]) -> Snapshot:
         t0 = time.perf_counter()
         v = store_vectors.load_vectors(conn)

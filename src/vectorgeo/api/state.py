@@ -38,6 +38,7 @@ from vectorgeo.api.settings import ServeSettings
 from vectorgeo.errors import DatabaseError, QueryTimeout, VectorgeoError
 from vectorgeo.inputs import InputLayers
 from vectorgeo.store import QuerySettings
+from vectorgeo.store.vectors import CellVectors
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +305,20 @@ class AppState:
             current = Checked(store.dataset(conn), time.monotonic())
             self._dataset = current
         return current.value
+
+    def vectors_in_memory(self) -> CellVectors | None:
+        """The embeddings in memory when they are the active dataset's, else None (not read yet, or of
+        another model version). Takes a database connection only when the active dataset is due a check."""
+        vectors = self.scores.in_memory()
+        if vectors is None:
+            return None
+        current = self._dataset
+        if current is not None and current.fresh(self.meta_ttl_s):
+            ds = current.value
+        else:
+            with self.connection() as conn:
+                ds = self.dataset(conn)
+        return vectors if vectors.model_version == ds.model_version else None
 
     def resolution(self, conn: psycopg.Connection[Any]) -> int:
         """H3 resolution of the active dataset, re-read every ``meta_ttl_s`` seconds."""

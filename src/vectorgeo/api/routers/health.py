@@ -21,4 +21,13 @@ def healthz(state: StateDep) -> Any:
     with state.connection() as conn:
         ds = store.dataset(conn)
         n = sum(int(d["rows"]) for d in store.datasets(conn) if d["model_version"] == ds.model_version)
-    return {"status": "ok", "database": "ok", "model_version": ds.model_version, "cells": n, "viewer_assets": viewer}
+    vectors = state.scores.in_memory()
+    in_memory = vectors.n if vectors is not None and vectors.model_version == ds.model_version else 0
+    return {
+        "status": "ok",
+        "database": "ok",
+        "model_version": ds.model_version,
+        "cells": n,
+        "viewer_assets": viewer,
+        "embeddings_in_memory": in_memory,
+    }

@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, Query
 
 from vectorgeo import h3cells, store
+from vectorgeo import search as vg_search
 from vectorgeo.api.errors import NotFound
 from vectorgeo.api.models import ERRORS, NOT_FOUND, SearchRequest, SearchResponse, SimilarResponse
-from vectorgeo.api.state import StateDep
+from vectorgeo.api.state import AppState, StateDep
 from vectorgeo.errors import RequestError
 from vectorgeo.validation import BBOX_PATTERN, H3_PATTERN, MAX_K, MAX_RADIUS_M, parse_bbox, parse_cell
 
@@ -37,9 +39,51 @@ def _missing(row: dict[str, Any] | None) -> str | None:
     return "has no embedding" if row["embedding"] is None else None
 
 
+def _in_memory(
+    state: AppState, cell_param: str | None, lat: float, lng: float, radius_m: float, k: int
+) -> list[dict[str, Any]] | None:
+    """The k cells most similar to the query cell within the radius, found in the in-memory embeddings,
+    or None when the database has to answer: embeddings not in memory (yet) or of another model version,
+    a query cell without an embedding (the database's path says why), or a radius too large to cover
+    with a few coarse cells.
+
+    The same exact scan as the database's exact path (the radius on the WGS84 ellipsoid, ties by h3),
+    without a database round trip: the cells within the radius are a few key ranges of the arrays
+    sorted by h3 (:func:`vectorgeo.search.cover_rows`).
+    """
+    vectors = state.vectors_in_memory()
+    if vectors is None:
+        return None
+    if cell_param is not None:
+        cell = parse_cell(cell_param, "h3", resolution=vectors.resolution)
+    else:
+        cell = h3cells.cell_at(lat, lng, vectors.resolution)
+    row = int(vectors.index_of(np.array([cell], dtype=np.uint64))[0])
+    if row < 0 or vg_search.cover_level(vectors.resolution, radius_m) is None:
+        return None
+    found = vg_search.nearest(vectors, row, k, vg_search.Area(radius_m=radius_m, center=(lat, lng)))
+    sim = vectors.embedding[found] @ vectors.embedding[row]
+    return [
+        {"h3": int(vectors.h3[i]), "lat": float(vectors.lat[i]), "lng": float(vectors.lng[i]), "similarity": float(s)}
+        for i, s in zip(found, sim, strict=True)
+    ]
+
+
 @router.post("/search", response_model=SearchResponse, responses={**ERRORS, **NOT_FOUND})
 def search(body: SearchRequest, state: StateDep) -> Any:
     """Old Lambda shape: cells most similar to ``h3`` (or the cell at lat/lon) within the circle."""
+    rows = _in_memory(state, body.h3, body.lat, body.lon, body.circleRadiusMeters, body.limit)
+    if rows is None:
+        rows = _from_database(state, body)
+    found = results(rows, False)
+    return {
+        "locations": [{"lat": r["lat"], "lon": r["lng"], "h3": r["h3"]} for r in found],
+        "scores": [r["similarity"] for r in found],
+    }
+
+
+def _from_database(state: AppState, body: SearchRequest) -> list[dict[str, Any]]:
+    """POST /search answered by the database (:func:`vectorgeo.store.similar`)."""
     with state.connection() as conn:
         ds = state.dataset(conn)
         if body.h3 is not None:
@@ -58,11 +102,7 @@ def search(body: SearchRequest, state: StateDep) -> Any:
             center=(body.lat, body.lon),
             ds=ds,
         )
-    found = results(rows, False)
-    return {
-        "locations": [{"lat": r["lat"], "lon": r["lng"], "h3": r["h3"]} for r in found],
-        "scores": [r["similarity"] for r in found],
-    }
+    return rows
 
 
 @router.get("/similar", response_model=SimilarResponse, responses=ERRORS)
