@@ -1,8 +1,8 @@
 """Database benchmark: bulk load (binary COPY vs multi-row INSERT), HNSW build, filtered kNN latency/recall.
 
-Synthetic data: N points uniform on land (uniform on the sphere, kept where the GLOBE land mask says
-land), each the H3 cell (res 12) containing it, sorted by h3 and grouped into res-0 regions like the
-workflow's region files, with unit vectors of dimension ``--dim`` (default 64):
+Synthetic data: N of the land cells of one H3 resolution (``--resolution``, default 6: the 4,009,863 cells
+of the res-6 world; drawn at random when N is smaller), sorted by h3 and grouped into res-0 regions like
+the workflow's region files, with unit vectors of dimension ``--dim`` (default 64):
 
 - ``--vectors smooth`` (default): like trained embeddings, of low intrinsic dimension and varying
   smoothly with position: random Fourier features of the position (wavelengths ~100 to ~3,000 km)
@@ -59,7 +59,6 @@ from vectorgeo.rasters import prepare_layer
 
 ROOT = Path(__file__).resolve().parents[1]
 RADII_KM = (20, 50, 100, 200, 500, 1000, 2000)
-CELL_RES = 12
 VECTOR_CHUNK = 500_000
 INSERT_BATCH = 10_000
 
@@ -78,33 +77,20 @@ def land_mask() -> Layer:
     return layer
 
 
-def land_points(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """n distinct res-12 cells at points uniform on land, sorted by h3: (h3, lat, lng)."""
-    import h3ronpy.vector as h3v
+def land_cells(n: int, res: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n of the stencil's land cells at H3 resolution ``res`` (drawn at random when there are more),
+    sorted by h3: (h3, lat, lng) of their centres."""
+    from vectorgeo.stencil import iter_land_cells
 
-    mask = land_mask()
-    cells: list[np.ndarray] = []
-    lats: list[np.ndarray] = []
-    lngs: list[np.ndarray] = []
-    have = 0
-    while have < n:
-        m = 4 * (n - have) + 1000
-        lat = np.degrees(np.arcsin(rng.uniform(-1, 1, m)))
-        lng = rng.uniform(-180, 180, m)
-        keep = np.asarray(mask.values_at(lat, lng), dtype=bool)
-        lat, lng = lat[keep], lng[keep]
-        c = np.asarray(h3v.coordinates_to_cells(lat, lng, CELL_RES)).astype(np.uint64)
-        cells.append(c)
-        lats.append(lat)
-        lngs.append(lng)
-        all_cells = np.concatenate(cells)
-        have = np.unique(all_cells).shape[0]
-    h3 = np.concatenate(cells)
-    lat, lng = np.concatenate(lats), np.concatenate(lngs)
-    _, first = np.unique(h3, return_index=True)
-    first = np.sort(first)[:n]
-    order = np.argsort(h3[first])
-    idx = first[order]
+    parts = list(iter_land_cells(land_mask(), res, 0))
+    h3 = np.concatenate([p[0] for p in parts])
+    lat = np.concatenate([p[1] for p in parts])
+    lng = np.concatenate([p[2] for p in parts])
+    if n > h3.shape[0]:
+        raise SystemExit(f"--rows {n}: resolution {res} has only {h3.shape[0]} land cells (use a finer --resolution)")
+    keep = np.sort(rng.choice(h3.shape[0], size=n, replace=False)) if n < h3.shape[0] else np.arange(n)
+    order = np.argsort(h3[keep])
+    idx = keep[order]
     return h3[idx], lat[idx], lng[idx]
 
 
@@ -359,6 +345,7 @@ def settings_from(args: argparse.Namespace) -> tuple[store.QuerySettings, store.
         "maintenance_work_mem": args.maintenance_work_mem,
         "max_scan_tuples": args.max_scan_tuples,
         "exact_scan_max_rows": args.exact_max_rows,
+        "local_exact_rings": args.local_rings,
     }
     database.update({k: v for k, v in overrides.items() if v is not None})
     return store.QuerySettings.from_config(database), store.IndexSettings.from_config(database)
@@ -368,6 +355,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--dim", type=int, default=64, help="embedding dimension")
+    ap.add_argument(
+        "--resolution",
+        type=int,
+        default=6,
+        help="H3 resolution of the cells: --rows of its land cells (res 6 has 4,009,863), as the workflow stores them",
+    )
     ap.add_argument("--vectors", choices=["smooth", "random"], default="smooth")
     ap.add_argument("--queries", type=int, default=50, help="query cells per radius")
     ap.add_argument("--url", help="use this database instead of a temporary cluster (tables are added)")
@@ -380,6 +373,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ef-search", type=int, help="database.ef_search")
     ap.add_argument("--maintenance-work-mem", help="database.maintenance_work_mem, e.g. 4GB")
     ap.add_argument("--max-scan-tuples", type=int, help="database.max_scan_tuples")
+    ap.add_argument("--local-rings", type=int, help="database.local_exact_rings")
     ap.add_argument("--exact-max-rows", type=int, help="database.exact_scan_max_rows (default: the cost model's limit)")
     ap.add_argument(
         "--reindex",
@@ -406,7 +400,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sampler = LoadSampler()
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
-    h3, lat, lng = land_points(args.rows, rng)
+    h3, lat, lng = land_cells(args.rows, args.resolution, rng)
     if args.vectors == "smooth":
         emb = smooth_vectors(lat, lng, args.dim, rng)
     else:

@@ -15,7 +15,7 @@ import pytest
 from conftest import start_test_cluster
 from test_geoparquet import region_arrays
 
-from vectorgeo import cli, db, store
+from vectorgeo import cli, db, h3cells, store
 from vectorgeo import geoparquet as gp
 from vectorgeo.errors import DatabaseError, DataError, RequestError
 
@@ -268,6 +268,36 @@ def test_bbox_and_vector_queries_equal_brute_force(small_table) -> None:
     by_point = store.similar_to_point(conn, QUERY, a["lat"][i], a["lng"][i], k=5, method="exact")
     assert by_point == store.similar(conn, QUERY, h3=int(a["h3"][i]), k=5, method="exact")
     assert store.resolution(conn) == 4
+
+
+def test_index_path_ranks_the_query_cells_neighbourhood_exactly(small_table) -> None:
+    """On the HNSW path of a query by cell, the cells around the query cell (database.local_exact_rings)
+    are ranked exactly beside the index's candidates, under the same filter: with an index scan cut
+    short (10 tuples), the answer is still the exact one within a radius the rings cover."""
+    from dataclasses import replace
+
+    conn, a = small_table
+    valid = a["status"] == "ok"
+    short_scan = replace(QUERY, ef_search=10, max_scan_tuples=10)
+    rng = np.random.default_rng(11)
+    for i in rng.choice(np.flatnonzero(valid), 5, replace=False):
+        dist = geodesic_m(a["lat"][i], a["lng"][i], a["lat"], a["lng"])
+        mask = (dist <= 100e3) & (np.arange(len(dist)) != i)
+        expected = brute_force(a, valid, a["embedding"][i], mask, 10)
+        got = store.similar(
+            conn, replace(short_scan, local_rings=5), h3=int(a["h3"][i]), k=10, radius_m=100e3, method="index"
+        )
+        assert [r["h3"] for r in got] == expected
+        # the rings reach beyond the radius: nothing outside it comes back, nor the query cell
+        ring = set(h3cells.disk(int(a["h3"][i]), 5))
+        assert len(ring) > mask.sum() and int(a["h3"][i]) not in [r["h3"] for r in got]
+        # a bbox cutting through the rings filters them too
+        lat, lng = a["lat"][i], a["lng"][i]
+        box = (lng - 2.0, lat - 2.0, lng + 2.0, lat)
+        boxed = store.similar(
+            conn, replace(short_scan, local_rings=5), h3=int(a["h3"][i]), k=10, bbox=box, method="index"
+        )
+        assert all(r["lat"] <= lat + 1e-9 and abs(r["lng"] - lng) <= 2.0 for r in boxed)
 
 
 def test_build_indexes_is_idempotent_and_follows_params(small_table) -> None:

@@ -286,6 +286,18 @@ class DatabaseConfig(Section):
             "exact when R <= sqrt(16 N k) (about 13,000 rows for N = 1M, k = 10)."
         ),
     )
+    local_exact_rings: int = Field(
+        10,
+        ge=0,
+        le=50,
+        description=(
+            "On the HNSW path of a query by cell, the cells up to this many H3 rings around the query cell "
+            "(3 r (r + 1) + 1 cells, 331 for 10, read by primary key) are ranked exactly beside the index's "
+            "candidates. An HNSW graph of millions of rows leaves some neighbourhoods badly connected: at 4M rows "
+            "the index alone missed 6 % of the exact top 10 whatever ef_search, most of them cells next to the query "
+            "cell (benchmarks/load.py). 0 = the index's candidates only."
+        ),
+    )
     maintenance_work_mem: str = Field(
         "1GB", description="PostgreSQL maintenance_work_mem for the index build (HNSW builds fastest in memory)."
     )

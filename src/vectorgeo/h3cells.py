@@ -116,6 +116,14 @@ def cell_at(lat: float, lng: float, res: int) -> int:
     return int(h3int.latlng_to_cell(lat, lng, res))
 
 
+def disk(cell: int | np.integer[Any], rings: int) -> list[int]:
+    """The cell and every cell up to ``rings`` grid steps from it (3 k (k + 1) + 1 cells, fewer next to a
+    pentagon)."""
+    import h3.api.basic_int as h3int
+
+    return [int(c) for c in h3int.grid_disk(int(cell), rings)]
+
+
 def boundary(cell: int | np.integer[Any]) -> list[list[float]]:
     """Hexagon (or pentagon) vertices as ``[lng, lat]``, longitudes continuous across ±180°."""
     import h3.api.basic_int as h3int

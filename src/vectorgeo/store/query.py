@@ -147,19 +147,32 @@ def _exact_sql(ds: Dataset, cond: sql.Composable) -> sql.Composed:
     ).format(t=ds.ident, cond=cond)
 
 
-def _index_sql(ds: Dataset, cond: sql.Composable) -> sql.Composed:
+def _index_sql(ds: Dataset, cond: sql.Composable, local: bool = False) -> sql.Composed:
     """The first ``candidates`` rows of an HNSW scan (relaxed order with an iterative scan), re-ranked
     exactly with the float32 embeddings (also when the index holds half-precision ones); the best k.
 
     ``candidates`` is the scan's candidate list (``ef_search``): the scan has their index distances at
     hand anyway, and re-ranking them all, not only the first k, recovers neighbours that the index's
     (float16, relaxed) order puts just after the k-th.
+
+    With ``local``, the cells ``%(local)s`` (the query cell's neighbourhood, by primary key) that pass
+    the same filter join the candidates: an HNSW search can miss a badly connected neighbourhood whatever
+    its candidate list, and a cell's most similar cells are often its neighbours.
     """
+    local_sql = sql.SQL(
+        " UNION SELECT h3, geom, embedding <=> %(q)s AS dist FROM {t} WHERE h3 = ANY(%(local)s) AND {cond}"
+    )
     return sql.SQL(
-        "WITH c AS MATERIALIZED (SELECT h3, geom, embedding <=> %(q)s AS dist FROM {t} WHERE {cond} "
-        "ORDER BY {key} <=> {q} LIMIT %(candidates)s) "
+        "WITH c AS MATERIALIZED ((SELECT h3, geom, embedding <=> %(q)s AS dist FROM {t} WHERE {cond} "
+        "ORDER BY {key} <=> {q} LIMIT %(candidates)s){local}) "
         "SELECT h3, ST_Y(geom), ST_X(geom), 1 - dist FROM c ORDER BY dist, h3 LIMIT %(k)s"
-    ).format(t=ds.ident, cond=cond, key=ds.hnsw_key(), q=ds.hnsw_query("q"))
+    ).format(
+        t=ds.ident,
+        cond=cond,
+        key=ds.hnsw_key(),
+        q=ds.hnsw_query("q"),
+        local=local_sql.format(t=ds.ident, cond=cond) if local else sql.SQL(""),
+    )
 
 
 def _index_gucs(settings: QuerySettings, k: int, iterative: bool) -> tuple[str, ...]:
@@ -217,7 +230,11 @@ def _search(
             return _run(conn, _exact_sql(ds, sql.SQL(" AND ").join(where + spatial.exact)), params, ())
         gucs = _index_gucs(settings, req.k, iterative=bool(spatial) or exclude_self)
         params["candidates"] = max(settings.ef_search, req.k)
-        return _run(conn, _index_sql(ds, sql.SQL(" AND ").join(where + spatial.index)), params, gucs)
+        local = point.cell is not None and settings.local_rings > 0
+        if local:
+            assert point.cell is not None
+            params["local"] = h3cells.disk(point.cell, settings.local_rings)
+        return _run(conn, _index_sql(ds, sql.SQL(" AND ").join(where + spatial.index), local), params, gucs)
     except psycopg.Error as e:
         raise database_error("similarity query", e) from None
 

@@ -19,11 +19,14 @@ class QuerySettings:
         max_scan_tuples: Bound of an iterative HNSW scan.
         exact_scan_max_rows: Largest estimated filtered row count answered by an exact scan; None =
             the cost model of :func:`vectorgeo.store.plan.exact_scan_limit`.
+        local_rings: On the index path of a query by cell, the cells up to this many H3 rings around the
+            query cell are ranked exactly beside the HNSW candidates (0: none).
     """
 
     ef_search: int
     max_scan_tuples: int
     exact_scan_max_rows: int | None
+    local_rings: int = 0
 
     @classmethod
     def from_config(cls, database: Mapping[str, Any]) -> QuerySettings:
@@ -33,6 +36,7 @@ class QuerySettings:
             ef_search=int(database["ef_search"]),
             max_scan_tuples=int(database["max_scan_tuples"]),
             exact_scan_max_rows=None if rows is None else int(rows),
+            local_rings=int(database["local_exact_rings"]),
         )
 
 
