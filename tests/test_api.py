@@ -551,9 +551,11 @@ def test_config_query_settings_reach_the_app(synthetic):
     from vectorgeo import store
     from vectorgeo.api.server import app_for_config
 
-    database = {"ef_search": 7, "max_scan_tuples": 1234, "exact_scan_max_rows": 0}
+    database = {"ef_search": 7, "max_scan_tuples": 1234, "exact_scan_max_rows": 0, "local_exact_rings": 4}
     app = app_for_config({"database": database, "serve": {"default_k": 3}}, synthetic.url)
-    assert app.state.vectorgeo.query == store.QuerySettings(ef_search=7, max_scan_tuples=1234, exact_scan_max_rows=0)
+    assert app.state.vectorgeo.query == store.QuerySettings(
+        ef_search=7, max_scan_tuples=1234, exact_scan_max_rows=0, local_rings=4
+    )
     assert app.state.vectorgeo.serve.default_k == 3
 
 
@@ -565,7 +567,9 @@ def test_query_settings_decide_the_plan(synthetic, exact_scan_max_rows, exact):
     from vectorgeo import store
     from vectorgeo.api import create_app
 
-    query = store.QuerySettings(ef_search=40, max_scan_tuples=20000, exact_scan_max_rows=exact_scan_max_rows)
+    query = store.QuerySettings(
+        ef_search=40, max_scan_tuples=20000, exact_scan_max_rows=exact_scan_max_rows, local_rings=10
+    )
     app = create_app(synthetic.url, serve=serve_with(pool_size=1), query=query, build_tiles=False)
     cell = a_valid_cell(synthetic, (46.0, 9.0))
 

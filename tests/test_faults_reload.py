@@ -38,7 +38,7 @@ import uvicorn
 from vectorgeo.api import ServeSettings, create_app, serve_settings
 from vectorgeo.store import QuerySettings
 url, port = sys.argv[1], int(sys.argv[2])
-query = QuerySettings(ef_search=100, max_scan_tuples=50000, exact_scan_max_rows=10**9)
+query = QuerySettings(ef_search=100, max_scan_tuples=50000, exact_scan_max_rows=10**9, local_rings=10)
 app = create_app(url, serve=ServeSettings.from_config(serve_settings()), query=query, meta_ttl_s=2.0)
 uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 """

@@ -282,8 +282,8 @@ class DatabaseConfig(Section):
         description=(
             "A filtered query whose filter is estimated to match at most this many rows is answered by an exact "
             "scan over the filtered rows; above it by an iterative HNSW index scan. null = a cost model: the exact "
-            "scan visits R filtered rows, the index scan about N k / R candidates at ~16 times the cost each, so "
-            "exact when R <= sqrt(16 N k) (about 13,000 rows for N = 1M, k = 10)."
+            "scan visits R filtered rows, the index scan about N k / R candidates at ~1.5 times the cost each, so "
+            "exact when R <= sqrt(2 N k) (about 4,500 rows for N = 1M, 8,900 for N = 4M, k = 10)."
         ),
     )
     local_exact_rings: int = Field(

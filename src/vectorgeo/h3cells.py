@@ -102,6 +102,26 @@ def descendant_range(cell: int | np.integer[Any], res: int) -> tuple[int, int]:
     return lo, hi
 
 
+def descendant_ranges(cells: np.ndarray, res: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`descendant_range` of many cells of one resolution (uint64 arrays lo, hi)."""
+    c = np.asarray(cells, dtype=np.uint64)
+    if c.size == 0:
+        return c.copy(), c.copy()
+    r = resolution(c[0])
+    if np.any(resolutions(c) != r) or res < r:
+        raise ValueError(f"cells of one resolution <= {res} expected")
+    base = (c & np.uint64(~(RES_MASK << RES_SHIFT) & 0xFFFFFFFFFFFFFFFF)) | np.uint64(res << RES_SHIFT)
+    digits = 0
+    sixes = 0
+    for i in range(r + 1, res + 1):
+        shift = (MAX_RES - i) * DIGIT_BITS
+        digits |= 7 << shift
+        sixes |= 6 << shift
+    lo = base & np.uint64(~digits & 0xFFFFFFFFFFFFFFFF)
+    hi = lo | np.uint64(sixes)
+    return lo, hi
+
+
 def is_valid(cell: int) -> bool:
     """True when ``cell`` is a valid H3 cell index."""
     import h3.api.basic_int as h3int

@@ -148,11 +148,19 @@ class ScoreService:
         """The embeddings in force (:meth:`snapshot`)."""
         return self.snapshot().vectors
 
-    def in_memory(self) -> CellVectors | None:
+    def in_memory(self, block: bool = True) -> CellVectors | None:
         """The embeddings in force when they have been read already (never waits for the first read;
-        None also when the periodic check cannot reach the database)."""
-        if self._snapshot is None:
+        None also when the periodic check cannot reach the database).
+
+        Args:
+            block: Make the periodic check when it is due (a database round trip); False: None then
+                (for a caller on the event loop, which must not wait for the database).
+        """
+        snap = self._snapshot
+        if snap is None:
             return None
+        if not block:
+            return snap.vectors if time.monotonic() - snap.checked_at < self.ttl_s else None
         try:
             return self.snapshot().vectors
         except VectorgeoError:

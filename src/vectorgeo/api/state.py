@@ -306,15 +306,22 @@ class AppState:
             self._dataset = current
         return current.value
 
-    def vectors_in_memory(self) -> CellVectors | None:
+    def vectors_in_memory(self, block: bool = True) -> CellVectors | None:
         """The embeddings in memory when they are the active dataset's, else None (not read yet, or of
-        another model version). Takes a database connection only when the active dataset is due a check."""
-        vectors = self.scores.in_memory()
+        another model version).
+
+        Args:
+            block: Make the periodic checks of the active dataset and of the loaded regions when they are
+                due (database round trips, every ``meta_ttl_s``); False: None then (for the event loop).
+        """
+        vectors = self.scores.in_memory(block)
         if vectors is None:
             return None
         current = self._dataset
         if current is not None and current.fresh(self.meta_ttl_s):
             ds = current.value
+        elif not block:
+            return None
         else:
             with self.connection() as conn:
                 ds = self.dataset(conn)

@@ -26,7 +26,7 @@ class QuerySettings:
     ef_search: int
     max_scan_tuples: int
     exact_scan_max_rows: int | None
-    local_rings: int = 0
+    local_rings: int
 
     @classmethod
     def from_config(cls, database: Mapping[str, Any]) -> QuerySettings:

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Query
+from starlette.concurrency import run_in_threadpool
 
 from vectorgeo import h3cells, store
 from vectorgeo import search as vg_search
@@ -40,7 +41,7 @@ def _missing(row: dict[str, Any] | None) -> str | None:
 
 
 def _in_memory(
-    state: AppState, cell_param: str | None, lat: float, lng: float, radius_m: float, k: int
+    state: AppState, cell_param: str | None, lat: float, lng: float, radius_m: float, k: int, block: bool = True
 ) -> list[dict[str, Any]] | None:
     """The k cells most similar to the query cell within the radius, found in the in-memory embeddings,
     or None when the database has to answer: embeddings not in memory (yet) or of another model version,
@@ -51,7 +52,7 @@ def _in_memory(
     without a database round trip: the cells within the radius are a few key ranges of the arrays
     sorted by h3 (:func:`vectorgeo.search.cover_rows`).
     """
-    vectors = state.vectors_in_memory()
+    vectors = state.vectors_in_memory(block)
     if vectors is None:
         return None
     if cell_param is not None:
@@ -70,16 +71,27 @@ def _in_memory(
 
 
 @router.post("/search", response_model=SearchResponse, responses={**ERRORS, **NOT_FOUND})
-def search(body: SearchRequest, state: StateDep) -> Any:
-    """Old Lambda shape: cells most similar to ``h3`` (or the cell at lat/lon) within the circle."""
-    rows = _in_memory(state, body.h3, body.lat, body.lon, body.circleRadiusMeters, body.limit)
+async def search(body: SearchRequest, state: StateDep) -> Any:
+    """Old Lambda shape: cells most similar to ``h3`` (or the cell at lat/lon) within the circle.
+
+    Answered on the event loop from the in-memory embeddings (about a millisecond of numpy, no thread
+    hand-off) when they are current; else in the thread pool, from memory after the periodic checks or
+    from the database.
+    """
+    rows = _in_memory(state, body.h3, body.lat, body.lon, body.circleRadiusMeters, body.limit, block=False)
     if rows is None:
-        rows = _from_database(state, body)
+        rows = await run_in_threadpool(_answer, state, body)
     found = results(rows, False)
     return {
         "locations": [{"lat": r["lat"], "lon": r["lng"], "h3": r["h3"]} for r in found],
         "scores": [r["similarity"] for r in found],
     }
+
+
+def _answer(state: AppState, body: SearchRequest) -> list[dict[str, Any]]:
+    """POST /search's rows, in a worker thread: from memory (making the checks that are due), else the database."""
+    rows = _in_memory(state, body.h3, body.lat, body.lon, body.circleRadiusMeters, body.limit)
+    return rows if rows is not None else _from_database(state, body)
 
 
 def _from_database(state: AppState, body: SearchRequest) -> list[dict[str, Any]]:
