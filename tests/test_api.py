@@ -338,6 +338,54 @@ def test_search_from_memory_and_from_the_database_agree(client, synthetic, monke
         assert db_cells == mem_cells == [w[0] for w in want]
 
 
+def test_serve_with_worker_processes(synthetic, tmp_path):
+    """``vectorgeo serve --workers 2``: two uvicorn worker processes on one port, each with the config's
+    settings and the embeddings in memory, answer POST /search as one server does."""
+    import os
+    import signal
+    import socket
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = tmp_path / "serve.yaml"
+    root = Path(__file__).resolve().parents[1]
+    config.write_text((root / "config" / "config.yaml").read_text() + "\nserve:\n  default_k: 4\n")
+    exe = Path(sys.executable).with_name("vectorgeo")
+    env = {**os.environ, "VECTORGEO_DATABASE_URL": synthetic.url}
+    cmd = [str(exe), "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        ready = 0
+        while ready < 10:  # ten answers in a row, on new connections: both workers have read the embeddings
+            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read() if server.stderr else ""
+            try:
+                health = httpx.get(f"{base}/healthz", timeout=5).json()
+                ready = ready + 1 if health.get("embeddings_in_memory", 0) == int(synthetic.valid.sum()) else 0
+            except httpx.HTTPError:
+                ready = 0
+            time.sleep(0.1)
+        import psutil
+
+        assert len(psutil.Process(server.pid).children(recursive=True)) >= 2
+        body = {"lat": 47.3, "lon": 8.5, "circleRadiusMeters": 200_000, "limit": 15}
+        want = synthetic.brute_similar(h3.latlng_to_cell(47.3, 8.5, RES), 15, 200_000, (47.3, 8.5))
+        for _ in range(6):
+            got = httpx.post(f"{base}/search", json=body, timeout=30).json()
+            assert [loc["h3"] for loc in got["locations"]] == [w[0] for w in want]
+        assert httpx.get(f"{base}/meta", timeout=30).json()["default_k"] == 4
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
 def test_search_ocean_point_is_404(client):
     r = client.post("/search", json={"lat": 0.0, "lon": -30.0, "circleRadiusMeters": 1000, "limit": 3})
     assert r.status_code == 404 and "not loaded" in r.json()["message"]

@@ -217,12 +217,13 @@ def _run_query(args: argparse.Namespace) -> int:
 def _setup_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="address to listen on (default: serve.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="TCP port (default: serve.port, 8000)")
+    p.add_argument("--workers", type=int, help="worker processes (default: serve.workers, 2)")
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from vectorgeo.api import serve
 
-    return serve(load_cli_config(args), host=args.host, port=args.port)
+    return serve(load_cli_config(args), host=args.host, port=args.port, workers=args.workers)
 
 
 register("db", "manage the project-local PostgreSQL cluster: start, stop, status, url", _setup_db, _run_db)

@@ -328,6 +328,17 @@ class ServeConfig(Section):
 
     host: str = Field("127.0.0.1", description="Address to listen on (127.0.0.1 = this machine only).")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
+    workers: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description=(
+            "uvicorn worker processes (one port, requests spread by the kernel). Each holds its own copy of the "
+            "active dataset's embeddings, n (4 d + 24) bytes (1.1 GB for the 4M cells of a res-6 world at d = 64, "
+            "7.8 GB for 28M), and its own database pool. Python answers one request at a time per process: two "
+            "workers on the 2-core development machine served POST /search at twice the rate of one."
+        ),
+    )
     pool_size: int = Field(
         8, ge=1, le=64, description="Database connections kept open by the API (one per concurrent request at most)."
     )
@@ -653,14 +664,14 @@ class EmbedConfig(Section):
         ),
     )
     cpu_threads: int = Field(
-        2,
+        1,
         ge=1,
         description=(
-            "Threads of one embed_region job on CPU: torch's intra-op threads (one more thread gathers patches). "
-            "Snakemake runs --cores / cpu_threads regions at once. Two threads per job, one job at a time on a "
-            "2-core machine, embedded a res-6 world as fast as two one-thread jobs side by side (which slow each "
-            "other down), with each job's time nearer the steady state. On CUDA a job takes 4 threads to gather "
-            "patches for the GPU. An execution setting: changing it does not rerun regions."
+            "Threads of one embed_region job on CPU: torch's intra-op threads (one more thread gathers patches); "
+            "Snakemake runs --cores / cpu_threads regions at once. On the 2-core development machine two one-thread "
+            "jobs side by side embedded a res-6 world in 850 s, one two-thread job at a time in 1,157 s. On CUDA a "
+            "job takes 4 threads to gather patches for the GPU. An execution setting: changing it does not rerun "
+            "regions."
         ),
     )
     rollup_resolutions: list[Annotated[int, Field(ge=0, le=15)]] = Field(
