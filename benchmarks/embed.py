@@ -6,6 +6,14 @@
   encoded inputs already in memory (on the device), forward pass only.
 * ``ratio`` = cells_per_s / model_only_cells_per_s (goal ≥ 0.7); ``cpu_time_ratio``, the same
   from process CPU time, is the figure to trust when other processes load the machine.
+* ``--processes N`` runs N copies side by side (as the workflow runs N one-thread
+  ``embed_region`` jobs on N cores) and reports each one's figures and their mean
+  ``cells_per_s``: the steady state of one job at that concurrency.
+* ``--pin`` runs the process on ``--threads`` CPUs only (its gather thread included), the
+  CPU share of a ``threads: N`` job when the workflow keeps every core busy; with
+  ``--processes`` each copy gets CPUs of its own.
+* glibc malloc keeps freed memory (:func:`vectorgeo.allocator.keep_freed_memory`), as in the
+  workflow's ``embed_region`` jobs; ``--malloc-defaults`` measures glibc's defaults.
 * ``projected_res7_world_hours``: 28,067,759 land cells at H3 res 7 (measured by
   benchmarks/stencil.py) / cells_per_s / 3600.
 
@@ -14,6 +22,7 @@ config's architecture (same cost). Layers and stencil come from results/ (run th
 workflow up to the stencil first).
 
     .venv/bin/python benchmarks/embed.py [--cells 40000] [--batch-size N] [--device auto|cpu|cuda]
+        [--threads 1] [--pin] [--processes 2] [--malloc-defaults]
 
 Prints one JSON object on its last line.
 """
@@ -23,6 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from vectorgeo import allocator
 from vectorgeo import embed as vg_embed
 from vectorgeo import model as vg_model
 from vectorgeo.config import load_config, parse
@@ -48,7 +60,21 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="default: embed.device of the config")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU")
     ap.add_argument("--repeats", type=int, default=3, help="best of this many timed runs of each")
+    ap.add_argument("--processes", type=int, default=1, help="copies of this benchmark run side by side")
+    ap.add_argument("--pin", action="store_true", help="run on --threads CPUs only (CPU affinity)")
+    ap.add_argument("--first-cpu", type=int, default=0, help="with --pin: index of the first CPU to use")
+    ap.add_argument("--malloc-defaults", action="store_true", help="leave glibc malloc at its defaults")
     args = ap.parse_args()
+    if args.processes > 1:
+        side_by_side(args.processes, args.threads if args.pin else 0)
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin:
+        if args.first_cpu + args.threads > len(cpus):
+            raise SystemExit(f"--pin: CPUs {args.first_cpu}..{args.first_cpu + args.threads - 1} of {len(cpus)}")
+        cpus = cpus[args.first_cpu : args.first_cpu + args.threads]
+        os.sched_setaffinity(0, cpus)
+    malloc_tuned = False if args.malloc_defaults else allocator.keep_freed_memory()
 
     cfg = load_config(args.config)
     typed = parse(cfg)
@@ -163,11 +189,54 @@ def main() -> None:
         "model_only_ok_cells_per_s": round(1 / min(w for w, _ in per_cell), 1),
         "ratio": round(cells_per_s / model_only_cells_per_s, 3),
         "cpu_time_ratio": round(cpu_ratio, 3),
+        "cpus": cpus if args.pin else f"any of {len(cpus)}",
+        "malloc_keeps_freed_memory": malloc_tuned,
         "load_average_1m": round(os.getloadavg()[0], 2),
         "res7_land_cells": RES7_LAND_CELLS,
         "projected_res7_world_hours": round(RES7_LAND_CELLS / cells_per_s / 3600, 2),
     }
     print(json.dumps(result))
+
+
+def side_by_side(processes: int, pin_threads: int) -> None:
+    """Run ``processes`` copies of this benchmark at once (same arguments) and print their figures.
+
+    With ``pin_threads`` > 0 copy i runs on CPUs ``i * pin_threads`` onwards.
+    """
+    argv = list(sys.argv[1:])
+    for i, a in enumerate(argv):  # drop --processes N / --processes=N
+        if a == "--processes":
+            del argv[i : i + 2]
+            break
+        if a.startswith("--processes="):
+            del argv[i]
+            break
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, *argv, *(["--first-cpu", str(i * pin_threads)] if pin_threads else [])],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(processes)
+    ]
+    outs = [p.communicate()[0] for p in procs]
+    for p in procs:
+        if p.returncode != 0:
+            raise SystemExit(f"a benchmark process exited with status {p.returncode}")
+    each = [json.loads(out.strip().splitlines()[-1]) for out in outs]
+    rates = [r["cells_per_s"] for r in each]
+    print(
+        json.dumps(
+            {
+                "benchmark": "embed",
+                "processes": processes,
+                "cells_per_s": round(sum(rates) / len(rates), 1),
+                "cells_per_s_each": rates,
+                "total_cells_per_s": round(sum(rates), 1),
+                "each": each,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

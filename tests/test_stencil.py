@@ -106,3 +106,32 @@ def test_extent_bbox_and_regions(tmp_path, land_mask) -> None:  # type: ignore[n
     assert set(t3.column("region").to_numpy()) == {h3.str_to_int(x) for x in regions}
     w, s, e, n = extent_bbox({"regions": regions})  # type: ignore[misc]
     assert w < e and s < n
+
+
+def test_read_region_checks_its_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A region file reads back in the stencil's types; a bad one names the file and what was expected."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+
+    from vectorgeo.errors import DataError
+    from vectorgeo.stencil import STENCIL_SCHEMA, read_region
+
+    good = tmp_path / "good.parquet"
+    cells = np.array([h3.str_to_int(c) for c in h3.get_res0_cells()[:3]], dtype=np.uint64)
+    # int64 lat/lng and an extra column: cast to the stencil's types, extra column dropped
+    pq.write_table(pa.table({"h3": cells, "lat": [1, 2, 3], "lng": [4, 5, 6], "region": cells, "x": [0, 0, 0]}), good)
+    t = read_region(good)
+    assert t.schema == STENCIL_SCHEMA and t.column("lat").to_pylist() == [1.0, 2.0, 3.0]
+    missing = tmp_path / "missing.parquet"
+    pq.write_table(pa.table({"h3": cells, "lat": [1.0, 2.0, 3.0]}), missing)
+    with pytest.raises(DataError, match=r"missing\.parquet.*lng"):
+        read_region(missing)
+    wrong = tmp_path / "wrong.parquet"
+    pq.write_table(pa.table({"h3": ["a", "b", "c"], "lat": [1.0] * 3, "lng": [1.0] * 3, "region": cells}), wrong)
+    with pytest.raises(DataError, match=r"wrong\.parquet.*expected stencil columns"):
+        read_region(wrong)
+    notparquet = tmp_path / "x.parquet"
+    notparquet.write_bytes(b"not parquet")
+    with pytest.raises(DataError, match=r"x\.parquet"):
+        read_region(notparquet)

@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 
 from vectorgeo import h3cells
 from vectorgeo.atomic import write_json_atomic, write_parquet_atomic
+from vectorgeo.errors import DataError
 from vectorgeo.layers import Layer
 
 DIGEST_CHARS = 12
@@ -297,8 +298,29 @@ def write_stencil(
 
 
 def read_region(path: str | Path) -> pa.Table:
-    """Read one region's stencil parquet."""
-    return pq.read_table(path, schema=STENCIL_SCHEMA)
+    """Read one region's stencil parquet (the columns of :data:`STENCIL_SCHEMA`, in its types).
+
+    Read with :class:`pyarrow.parquet.ParquetFile` rather than ``read_table(schema=...)``, which
+    imports pyarrow's dataset layer (0.2 s of every embed job's start-up).
+
+    Raises:
+        DataError: the file is unreadable, lacks one of the columns or holds one in another type.
+    """
+    try:
+        table = pq.ParquetFile(path).read(columns=STENCIL_SCHEMA.names)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(str(path), f"cannot read a stencil region file with columns {STENCIL_SCHEMA.names}: {e}") from e
+    missing = [name for name in STENCIL_SCHEMA.names if name not in table.column_names]
+    if missing:
+        raise DataError(str(path), f"stencil region file lacks column(s) {missing}; has {table.column_names}")
+    if table.schema.remove_metadata() != STENCIL_SCHEMA:
+        try:
+            return table.select(STENCIL_SCHEMA.names).cast(STENCIL_SCHEMA)
+        except (pa.ArrowException, ValueError) as e:
+            want = ", ".join(f"{f.name}: {f.type}" for f in STENCIL_SCHEMA)
+            got = ", ".join(f"{f.name}: {f.type}" for f in table.schema)
+            raise DataError(str(path), f"expected stencil columns ({want}), got ({got}): {e}") from e
+    return table
 
 
 def extent_bbox(extent: Mapping[str, Any] | None) -> list[float] | None:
