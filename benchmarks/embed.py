@@ -12,7 +12,7 @@
 * ``--pin`` runs the process on ``--threads`` CPUs only (its gather thread included), the
   CPU share of a ``threads: N`` job when the workflow keeps every core busy; with
   ``--processes`` each copy gets CPUs of its own.
-* glibc malloc keeps freed memory (:func:`vectorgeo.allocator.keep_freed_memory`), as in the
+* glibc malloc keeps freed memory (:func:`vectorgeo.jobprocess.keep_freed_memory`), as in the
   workflow's ``embed_region`` jobs; ``--malloc-defaults`` measures glibc's defaults.
 * ``projected_res7_world_hours``: 28,067,759 land cells at H3 res 7 (measured by
   benchmarks/stencil.py) / cells_per_s / 3600.
@@ -43,8 +43,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from vectorgeo import allocator
 from vectorgeo import embed as vg_embed
+from vectorgeo import jobprocess
 from vectorgeo import model as vg_model
 from vectorgeo.config import load_config, parse
 from vectorgeo.layers import layer_specs, open_layers
@@ -74,7 +74,7 @@ def main() -> None:
             raise SystemExit(f"--pin: CPUs {args.first_cpu}..{args.first_cpu + args.threads - 1} of {len(cpus)}")
         cpus = cpus[args.first_cpu : args.first_cpu + args.threads]
         os.sched_setaffinity(0, cpus)
-    malloc_tuned = False if args.malloc_defaults else allocator.keep_freed_memory()
+    malloc_tuned = False if args.malloc_defaults else jobprocess.keep_freed_memory()
 
     cfg = load_config(args.config)
     typed = parse(cfg)
