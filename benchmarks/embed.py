@@ -101,7 +101,8 @@ def main() -> None:
     files = sorted(
         (results / "stencil" / "regions").glob("*.parquet"), key=lambda p: -pq.ParquetFile(p).metadata.num_rows
     )
-    chosen, n = [], 0
+    chosen: list[Path] = []
+    n = 0
     for f in files:  # the largest regions first, as many as fit --cells (at least one)
         rows = pq.ParquetFile(f).metadata.num_rows
         if chosen and n + rows > args.cells:
