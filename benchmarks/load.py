@@ -366,6 +366,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--url", help="use this database instead of a temporary cluster (tables are added)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-insert", action="store_true", help="skip the INSERT baseline")
+    ap.add_argument(
+        "--load-only",
+        action="store_true",
+        help="only the load (COPY, and INSERT unless --skip-insert): no index, no queries",
+    )
     ap.add_argument("--hnsw-m", type=int, help="database.hnsw_m (default: the config's)")
     ap.add_argument("--ef-construction", type=int, help="database.hnsw_ef_construction")
     ap.add_argument("--storage", choices=["vector", "halfvec"], help="database.hnsw_storage")
@@ -394,6 +399,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.queries_only and args.url is None:
         raise SystemExit("--queries-only needs --url")
+    if args.load_only and args.queries_only:
+        raise SystemExit("--load-only and --queries-only exclude each other")
     if args.reindex and not args.queries_only:
         raise SystemExit("--reindex needs --queries-only (a fresh load builds its indexes anyway)")
     query, index = settings_from(args)
@@ -425,19 +432,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 sampler.phase = "load"
                 out.update(load_both(conn, mv, h3, lat, lng, emb, region, insert=not args.skip_insert))
                 print(f"load: {out}", file=sys.stderr)
-            if not args.queries_only or args.reindex:
+            if not args.load_only and (not args.queries_only or args.reindex):
                 sampler.phase = "index"
                 summary = store.build_indexes(conn, index, model_version=mv)
                 out["index"] = {k: v for k, v in summary.items() if k not in ("model_version", "table")}
                 out["hnsw_build_s"] = summary["hnsw_s"]
                 print(f"indexes: {summary}", file=sys.stderr)
-            sampler.phase = "queries"
-            queries = np.random.default_rng(args.seed + 1).choice(h3.shape[0], size=args.queries, replace=False)
-            out["per_radius"] = measure_queries(conn, query, mv, h3, emb, queries)
-            out["index_path_plan_uses_hnsw"] = hnsw_plan_used(conn, query, mv, int(h3[queries[0]]))
-            out["query_settings"] = asdict(query)
-            ds = store.dataset(conn, mv)
-            out["exact_scan_limit_rows"] = round(store.exact_scan_limit(conn, ds, 10, query.exact_scan_max_rows))
+            if not args.load_only:
+                sampler.phase = "queries"
+                queries = np.random.default_rng(args.seed + 1).choice(h3.shape[0], size=args.queries, replace=False)
+                out["per_radius"] = measure_queries(conn, query, mv, h3, emb, queries)
+                out["index_path_plan_uses_hnsw"] = hnsw_plan_used(conn, query, mv, int(h3[queries[0]]))
+                out["query_settings"] = asdict(query)
+                ds = store.dataset(conn, mv)
+                out["exact_scan_limit_rows"] = round(store.exact_scan_limit(conn, ds, 10, query.exact_scan_max_rows))
     finally:
         if cluster is not None:
             cluster.stop(mode="immediate")
