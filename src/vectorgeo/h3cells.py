@@ -93,13 +93,8 @@ def descendant_range(cell: int | np.integer[Any], res: int) -> tuple[int, int]:
     r = resolution(c)
     if res < r:
         raise ValueError(f"cell {to_str(c)} of resolution {r} is finer than resolution {res}")
-    base = (c & ~(RES_MASK << RES_SHIFT)) | (res << RES_SHIFT)
-    lo = hi = base
-    for i in range(r + 1, res + 1):
-        shift = (MAX_RES - i) * DIGIT_BITS
-        lo &= ~(7 << shift)
-        hi = (hi & ~(7 << shift)) | (6 << shift)
-    return lo, hi
+    lo, hi = descendant_ranges(np.array([c], dtype=np.uint64), res)
+    return int(lo[0]), int(hi[0])
 
 
 def descendant_ranges(cells: np.ndarray, res: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,12 +106,9 @@ def descendant_ranges(cells: np.ndarray, res: int) -> tuple[np.ndarray, np.ndarr
     if np.any(resolutions(c) != r) or res < r:
         raise ValueError(f"cells of one resolution <= {res} expected")
     base = (c & np.uint64(~(RES_MASK << RES_SHIFT) & 0xFFFFFFFFFFFFFFFF)) | np.uint64(res << RES_SHIFT)
-    digits = 0
-    sixes = 0
-    for i in range(r + 1, res + 1):
-        shift = (MAX_RES - i) * DIGIT_BITS
-        digits |= 7 << shift
-        sixes |= 6 << shift
+    # digits r+1..res: 0 in the first descendant, 6 in the last (the finer ones stay 7)
+    digits = unused_digits(r) & ~unused_digits(res)
+    sixes = sum(6 << ((MAX_RES - i) * DIGIT_BITS) for i in range(r + 1, res + 1))
     lo = base & np.uint64(~digits & 0xFFFFFFFFFFFFFFFF)
     hi = lo | np.uint64(sixes)
     return lo, hi

@@ -58,11 +58,10 @@ def glibc_version() -> str | None:
     return version if version and version.startswith("glibc") else None
 
 
-def user_settings(environ: dict[str, str] | os._Environ[str] | None = None) -> list[str]:
+def user_settings() -> list[str]:
     """The malloc settings the environment already makes (variable names), empty when none."""
-    env = os.environ if environ is None else environ
-    found = [name for name in ENV_SETTINGS if env.get(name)]
-    if "glibc.malloc." in env.get("GLIBC_TUNABLES", ""):
+    found = [name for name in ENV_SETTINGS if os.environ.get(name)]
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         found.append("GLIBC_TUNABLES")
     return found
 

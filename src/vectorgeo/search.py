@@ -12,6 +12,7 @@ Examples are never results.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -77,15 +78,14 @@ class Area:
         if not self:
             return None
         lat, lng = vectors.lat, vectors.lng
-        near = None
+        keep = np.arange(vectors.n)
         if self.radius_m is not None:
             if self.center is None:
                 raise RequestError("center", "a radius needs a centre")
-            near = cover_rows(vectors, self.center[0], self.center[1], self.radius_m)
-        keep = np.arange(vectors.n) if near is None else near
-        if self.radius_m is not None:
-            assert self.center is not None
             clat, clng = self.center
+            near = cover_rows(vectors, clat, clng, self.radius_m)
+            if near is not None:
+                keep = near
             band = self.radius_m / M_PER_DEG
             keep = keep[np.abs(lat[keep] - clat) <= band]
             d = haversine_m(clat, clng, lat[keep], lng[keep])
@@ -144,15 +144,14 @@ def cover_rows(vectors: CellVectors, lat: float, lng: float, radius_m: float) ->
     from its centre is under that) are kept.
     """
     import h3.api.basic_int as h3int
+    import h3ronpy.vector as h3v
 
     res = int(vectors.resolution)
     cover = cover_level(res, radius_m)
     if cover is None:
         return None
     coarse, rings = cover
-    import h3ronpy.vector as h3v
-
-    disk = np.array(h3int.grid_disk(h3int.latlng_to_cell(lat, lng, coarse), rings), dtype=np.uint64)
+    disk = np.array(h3cells.disk(h3cells.cell_at(lat, lng, coarse), rings), dtype=np.uint64)
     centres = h3v.cells_to_coordinates(disk)  # vectorised: a Python loop over the cells cost 0.5 ms
     reach = radius_m + 2.0 * h3int.average_hexagon_edge_length(coarse, unit="m")
     near = haversine_m(lat, lng, np.asarray(centres.column("lat")), np.asarray(centres.column("lng"))) <= reach
@@ -169,18 +168,17 @@ def cover_rows(vectors: CellVectors, lat: float, lng: float, radius_m: float) ->
     return out
 
 
-_GEOD: Any = None
+@functools.cache
+def _wgs84() -> Any:
+    from pyproj import Geod
+
+    return Geod(ellps="WGS84")
 
 
 def geodesic_m(lat: float, lng: float, lats: np.ndarray, lngs: np.ndarray) -> np.ndarray:
     """Geodesic distances in metres on the WGS84 ellipsoid from one point to many (pyproj)."""
-    global _GEOD
-    if _GEOD is None:
-        from pyproj import Geod
-
-        _GEOD = Geod(ellps="WGS84")
     n = lats.shape[0]
-    _, _, dist = _GEOD.inv(np.full(n, lng), np.full(n, lat), lngs, lats)
+    _, _, dist = _wgs84().inv(np.full(n, lng), np.full(n, lat), lngs, lats)
     out: np.ndarray = np.asarray(dist, dtype=np.float64)
     return out
 

@@ -83,6 +83,10 @@ class Snapshot:
     levels: scoretiles.Levels
     checked_at: float
 
+    def fresh(self, ttl_s: float) -> bool:
+        """Checked against the database less than ``ttl_s`` ago."""
+        return time.monotonic() - self.checked_at < ttl_s
+
 
 class ScoreService:
     """Embeddings in memory, score maps and score tiles of one app.
@@ -123,7 +127,7 @@ class ScoreService:
             DatabaseError: the database is unreachable, or nothing is loaded.
         """
         snap = self._snapshot
-        if snap is not None and time.monotonic() - snap.checked_at < self.ttl_s:
+        if snap is not None and snap.fresh(self.ttl_s):
             return snap
         with self._lock:
             snap = self._snapshot
@@ -132,7 +136,7 @@ class ScoreService:
                     snap = self._read(conn)
                 self._snapshot = snap
                 return snap
-            if time.monotonic() - snap.checked_at < self.ttl_s or self._reloading:
+            if snap.fresh(self.ttl_s) or self._reloading:
                 return snap
             with self._connection() as conn:
                 sig = store_vectors.signature(conn, store.dataset(conn))
@@ -160,7 +164,7 @@ class ScoreService:
         if snap is None:
             return None
         if not block:
-            return snap.vectors if time.monotonic() - snap.checked_at < self.ttl_s else None
+            return snap.vectors if snap.fresh(self.ttl_s) else None
         try:
             return self.snapshot().vectors
         except VectorgeoError:
