@@ -7,7 +7,7 @@ import pytest
 
 from vectorgeo.config import NODATA_INDEX
 from vectorgeo.errors import ConfigError, RasterError
-from vectorgeo.layers import Layer, LayerSpec
+from vectorgeo.layers import Layer, LayerSpec, take_pixels
 from vectorgeo.rasters import Grid, inspect_source, mosaic_tiles, prepare_layer
 from vectorgeo.sources import builtin_path
 
@@ -128,3 +128,34 @@ def test_spec_validation() -> None:
         "x", {"kind": "categorical", "source": "a.tif", "classes": {3: "a", 1: "b"}, "water": [1]}
     )
     assert s.water_indices == [1] and LayerSpec.from_dict(s.to_dict()) == s
+
+
+def test_take_pixels_matches_fancy_indexing() -> None:
+    rng = np.random.default_rng(0)
+    row = rng.integers(0, 30, (6, 4))[:, :, None]
+    col = rng.integers(0, 40, (6, 5))[:, None, :]
+    for arr in (
+        rng.integers(0, 255, (30, 40)).astype(np.uint8),
+        rng.normal(size=(30, 40, 3)).astype(np.float32),
+        np.asfortranarray(rng.normal(size=(30, 40))),  # not C-contiguous: plain indexing
+    ):
+        got = take_pixels(arr, row, col)
+        assert got.shape == (6, 4, 5, *arr.shape[2:])
+        assert np.array_equal(got, arr[row, col])
+
+
+def test_multiband_decode_marks_a_pixel_invalid_when_one_band_lacks_data() -> None:
+    spec = LayerSpec.from_config(
+        "img", {"kind": "continuous", "source": "x.tif", "bands": ["r", "g", "b"], "nodata": 0, "scale": 2.0}
+    )
+    g = Grid(0.0, 3.0, 1.0, -1.0, 3, 3)
+    arr = np.full((3, 3, 3), 10, dtype=np.uint8)
+    arr[1, 1, 2] = 0  # one band of one pixel is nodata
+    layer = Layer(spec, g, arr)
+    inside = np.ones((1, 3, 3), bool)
+    inside[0, 0, 0] = False  # off the grid: every band
+    values, invalid = layer.decode(arr[None], inside)
+    assert values.dtype == np.float32 and values[0, 2, 2].tolist() == [20.0, 20.0, 20.0]
+    assert np.isnan(values[0, 0, 0]).all()
+    assert values[0, 1, 1, :2].tolist() == [20.0, 20.0] and np.isnan(values[0, 1, 1, 2])
+    assert invalid[0].tolist() == [[True, False, False], [False, True, False], [False, False, False]]

@@ -255,3 +255,17 @@ def test_multi_band_both_and_scales_channels() -> None:
     m = M.build_model(specs, ModelConfig(width=4, stages=1, blocks_per_stage=1, embedding_dim=3), n_scales=2)
     assert [t.stem[0].in_channels for t in m.trunks] == [5, 5]
     assert tuple(m(torch.from_numpy(np.repeat(x, 3, axis=0))).shape) == (3, 3)
+
+
+def test_one_hot_is_the_same_from_uint8_and_from_wider_indices() -> None:
+    # uint8 class maps on the CPU take the comparison path, other dtypes (and devices) the scatter path
+    specs = fixture_specs("standardize")
+    rng = np.random.default_rng(3)
+    lc = rng.integers(0, 7, (4, 5, 5)).astype(np.uint8)
+    lc[0, 0, 0] = 255
+    el = rng.normal(500.0, 300.0, (4, 5, 5)).astype(np.float32)
+    a = M.encode({"landcover": lc, "elevation": el}, specs)
+    b = M.encode({"landcover": torch.from_numpy(lc.astype(np.int64)), "elevation": el}, specs)
+    assert torch.equal(a, b)
+    assert a[:, :5].sum(dim=1).max() == 1 and a[0, :5, 0, 0].sum() == 0  # nodata and 5, 6: no class
+    assert a[:, :5].sum() == int((lc < 5).sum())

@@ -166,20 +166,45 @@ def _encode_continuous(x: torch.Tensor, spec: LayerSpec, out: torch.Tensor) -> i
     v = x.to(torch.float32)
     if v.ndim == 3:
         v = v.unsqueeze(-1)
-    valid = torch.isfinite(v).all(dim=-1)
+    # a pixel is valid where every band is finite (band by band: a reduction over a last axis of 1 to 3
+    # values is slower than the comparisons themselves)
+    valid = torch.isfinite(v[..., 0])
+    for b in range(1, v.shape[-1]):
+        valid &= torch.isfinite(v[..., b])
+    # channels are computed straight into ``out`` and zeroed where invalid in place (most patches
+    # have no invalid pixel: then nothing is zeroed)
+    invalid = ~valid
+    zero_invalid = bool(invalid.any())
     c = 0
     for b in range(v.shape[-1]):
         vb = v[..., b]
         kinds = ("patch_minmax", "standardize") if spec.normalize == "both" else (spec.normalize,)
         for kind in kinds:
+            o = out[:, c]
             if kind == "standardize":
-                scaled = (vb - spec.mean[b]) / spec.std[b]
+                torch.sub(vb, spec.mean[b], out=o)
+                o.div_(spec.std[b])
             else:
-                scaled = _patch_minmax(vb, valid)
-            out[:, c] = torch.where(valid, scaled, torch.zeros_like(scaled))
+                o.copy_(_patch_minmax(vb, valid))
+            if zero_invalid:
+                o.masked_fill_(invalid, 0.0)
             c += 1
     out[:, c] = valid
     return c + 1
+
+
+def _one_hot(x: torch.Tensor, n_cls: int, out: torch.Tensor) -> None:
+    """One-hot class indices (N, P, P) into ``out`` (N, n_cls, P, P); nodata (255) and values >= n_cls: all zero."""
+    if x.device.type == "cpu" and out.device.type == "cpu" and x.dtype == torch.uint8:
+        # one comparison per class straight into the float channel (measured 1.6x faster than zero + scatter)
+        xn, on = x.numpy(), out.numpy()
+        for k in range(n_cls):
+            np.equal(xn, k, out=on[:, k], casting="unsafe")
+        return
+    idx = x.to(torch.int64)
+    known = idx < n_cls
+    out.zero_()
+    out.scatter_(1, torch.where(known, idx, 0).unsqueeze(1), known.unsqueeze(1).to(torch.float32))
 
 
 def encode(
@@ -234,11 +259,7 @@ def encode(
             x = xs[name if k == 0 else f"{name}@{k}"]
             if spec.kind == "categorical":
                 n_cls = spec.n_classes
-                idx = x.to(torch.int64)
-                known = idx < n_cls  # nodata (255) and out-of-range values: an all-zero pixel
-                one_hot = out[:, c : c + n_cls]
-                one_hot.zero_()
-                one_hot.scatter_(1, torch.where(known, idx, 0).unsqueeze(1), known.unsqueeze(1).to(torch.float32))
+                _one_hot(x, n_cls, out[:, c : c + n_cls])  # nodata (255) and out-of-range values: all zero
                 c += n_cls
             else:
                 c += _encode_continuous(x, spec, out[:, c:])

@@ -41,7 +41,7 @@ import numpy as np
 
 from vectorgeo.atomic import atomic_path
 from vectorgeo.errors import DataError
-from vectorgeo.layers import Layer, LayerSpec
+from vectorgeo.layers import Layer, LayerSpec, take_pixels
 from vectorgeo.rasters import Grid
 from vectorgeo.sampling import KM_PER_DEG
 from vectorgeo.stencil import BBOX_MARGIN, Extent, change_resolution, res0_cells
@@ -251,7 +251,7 @@ class WindowLayer(Layer):
     def _values(self, row: np.ndarray, col: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.array.size == 0:
             return self.decode(np.zeros((*inside.shape, *self.array.shape[2:]), dtype=self.array.dtype), inside)
-        return self.decode(self.array[row, col], inside)
+        return self.decode(take_pixels(self.array, row, col), inside)
 
     def gather_grid(self, lat_rows: np.ndarray, lng_cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Decoded values on separable point grids (see :meth:`Layer.gather_grid`).
