@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +47,12 @@ class RegionFile:
     checksum: str
 
 
-def describe(path: str | Path) -> RegionFile:
+def describe(path: str | Path, checksum: bool = True) -> RegionFile:
     """Region, model version and rows of a region file from its metadata, and its SHA-256.
+
+    Args:
+        path: A region embedding file.
+        checksum: Hash the file; False leaves ``checksum`` empty (the metadata only).
 
     Raises:
         DataError: unreadable file, or one that does not name its region or model version.
@@ -66,7 +70,9 @@ def describe(path: str | Path) -> RegionFile:
     version = meta.get("model_version")
     if not version:
         raise DataError(p, "no 'model_version' in the file metadata")
-    return RegionFile(p, h3cells.to_str(region_id(region)), str(version), int(rows), file_sha256(path))
+    return RegionFile(
+        p, h3cells.to_str(region_id(region)), str(version), int(rows), file_sha256(path) if checksum else ""
+    )
 
 
 def loaded_regions(conn: psycopg.Connection[Any], model_version: str) -> dict[str, tuple[int, str]]:
@@ -94,21 +100,26 @@ def remove_region(conn: psycopg.Connection[Any], model_version: str, region: str
 
 
 class _Loader:
-    """Loads region files, each thread over a connection of its own (opened at its first region)."""
+    """Hashes a region file and loads it unless the database holds it already (same rows and checksum);
+    each thread loads over a connection of its own (opened at its first region)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, held: dict[str, tuple[int, str]]) -> None:
         self._url = url
+        self._held = held
         self._local = threading.local()
         self._lock = threading.Lock()
         self._opened: list[psycopg.Connection[Any]] = []
 
-    def __call__(self, f: RegionFile) -> dict[str, Any]:
+    def __call__(self, f: RegionFile) -> tuple[RegionFile, dict[str, Any] | None]:
+        f = replace(f, checksum=f.checksum or file_sha256(f.path))
+        if self._held.get(f.region) == (f.rows, f.checksum):
+            return f, None
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = connect(self._url)
             with self._lock:
                 self._opened.append(conn)
-        return load_region(conn, f.path, region=f.region, checksum=f.checksum)
+        return f, load_region(conn, f.path, region=f.region, checksum=f.checksum)
 
     def close(self) -> None:
         for conn in self._opened:
@@ -141,7 +152,8 @@ def load_regions(
     t0 = time.perf_counter()
     if not paths:
         raise DataError("embeddings", "no region files to load")
-    files = [describe(p) for p in paths]
+    # metadata first (cheap); the files are hashed by the loading threads, beside the other threads' COPYs
+    files = [describe(p, checksum=False) for p in paths]
     versions = sorted({f.model_version for f in files})
     if len(versions) != 1:
         raise DataError("embeddings", f"region files of several model versions: {versions}")
@@ -153,17 +165,21 @@ def load_regions(
     version = versions[0]
     with connect(url) as conn:
         held = loaded_regions(conn, version)
-    todo = [f for f in files if held.get(f.region) != (f.rows, f.checksum)]
-    log.info("%d region files of %s: %d to load, %d unchanged", len(files), version, len(todo), len(files) - len(todo))
+    log.info("%d region files of %s, %d regions in the database", len(files), version, len(held))
     loaded: dict[str, dict[str, Any]] = {}
-    load = _Loader(url)
+    load = _Loader(url, held)
+    index = {f.path: i for i, f in enumerate(files)}
     try:
         with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="vectorgeo-load") as pool:
-            for marker in pool.map(load, todo):
-                loaded[marker["region"]] = marker
-                log.info("region %s: %d rows in %.2f s", marker["region"], marker["rows"], marker["seconds"])
+            # largest first, so that no large region is left to load alone at the end
+            for f, marker in pool.map(load, sorted(files, key=lambda f: -f.rows)):
+                files[index[f.path]] = f  # now with its checksum
+                if marker is not None:
+                    loaded[marker["region"]] = marker
+                    log.info("region %s: %d rows in %.2f s", marker["region"], marker["rows"], marker["seconds"])
     finally:
         load.close()
+    log.info("%d loaded, %d unchanged", len(loaded), len(files) - len(loaded))
     removed: list[str] = []
     with connect(url) as conn:
         ds = dataset(conn, version)
