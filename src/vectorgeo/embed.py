@@ -48,7 +48,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from vectorgeo import geoparquet, h3cells
+from vectorgeo import arrowbuf, geoparquet, h3cells
 from vectorgeo import model as vg_model
 from vectorgeo.config import EmbedConfig
 from vectorgeo.errors import ConfigError, DataError
@@ -364,9 +364,9 @@ def embed_region(
     for col in ("h3", "lat", "lng"):
         if col not in stencil_table.column_names:
             raise DataError(str(out_path), f"stencil table lacks column '{col}' (has {stencil_table.column_names})")
-    h3 = np.asarray(stencil_table.column("h3").to_numpy(), dtype=np.uint64)
-    lat = np.asarray(stencil_table.column("lat").to_numpy(), dtype=np.float64)
-    lng = np.asarray(stencil_table.column("lng").to_numpy(), dtype=np.float64)
+    h3 = arrowbuf.column_numpy(stencil_table.column("h3"), np.uint64)
+    lat = arrowbuf.column_numpy(stencil_table.column("lat"), np.float64)
+    lng = arrowbuf.column_numpy(stencil_table.column("lng"), np.float64)
     if digest is not None and digest_cells(h3) != digest:
         raise DataError(
             str(out_path), f"stencil cells have digest {digest_cells(h3)}, expected {digest} (stale stencil?)"
@@ -379,7 +379,9 @@ def embed_region(
         pair: ModelLike = (model, metadata or {}) if isinstance(model, torch.nn.Module) else model
         emb = Embedder.create(pair, layers, device, batch_size, max_nodata_frac, workers)
     vectors, code = emb.embed(lat, lng, progress)
-    status = pa.DictionaryArray.from_arrays(pa.array(code), pa.array(STATUSES)).cast(pa.string())
+    status = pa.DictionaryArray.from_arrays(arrowbuf.primitive(code, pa.int8()), arrowbuf.strings(STATUSES)).cast(
+        pa.string()
+    )
     counts = {s: int((code == i).sum()) for i, s in enumerate(STATUSES)}
     geoparquet.write_region(
         out_path,

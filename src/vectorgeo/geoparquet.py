@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vectorgeo import arrowbuf
 from vectorgeo.atomic import write_parquet_atomic
 from vectorgeo.errors import DataError
 
@@ -80,6 +81,9 @@ def point_wkb(lng: np.ndarray, lat: np.ndarray) -> pa.BinaryArray:
 
 def h3_strings(h3: np.ndarray) -> pa.Array:
     """15-digit lowercase hex strings of H3 indexes."""
+    cells = arrowbuf.hex_cells(h3)
+    if cells is not None:
+        return cells
     from h3ronpy import cells_to_string
 
     return pa.array(cells_to_string(np.ascontiguousarray(h3, dtype=np.uint64))).cast(pa.string())
@@ -176,7 +180,7 @@ def write_region(
             f"got lat {lat.shape}, lng {lng.shape}, embedding {emb.shape}",
         )
     if isinstance(status, str):
-        status_arr = pa.array(np.full(n, status, dtype=object), pa.string())
+        status_arr = arrowbuf.repeated_string(status, n)
     else:
         status_arr = pa.array(status, pa.string()) if not isinstance(status, pa.Array) else status.cast(pa.string())
     if len(status_arr) != n:
@@ -191,20 +195,20 @@ def write_region(
     if not np.isfinite(emb[valid]).all():
         raise DataError(str(path), "non-finite values in embeddings of valid rows")
     d = emb.shape[1]
-    flat = pa.array(np.where(valid[:, None], emb, 0).reshape(-1), pa.float32())
-    emb_arr = pa.FixedSizeListArray.from_arrays(flat, d, mask=pa.array(~valid))
-    table = pa.table(
-        {
-            "h3": pa.array(h3, pa.uint64()),
-            "h3_str": h3_strings(h3) if n else pa.array([], pa.string()),
-            "lat": pa.array(lat, pa.float64()),
-            "lng": pa.array(lng, pa.float64()),
-            "geometry": point_wkb(lng, lat),
-            "embedding": emb_arr,
-            "status": status_arr,
-            "model_version": pa.array(np.full(n, model_version, dtype=object), pa.string()),
-        }
-    )
+    # columns built from numpy buffers (vectorgeo.arrowbuf: pa.array would import pandas)
+    flat = arrowbuf.primitive(np.where(valid[:, None], emb, 0).reshape(-1), pa.float32())
+    emb_arr = pa.FixedSizeListArray.from_arrays(flat, d, mask=arrowbuf.bools(~valid))
+    columns = {
+        "h3": arrowbuf.primitive(h3, pa.uint64()),
+        "h3_str": h3_strings(h3),
+        "lat": arrowbuf.primitive(lat, pa.float64()),
+        "lng": arrowbuf.primitive(lng, pa.float64()),
+        "geometry": point_wkb(lng, lat),
+        "embedding": emb_arr,
+        "status": status_arr,
+        "model_version": arrowbuf.repeated_string(model_version, n),
+    }
+    table = pa.Table.from_arrays(list(columns.values()), names=list(columns))
     vg_meta = {
         "format": FORMAT_VERSION,
         "region": region,
