@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+from vectorgeo import h3cells
 
 
 def column_numpy(col: pa.Array | pa.ChunkedArray, dtype: np.dtype | type) -> np.ndarray:
@@ -70,16 +70,18 @@ def repeated_string(value: str, n: int) -> pa.StringArray:
     return _string_array(raw * n, offsets.astype(np.int32), n)
 
 
+def fixed_width_strings(values: np.ndarray) -> pa.StringArray:
+    """A numpy fixed-width bytes array (``S<w>``, every value w bytes long) as a string Arrow array."""
+    w = values.dtype.itemsize
+    n = values.shape[0]
+    offsets = np.arange(0, w * (n + 1), w, dtype=np.int32)
+    return _string_array(np.ascontiguousarray(values).tobytes(), offsets, n)
+
+
 def hex_cells(cells: np.ndarray) -> pa.StringArray | None:
-    """15-digit lowercase hex strings of H3 cell indexes, or None when some index has a non-zero top
-    digit (not a cell: let a general formatter handle it)."""
+    """15-digit lowercase hex strings of H3 cell indexes (:func:`vectorgeo.h3cells.to_strs`), or None
+    when some index has a non-zero top digit (not a cell: let a general formatter handle it)."""
     h = np.ascontiguousarray(cells, dtype=np.uint64)
-    n = h.shape[0]
-    if n and (h >> np.uint64(60)).any():
+    if h.shape[0] and (h >> np.uint64(60)).any():
         return None
-    be = h.astype(">u8").view(np.uint8).reshape(n, 8)
-    chars = np.empty((n, 16), dtype=np.uint8)
-    chars[:, 0::2] = _HEX[be >> 4]
-    chars[:, 1::2] = _HEX[be & 15]
-    offsets = np.arange(0, 15 * (n + 1), 15, dtype=np.int32)
-    return _string_array(np.ascontiguousarray(chars[:, 1:]), offsets, n)
+    return fixed_width_strings(h3cells.to_strs(h))
