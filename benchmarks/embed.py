@@ -7,13 +7,13 @@
 * ``ratio`` = cells_per_s / model_only_cells_per_s (goal ≥ 0.7); ``cpu_time_ratio``, the same
   from process CPU time, is the figure to trust when other processes load the machine.
 * ``--processes N`` runs N copies side by side (as the workflow runs N one-thread
-  ``embed_region`` jobs on N cores) and reports each one's figures and their mean
+  ``embed_batch`` jobs on N cores) and reports each one's figures and their mean
   ``cells_per_s``: the steady state of one job at that concurrency.
 * ``--pin`` runs the process on ``--threads`` CPUs only (its gather thread included), the
   CPU share of a ``threads: N`` job when the workflow keeps every core busy; with
   ``--processes`` each copy gets CPUs of its own.
 * glibc malloc keeps freed memory (:func:`vectorgeo.jobprocess.keep_freed_memory`), as in the
-  workflow's ``embed_region`` jobs; ``--malloc-defaults`` measures glibc's defaults.
+  workflow's ``embed_batch`` jobs; ``--malloc-defaults`` measures glibc's defaults.
 * ``projected_res7_world_hours``: 28,067,759 land cells at H3 res 7 (measured by
   benchmarks/stencil.py) / cells_per_s / 3600.
 

@@ -22,14 +22,23 @@ from pathlib import Path
 from typing import Any
 
 RES7_LAND_CELLS = 28_067_759
-# load_region: one job per region (runs before the batched load_regions worker)
-PER_CELL = ("stencil", "cut_windows", "embed_region", "rollup", "build_tiles", "load_region", "load_regions")
+# embed_region / load_region: one job per region (runs before embed batches and the batched load_regions worker)
+PER_CELL = (
+    "stencil",
+    "cut_windows",
+    "embed_region",
+    "embed_batch",
+    "rollup",
+    "build_tiles",
+    "load_region",
+    "load_regions",
+)
 STAGES = {
     "data": ("prepare_layer", "mosaic_layer", "prepare_eval_label"),
     "stencil": ("stencil",),
     "sample": ("sample_triplets",),
     "train": ("train_model",),
-    "embed": ("cut_windows", "embed_region", "rollup"),
+    "embed": ("cut_windows", "embed_region", "embed_batch", "rollup"),
     "load": ("load_region", "load_regions"),
     "index": ("build_index",),
     "tiles": ("build_tiles",),

@@ -9,6 +9,7 @@ from snakemake.logging import logger
 from vectorgeo import config as vg_config
 from vectorgeo import db as vg_db
 from vectorgeo import layers as vg_layers
+from vectorgeo import regionfiles as vg_regionfiles
 from vectorgeo import resources as vg_resources
 from vectorgeo import sources as vg_sources
 from vectorgeo import stencil as vg_stencil
@@ -42,8 +43,21 @@ ALL_LAYERS = {**LAYER_SPECS, "land_mask": MASK_SPEC}
 wildcard_constraints:
     region="[0-9a-f]{15}",
     digest="[0-9a-f]{12}",
+    batch=vg_regionfiles.BATCH_WILDCARD,
     layer="|".join(ALL_LAYERS),
     i=r"\d+",
+
+
+def input_files_mb(input):
+    """Sizes (MB) of a job's input files and of the files in its local input folders (embed batches:
+    a folder's own size is a few KB locally, the sum of its objects in storage)."""
+    sizes = list(input.size_files_mb)
+    for path in input:
+        if os.path.isdir(path):
+            sizes.extend(
+                e.stat().st_size / 1e6 for e in os.scandir(path) if e.is_file()
+            )
+    return sizes
 
 
 def mem_mb(base_mb, factor=0.0):
@@ -52,7 +66,7 @@ def mem_mb(base_mb, factor=0.0):
 
     def estimate(wildcards, input, attempt):
         return vg_resources.mem_mb(
-            base_mb, factor, input.size_mb if factor else 0.0, attempt
+            base_mb, factor, sum(input_files_mb(input)) if factor else 0.0, attempt
         )
 
     return estimate
@@ -60,10 +74,11 @@ def mem_mb(base_mb, factor=0.0):
 
 def mem_mb_per_file(base_mb, factor, files_at_once):
     """A mem_mb resource for a job that works through its input files a few at a time: base_mb plus
-    factor x the largest input file x files_at_once, doubled at each retry."""
+    factor x the largest input file (files in input folders included) x files_at_once, doubled at each
+    retry."""
 
     def estimate(wildcards, input, attempt):
-        largest = max(input.size_files_mb, default=0.0)
+        largest = max(input_files_mb(input), default=0.0)
         return vg_resources.mem_mb(base_mb, factor, files_at_once * largest, attempt)
 
     return estimate
@@ -143,12 +158,40 @@ def stencil_manifest():
     return content
 
 
-def region_targets(pattern):
-    """Per-region paths for every current region, e.g. region_targets(results("embeddings", "{region}_{digest}.parquet"))."""
-    regions = stencil_manifest()["regions"]
+def embed_batches():
+    """The current embed batches (vectorgeo.regionfiles.partition of the stencil manifest), by name."""
+    return vg_regionfiles.partition(
+        stencil_manifest()["regions"], CFG.embed.batch_cells
+    )
+
+
+def embed_batch_targets(wildcards=None):
+    """Every current embed batch folder (each holds its regions' {region}_{digest}.parquet files)."""
     return [
-        pattern.format(region=r, digest=v["digest"]) for r, v in sorted(regions.items())
+        results("embeddings", vg_regionfiles.BATCHES_FOLDER, name)
+        for name in embed_batches()
     ]
+
+
+def embed_batch_inputs(wildcards):
+    """The regions' windows and stencil files of one embed batch, in region order.
+
+    ancient(): cut_windows and the stencil checkpoint rewrite every file when they rerun; the batch
+    name (the digest of its regions' cell digests) is what says whether a batch's cells changed.
+    """
+    batch = embed_batches().get(wildcards.batch)
+    if batch is None:
+        raise WorkflowError(
+            f"embed batch {wildcards.batch} is not one of the current stencil's batches "
+            "(a stale target? the current ones are in results/embeddings/batches after a run)"
+        )
+    return {
+        "windows": [ancient(results("windows", f"{r}.npz")) for r, _ in batch.regions],
+        "stencil": [
+            ancient(results("stencil", "regions", f"{r}.parquet"))
+            for r, _ in batch.regions
+        ],
+    }
 
 
 def after_stencil(path):

@@ -27,44 +27,41 @@ rule cut_windows:
         "../scripts/cut_windows.py"
 
 
-rule embed_region:
+rule embed_batch:
     input:
-        # the region's window of each layer, not the world (vectorgeo.windows); ancient: cut_windows
-        # rewrites every window when the candidate regions change, and the grids below (rewritten with
-        # their layers) are what reruns a region when a layer changes
-        windows=ancient(results("windows", "{region}.npz")),
+        # each region's window of each layer, not the world (vectorgeo.windows), and its stencil cells
+        unpack(embed_batch_inputs),
+        # rewritten with their layers: what reruns every batch when a layer changes (the windows are ancient)
         grids=[layer_grid(name) for name in LAYER_SPECS],
-        stencil=stencil_region_file,
         model=results("model", "model.pt"),
     output:
-        results("embeddings", "{region}_{digest}.parquet"),
+        # one {region}_{digest}.parquet per region of the batch (vectorgeo.regionfiles)
+        batch=directory(results("embeddings", "batches", "{batch}")),
     log:
-        "logs/embed_region/{region}_{digest}.log",
+        "logs/embed_batch/{batch}.log",
     benchmark:
-        "benchmarks/embed_region/{region}_{digest}.tsv"
+        "benchmarks/embed_batch/{batch}.tsv"
     conda:
         "../envs/torch.yaml"
     # CPU: embed.cpu_threads model threads per job; CUDA: the other cores gather patches for the GPU
     threads: 4 if cuda_requested(CFG.embed.device) else CFG.embed.cpu_threads
     resources:
         gpu=1 if cuda_requested(CFG.embed.device) else 0,
-        # torch and the model, the window (uncompressed), the region's embeddings
-        mem_mb=mem_mb(1500, 2.0),
-        runtime=120,
+        # torch and the model, one region's window (uncompressed) and embeddings at a time
+        mem_mb=mem_mb_per_file(1500, 2.0, files_at_once=1),
+        runtime=lambda wildcards, attempt: 120 * attempt,
     params:
         layers={name: spec.to_dict() for name, spec in LAYER_SPECS.items()},
         # batch_size and device are execution settings: the script reads them from the config,
-        # so that changing them does not rerun every region
+        # so that changing them does not rerun every batch
         embed=CFG.embed.to_params(include={"max_nodata_frac"}),
     script:
-        "../scripts/embed_region.py"
+        "../scripts/embed_batch.py"
 
 
 rule rollup:
     input:
-        regions=lambda wildcards: region_targets(
-            results("embeddings", "{region}_{digest}.parquet")
-        ),
+        batches=embed_batch_targets,
     output:
         rollups=ROLLUP_TARGETS,
         summary=results("embeddings", "rollup", "summary.json"),
@@ -88,9 +85,7 @@ FINAL_TARGETS.extend([*ROLLUP_TARGETS, results("embeddings", "rollup", "summary.
 
 rule build_tiles:
     input:
-        regions=lambda wildcards: region_targets(
-            results("embeddings", "{region}_{digest}.parquet")
-        ),
+        batches=embed_batch_targets,
     output:
         archive=results("tiles", "cells.pmtiles"),
     log:

@@ -37,9 +37,7 @@ rule prepare_eval_label:
 
 rule evaluate:
     input:
-        embeddings=lambda wildcards: region_targets(
-            results("embeddings", "{region}_{digest}.parquet")
-        ),
+        embeddings=embed_batch_targets,
         model=results("model", "model.pt"),
         model_metrics=results("model", "metrics.json"),
         layers=[layer_npy(name) for name in LAYER_SPECS],

@@ -2,9 +2,7 @@ rule load_regions:
     input:
         # every region of the run in one job (one start-up, a few connections): regions whose file the
         # database already holds (same checksum and rows) are skipped, regions no file names are removed
-        embeddings=lambda wildcards: region_targets(
-            results("embeddings", "{region}_{digest}.parquet")
-        ),
+        embeddings=embed_batch_targets,
     output:
         summary=results("loaded", "regions.json"),
     log:

@@ -7,6 +7,7 @@ from vectorgeo.evaluate import run_evaluation
 from vectorgeo.labels import TaskSpec
 from vectorgeo.log import setup_logging
 from vectorgeo.probes import MAIN_METRIC
+from vectorgeo.regionfiles import region_files
 
 log = setup_logging(snakemake.log[0])
 torch.set_num_threads(max(1, snakemake.threads))
@@ -14,7 +15,7 @@ p = snakemake.params
 params = section(EvaluateConfig, p.evaluate, "evaluate")
 tasks = {name: TaskSpec.from_task(name, task) for name, task in params.tasks.items()}
 metrics = run_evaluation(
-    embedding_paths=list(snakemake.input.embeddings),
+    embedding_paths=region_files(snakemake.input.embeddings),
     model_path=snakemake.input.model,
     layer_paths=dict(zip(p.layer_names, snakemake.input.layers, strict=True)),
     tasks=tasks,

@@ -16,6 +16,7 @@ import pytest
 from vectorgeo.atomic import (
     OTHER_HOST_STALE_S,
     _host,
+    atomic_dir,
     atomic_path,
     clean_stale,
     scratch_dir,
@@ -180,3 +181,24 @@ def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+def test_atomic_dir_appears_whole_or_not_at_all(tmp_path: Path) -> None:
+    final = tmp_path / "out" / "batch"
+    with pytest.raises(RuntimeError), atomic_dir(final) as tmp:
+        (tmp / "a.parquet").write_bytes(b"a")
+        raise RuntimeError("half-way")
+    assert not final.exists() and not list(final.parent.iterdir())  # no final folder, no temp folder
+
+    final.mkdir()  # an empty folder made by the workflow engine before the job
+    with atomic_dir(final) as tmp:
+        (tmp / "a.parquet").write_bytes(b"a")
+        assert not (final / "a.parquet").exists()  # not visible under the final name yet
+        (tmp / "b.parquet").write_bytes(b"b")
+    assert sorted(p.name for p in final.iterdir()) == ["a.parquet", "b.parquet"]
+    assert [p.name for p in final.parent.iterdir()] == ["batch"]
+
+    with atomic_dir(final) as tmp:  # a previous output is replaced as a whole
+        (tmp / "c.parquet").write_bytes(b"c")
+    assert [p.name for p in final.iterdir()] == ["c.parquet"]
+    assert [p.name for p in final.parent.iterdir()] == ["batch"]

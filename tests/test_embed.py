@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from vectorgeo import embed as vg_embed
-from vectorgeo import geoparquet
+from vectorgeo import geoparquet, regionfiles
 from vectorgeo import model as vg_model
 from vectorgeo import rollup as vg_rollup
 from vectorgeo.config import EmbedConfig, section
@@ -257,6 +257,47 @@ def test_cuda_region_embeddings_match_cpu(tmp_path: Path, layers: dict, model_fi
 # --- rollup ---------------------------------------------------------------------------------------------
 
 
+def test_embed_batch_writes_each_region_as_embed_region_does(
+    tmp_path: Path, layers: dict, model_file: Path, region_file: Path
+) -> None:
+    """One model load for several regions: each region's file holds what embed_region writes for it."""
+    from vectorgeo.stencil import write_stencil  # noqa: F401  (the stencil files below use its schema)
+    from vectorgeo.windows import cut_windows
+
+    specs = {n: lay.spec for n, lay in layers.items()}
+    regions = [GIBRALTAR, MADRID]
+    windows = [tmp_path / "windows" / f"{r}.npz" for r in regions]
+    (tmp_path / "windows").mkdir()
+    cut_windows(layers, regions, 80.0, windows)
+    stencils = []
+    (tmp_path / "stencil").mkdir()
+    for r in regions:
+        stencils.append(tmp_path / "stencil" / f"{r}.parquet")
+        pq.write_table(stencil_table(r, 5), stencils[-1])
+    pairs = [(r, digest_cells(stencil_table(r, 5).column("h3").to_numpy())) for r in regions]
+    name = f"batch-{GIBRALTAR}-{regionfiles.batch_digest(pairs)}"
+    out = tmp_path / "batches" / name
+    result = vg_embed.embed_batch(model_file, specs, windows, stencils, out, batch=name, batch_size=64, device="cpu")
+    assert [r.cells for r in result.regions] == [343, 343] and result.cells == 686
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{r}_{d}.parquet" for r, d in pairs)
+    assert regionfiles.region_files([out]) == sorted(str(out / f"{r}_{d}.parquet") for r, d in pairs)
+    a, b = geoparquet.read_region(region_file), geoparquet.read_region(out / region_file.name)
+    np.testing.assert_array_equal(a.h3, b.h3)
+    np.testing.assert_array_equal(a.valid, b.valid)
+    np.testing.assert_allclose(a.embedding, b.embedding, atol=2e-5)
+    madrid = geoparquet.read_region(out / f"{MADRID}_{pairs[1][1]}.parquet", check_norm=True)
+    assert madrid.metadata["region"] == MADRID and madrid.valid.sum() > 300  # all land
+
+    # a stale batch name (another stencil), window and stencil lists of other regions: refused, nothing written
+    with pytest.raises(DataError, match="do not hash to batch"):
+        vg_embed.embed_batch(
+            model_file, specs, windows, stencils, tmp_path / "stale", batch=f"batch-{GIBRALTAR}-{'0' * 12}"
+        )
+    with pytest.raises(DataError, match="same regions"):
+        vg_embed.embed_batch(model_file, specs, windows[::-1], stencils, tmp_path / "swapped")
+    assert not (tmp_path / "stale").exists() and not (tmp_path / "swapped").exists()
+
+
 def test_rollup_is_the_renormalised_mean_of_ok_children(tmp_path: Path, region_file: Path) -> None:
     outs = [tmp_path / "rollup" / "res3.parquet", tmp_path / "rollup" / "res4.parquet"]
     written = vg_rollup.rollup([region_file], [3, 4], outs)
@@ -278,21 +319,29 @@ def test_rollup_is_the_renormalised_mean_of_ok_children(tmp_path: Path, region_f
         np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
 
 
-def test_prune_superseded_keeps_current_files_only(tmp_path: Path) -> None:
-    names = [f"{GIBRALTAR}_{'a' * 12}.parquet", f"{GIBRALTAR}_{'b' * 12}.parquet", f"{MADRID}_{'c' * 12}.parquet"]
-    for n in [*names, ".tmpfile.parquet.tmp", "notes.txt"]:
-        (tmp_path / n).write_text("x")
-    (tmp_path / "rollup").mkdir()
-    removed = vg_rollup.prune_superseded(tmp_path, [tmp_path / names[1], tmp_path / names[2]])
-    assert [p.name for p in removed] == [names[0]]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [names[1], names[2], ".tmpfile.parquet.tmp", "notes.txt", "rollup"]
+def test_prune_superseded_keeps_current_batches_only(tmp_path: Path) -> None:
+    batches = tmp_path / "embeddings" / "batches"
+    names = [f"batch-{GIBRALTAR}-{'a' * 12}", f"batch-{MADRID}-{'b' * 12}", f"batch-{GIBRALTAR}-{'c' * 12}"]
+    for n in names:
+        (batches / n).mkdir(parents=True)
+        (batches / n / f"{GIBRALTAR}_{'d' * 12}.parquet").write_text("x")
+    (batches / "notes").mkdir()
+    # a region file of the one-file-per-job layout, a temp file and the rollup folder beside the batches
+    flat = f"{MADRID}_{'e' * 12}.parquet"
+    for n in [flat, ".tmpfile.parquet.tmp", "notes.txt"]:
+        (tmp_path / "embeddings" / n).write_text("x")
+    (tmp_path / "embeddings" / "rollup").mkdir()
+    removed = vg_rollup.prune_superseded(batches, [batches / names[1], batches / names[2]])
+    assert [p.name for p in removed] == [names[0], flat]
+    assert sorted(p.name for p in batches.iterdir()) == sorted([names[1], names[2], "notes"])
+    assert sorted(p.name for p in (tmp_path / "embeddings").iterdir()) == sorted(
+        ["batches", ".tmpfile.parquet.tmp", "notes.txt", "rollup"]
     )
 
 
 # --- the workflow ---------------------------------------------------------------------------------------
 
-RULES = ["--allowed-rules", "stencil", "cut_windows", "embed_region", "rollup"]
+RULES = ["--allowed-rules", "stencil", "cut_windows", "embed_batch", "rollup"]
 
 
 def _link_layers(dst: Path, layers: dict[str, Layer], land_mask: Layer) -> None:
@@ -311,14 +360,19 @@ def _embedding_files(workdir: Path) -> dict[str, tuple[int, int]]:
     """Region file name -> (inode, mtime): a rewrite (atomic rename) changes the inode."""
     return {
         p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
-        for p in sorted((workdir / "results" / "embeddings").glob("*.parquet"))
+        for p in sorted((workdir / "results" / "embeddings" / "batches").glob("*/*.parquet"))
     }
 
 
-def _embedded_regions(output: str) -> list[str]:
+def _embedded_regions(output: str, workdir: Path) -> list[str]:
+    """The regions of the embed_batch jobs a run planned (batches of the current stencil manifest)."""
     from test_workflow import planned_jobs
 
-    return sorted(w["region"] for rule, w in planned_jobs(output) if rule == "embed_region")
+    manifest = json.loads((workdir / "results" / "stencil" / "manifest.json").read_text())
+    batches = regionfiles.partition(manifest["regions"], 1)
+    return sorted(
+        r for rule, w in planned_jobs(output) if rule == "embed_batch" for r, _ in batches[w["batch"]].regions
+    )
 
 
 @pytest.mark.slow
@@ -331,7 +385,8 @@ def test_workflow_reruns_exactly_what_changed(
     def overlay(regions: list[str]) -> dict:
         return {
             "stencil": {"resolution": 5, "region_resolution": 2, "prune_resolution": 2, "extent": {"regions": regions}},
-            "embed": {"batch_size": 100, "rollup_resolutions": [3, 4], "device": "cpu"},
+            # one region per embed job: what reruns is exactly the regions that changed
+            "embed": {"batch_size": 100, "rollup_resolutions": [3, 4], "device": "cpu", "batch_cells": 1},
         }
 
     workdir = make_workdir(tmp_path / "wd", {"one": overlay([GIBRALTAR]), "two": overlay([GIBRALTAR, MADRID])})
@@ -345,7 +400,7 @@ def test_workflow_reruns_exactly_what_changed(
         return run_snakemake(workdir, *args).stdout
 
     out = run("one")
-    assert _embedded_regions(out) == [GIBRALTAR]
+    assert _embedded_regions(out, workdir) == [GIBRALTAR]
     first = _embedding_files(workdir)
     assert len(first) == 1
     manifest = json.loads((workdir / "results" / "stencil" / "manifest.json").read_text())
@@ -357,7 +412,7 @@ def test_workflow_reruns_exactly_what_changed(
     # a region added to the stencil: the checkpoint reruns (rewriting every region's stencil file),
     # but only the new region is embedded
     out = run("two")
-    assert _embedded_regions(out) == [MADRID]
+    assert _embedded_regions(out, workdir) == [MADRID]
     second = _embedding_files(workdir)
     assert len(second) == 2
     assert {k: v for k, v in second.items() if k.startswith(GIBRALTAR)} == first
@@ -365,14 +420,16 @@ def test_workflow_reruns_exactly_what_changed(
     # a new model: every region reruns, and its files carry the new model_version
     version = make_model(model, specs, seed=1)["model_version"]
     out = run("two")
-    assert _embedded_regions(out) == sorted([GIBRALTAR, MADRID])
+    assert _embedded_regions(out, workdir) == sorted([GIBRALTAR, MADRID])
     third = _embedding_files(workdir)
     assert third.keys() == second.keys() and all(third[k][0] != second[k][0] for k in third)
     stencil = {
         r: pq.read_table(workdir / "results" / "stencil" / "regions" / f"{r}.parquet") for r in (GIBRALTAR, MADRID)
     }
     for name in third:
-        data = geoparquet.read_region(workdir / "results" / "embeddings" / name, check_norm=True)
+        data = geoparquet.read_region(
+            next((workdir / "results" / "embeddings" / "batches").glob(f"*/{name}")), check_norm=True
+        )
         assert data.model_version == version
         np.testing.assert_array_equal(data.h3, stencil[name[:15]].column("h3").to_numpy())
     summary = json.loads((workdir / "results" / "embeddings" / "rollup" / "summary.json").read_text())
@@ -380,7 +437,7 @@ def test_workflow_reruns_exactly_what_changed(
 
     # a region dropped from the stencil: its file is removed; one file per current region remains
     out = run("one")
-    assert _embedded_regions(out) == []
+    assert _embedded_regions(out, workdir) == []
     assert list(_embedding_files(workdir)) == list(first)
     log = (workdir / "logs" / "rollup" / "rollup.log").read_text()
     assert "removed superseded" in log and MADRID in log
@@ -390,7 +447,8 @@ def test_workflow_reruns_exactly_what_changed(
     assert audit["ok"], audit
     assert audit["rows"] == audit["stencil_cells"] > 0 and audit["model_version"] == version
     emb_dir = workdir / "results" / "embeddings"
-    shutil.copy(emb_dir / next(iter(first)), emb_dir / f"{GIBRALTAR}_{'0' * 12}.parquet")
+    (current,) = (emb_dir / "batches").glob(f"*/{next(iter(first))}")
+    shutil.copy(current, current.parent / f"{GIBRALTAR}_{'0' * 12}.parquet")
     audit = vg_rollup.audit(workdir / "results")
     assert not audit["ok"] and audit["extra_files"] == [f"{GIBRALTAR}_{'0' * 12}.parquet"]
 
@@ -399,6 +457,7 @@ def test_workflow_reruns_exactly_what_changed(
     args = ["--configfile", "config/one.yaml", "--cores", "1", *RULES, "--", "rollup"]
     proc = run_snakemake(workdir, *args, check=False)
     assert proc.returncode != 0
-    log_text = next((workdir / "logs" / "embed_region").glob(f"{GIBRALTAR}_*.log")).read_text()
+    log_text = next((workdir / "logs" / "embed_batch").glob("*.log")).read_text()
     assert "model.pt" in log_text and "not a readable model file" in log_text, log_text[-2000:]
     assert not any(p.name.startswith(".") for p in emb_dir.iterdir())  # no temp files left
+    assert not list((emb_dir / "batches").glob("*"))  # the failed batch's folder is removed

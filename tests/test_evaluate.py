@@ -664,7 +664,7 @@ def test_workflow_evaluate_rule(workflow_run: WorkflowRun) -> None:
     # every cell with an embedding outside the selection blocks is evaluated (max_cells 2000 is more than the
     # tiny stencil has)
     ok = []
-    for p in (results / "embeddings").glob("*_*.parquet"):
+    for p in (results / "embeddings" / "batches").glob("*/*_*.parquet"):
         t = pq.read_table(p)
         ok += [h for h, s in zip(t.column("h3").to_pylist(), t.column("status").to_pylist(), strict=True) if s == "ok"]
     held = probes.selection_blocks(np.array(ok, np.uint64), 3, 0.2, 0)

@@ -25,6 +25,7 @@ from test_workflow import (
     SNAKEMAKE,
     TEST_CONFIG,
     configfiles,
+    embed_batches,
     finished_jobs,
     job_stats,
     make_workdir,
@@ -97,7 +98,7 @@ def read_every_parquet(results: Path) -> dict[str, int]:
     rows = {}
     for path in sorted(results.rglob("*.parquet")):
         rows[str(path.relative_to(results))] = pq.read_table(path).num_rows
-        if path.parent.name == "embeddings":
+        if path.parent.parent.name == "batches":
             geoparquet.read_region(path)
     return rows
 
@@ -110,18 +111,20 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_sigint_during_embed_region_then_rerun(workflow_run: WorkflowRun, tmp_path: Path) -> None:
-    """Ctrl-C (SIGINT to Snakemake's process group) while the first region is embedded: no region file is left
-    half-written; the rerun (plain, no flags) completes, and every GeoParquet under results/ reads in full."""
+def test_sigint_during_embed_batch_then_rerun(workflow_run: WorkflowRun, tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to Snakemake's process group) while the first batch is embedded: no region file is left
+    half-written, no batch folder is left incomplete; the rerun (plain, no flags) completes, and every GeoParquet
+    under results/ reads in full."""
     wd = tmp_path / "wd"
     shutil.copytree(workflow_run.workdir, wd, symlinks=True)  # the finished run, with its Snakemake metadata
     results = wd / "results"
     regions = stencil_regions(results)
-    embeddings = results / "embeddings"
-    for region, entry in regions.items():
-        (embeddings / f"{region}_{entry['digest']}.parquet").unlink()
-    shutil.rmtree(embeddings / "rollup")
-    shutil.rmtree(wd / "logs" / "embed_region")
+    batches = embed_batches(results)
+    assert len(batches) >= 2
+    folders = results / "embeddings" / "batches"
+    shutil.rmtree(folders)
+    shutil.rmtree(results / "embeddings" / "rollup")
+    shutil.rmtree(wd / "logs" / "embed_batch")
     target = "results/embeddings/rollup/summary.json"
 
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **workflow_run.env}
@@ -130,25 +133,28 @@ def test_sigint_during_embed_region_then_rerun(workflow_run: WorkflowRun, tmp_pa
     # shell inherits SIGINT ignored, and so would Snakemake (Python keeps an inherited SIG_IGN)
     proc = subprocess.Popen(cmd, cwd=wd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, preexec_fn=_default_sigint)  # fmt: skip
-    logs = wd / "logs" / "embed_region"
+    logs = wd / "logs" / "embed_batch"
     deadline = time.monotonic() + 300
     while not (logs.is_dir() and any(logs.iterdir())):
         assert proc.poll() is None, proc.communicate()[0][-4000:]
-        assert time.monotonic() < deadline, "no embed_region job started"
+        assert time.monotonic() < deadline, "no embed_batch job started"
         time.sleep(0.05)
-    time.sleep(1.0)  # inside the job: torch imported, the model loading or the region being embedded
+    time.sleep(1.0)  # inside the job: torch imported, the model loading or the regions being embedded
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0, out[-4000:]
-    done = [r for r, e in regions.items() if (embeddings / f"{r}_{e['digest']}.parquet").exists()]
-    assert len(done) < len(regions), f"the interrupt came after every region was embedded:\n{out[-3000:]}"
+    done = [n for n in batches if (folders / n).exists()]
+    assert len(done) < len(batches), f"the interrupt came after every batch was embedded:\n{out[-3000:]}"
+    for n in done:  # a folder that remains holds every region of its batch
+        assert sorted(p.name for p in (folders / n).glob("*.parquet")) == sorted(batches[n].files())
     read_every_parquet(results)  # what exists is complete; a killed job's temp file may remain until the rerun
 
     again = run_snakemake(wd, *configfiles(), "--cores", "2", target, env=workflow_run.env).stdout
-    assert finished_jobs(again)["embed_region"] == len(regions) - len(done), again[-4000:]
+    assert finished_jobs(again)["embed_batch"] == len(batches) - len(done), again[-4000:]
     rows = read_every_parquet(results)
+    batch_of = {r: n for n, b in batches.items() for r, _ in b.regions}
     for region, entry in regions.items():
-        assert rows[f"embeddings/{region}_{entry['digest']}.parquet"] == entry["cells"]
+        assert rows[f"embeddings/batches/{batch_of[region]}/{region}_{entry['digest']}.parquet"] == entry["cells"]
     assert any(name.startswith("embeddings/rollup/") for name in rows)
     assert not [t for t in temp_files(results) if ".parquet" in t], temp_files(results)
     assert not job_stats(run_snakemake(wd, *configfiles(), "-n", target, env=workflow_run.env).stdout)

@@ -34,7 +34,8 @@ import yaml
 from conftest import create_database
 from test_workflow import (
     BIN,
-    PER_REGION_RULES,
+    PER_BATCH_RULES,
+    TEST_BATCH_CELLS,
     TINY_JOBS,
     configfiles,
     finished_jobs,
@@ -44,7 +45,7 @@ from test_workflow import (
     run_snakemake,
 )
 
-from vectorgeo import probes, store
+from vectorgeo import probes, regionfiles, store
 from vectorgeo.stencil import digest_cells
 from vectorgeo.windows import window_nbytes
 
@@ -263,8 +264,10 @@ def test_outputs_are_objects_in_the_bucket(s3run: S3Run) -> None:
     )
     assert lat.min() >= 35.0 - 0.1 and lat.max() <= 38.0 + 0.1
 
-    per_region = dict.fromkeys(PER_REGION_RULES, len(manifest["regions"]))
-    assert s3run.all_jobs == Counter({**TINY_JOBS, "mosaic_layer": 1, **per_region})
+    batches = regionfiles.partition(manifest["regions"], TEST_BATCH_CELLS)
+    per_batch = dict.fromkeys(PER_BATCH_RULES, len(batches))
+    assert s3run.all_jobs == Counter({**TINY_JOBS, "mosaic_layer": 1, **per_batch})
+    batch_of = {r: name for name, b in batches.items() for r, _ in b.regions}
 
     shards = sorted(k for k in objects if k.startswith("results/samples/") and k.endswith(".npz"))
     assert shards == ["results/samples/shard-0.npz", "results/samples/shard-1.npz"]
@@ -278,7 +281,7 @@ def test_outputs_are_objects_in_the_bucket(s3run: S3Run) -> None:
     n_ok = 0
     ok_cells: list[np.ndarray] = []
     for region, entry in manifest["regions"].items():
-        key = f"results/embeddings/{region}_{entry['digest']}.parquet"
+        key = f"results/embeddings/batches/{batch_of[region]}/{region}_{entry['digest']}.parquet"
         assert key in objects, sorted(objects)
         table = pq.read_table(io.BytesIO(s3run.get(key)))
         assert b"geo" in (table.schema.metadata or {})
@@ -334,7 +337,8 @@ def test_changed_input_reruns_and_reuploads_only_its_downstream(s3run: S3Run) ->
     unchanged = Counter({"prepare_layer": 3, "stencil": 1, "prepare_eval_label": s3run.all_jobs["prepare_eval_label"]})
     assert counts == s3run.all_jobs - unchanged, dry[-4000:]
     regions = s3run.manifest()["regions"]
-    assert counts["embed_region"] == len(regions) and counts["load_regions"] == 1
+    batches = regionfiles.partition(regions, TEST_BATCH_CELLS)
+    assert counts["embed_batch"] == len(batches) and counts["load_regions"] == 1
 
     s3run.snakemake()
     after = s3run.objects()
@@ -344,7 +348,8 @@ def test_changed_input_reruns_and_reuploads_only_its_downstream(s3run: S3Run) ->
     results = {k for k in after if k.startswith("results/")}
     assert {k for k in changed if k.startswith("results/")} == {k for k in results if not k.startswith(kept)}
     assert "results/layers/elevation.npy" in changed
-    assert {f"results/embeddings/{r}_{v['digest']}.parquet" for r, v in regions.items()} <= changed
+    keys = {f"results/embeddings/batches/{n}/{r}_{d}.parquet" for n, b in batches.items() for r, d in b.regions}
+    assert keys <= changed
     assert "results/loaded/regions.json" in changed
     # every region has new embeddings, so each was loaded again
     assert json.loads(s3run.get("results/loaded/regions.json"))["loaded"] == len(regions)
@@ -362,46 +367,51 @@ def test_changed_input_reruns_and_reuploads_only_its_downstream(s3run: S3Run) ->
     assert not job_stats(s3run.snakemake("-n"))
 
 
-def test_lost_region_output_is_rebuilt_alone(s3run: S3Run) -> None:
-    """Deleting one region's embeddings object rebuilds and re-uploads that region alone.
+def test_lost_batch_output_is_rebuilt_alone(s3run: S3Run) -> None:
+    """Deleting one embed batch's objects rebuilds and re-uploads that batch alone, and its job downloads its
+    regions' windows, never a whole layer.
 
-    The region files are the targets here: Snakemake does not rebuild a missing intermediate
-    file whose consumers (the rollup) are up to date.
+    The batch folders are the targets here: Snakemake does not rebuild a missing intermediate
+    output whose consumers (the rollup) are up to date.
     """
-    regions = sorted(s3run.manifest()["regions"].items())
-    embeddings = [f"results/embeddings/{r}_{v['digest']}.parquet" for r, v in regions]
-    region, entry = regions[len(regions) // 2]
-    key = f"results/embeddings/{region}_{entry['digest']}.parquet"
-    s3run.client.delete_object(Bucket=BUCKET, Key=f"{PREFIX}/{key}")
+    batches = regionfiles.partition(s3run.manifest()["regions"], TEST_BATCH_CELLS)
+    targets = [f"results/embeddings/batches/{name}" for name in batches]
+    # a batch of several regions
+    name, batch = next((n, b) for n, b in batches.items() if len(b.regions) > 1)
+    keys = [f"results/embeddings/batches/{name}/{f}" for f in batch.files()]
     before = s3run.objects()
-    assert key not in before
-    dry = s3run.snakemake("-n", targets=embeddings)
-    planned = [(w["region"], w["digest"]) for rule, w in planned_jobs(dry) if rule == "embed_region"]
-    assert planned == [(region, entry["digest"])], dry[-4000:]
-    assert dict(job_stats(dry)) == {"embed_region": 1}
+    assert set(keys) <= set(before)
+    for key in [k for k in before if k.startswith(f"results/embeddings/batches/{name}/")]:
+        s3run.client.delete_object(Bucket=BUCKET, Key=f"{PREFIX}/{key}")
+    before = s3run.objects()
+    dry = s3run.snakemake("-n", targets=targets)
+    planned = [w["batch"] for rule, w in planned_jobs(dry) if rule == "embed_batch"]
+    assert planned == [name], dry[-4000:]
+    assert dict(job_stats(dry)) == {"embed_batch": 1}
     # as on a fresh node: no local copies of objects, so every input the job reads is downloaded
     shutil.rmtree(s3run.workdir / ".snakemake" / "storage", ignore_errors=True)
     offset = s3run.moto_log.stat().st_size
-    s3run.snakemake(targets=embeddings)
+    s3run.snakemake(targets=targets)
 
-    # the region job downloaded its window (and small files), never a whole layer
+    # the batch job downloaded its regions' windows (and small files), never a whole layer
     downloaded = [k for k in gets(s3run.moto_log, offset) if k != "results/stencil/manifest.json"]
-    window_key = f"results/windows/{region}.npz"
-    assert window_key in downloaded and not [k for k in downloaded if k.endswith(".npy")], downloaded
-    window = pq_free_window_bytes(s3run.get(window_key))
+    window_keys = [f"results/windows/{r}.npz" for r, _ in batch.regions]
+    assert set(window_keys) <= set(downloaded) and not [k for k in downloaded if k.endswith(".npy")], downloaded
+    window = sum(pq_free_window_bytes(s3run.get(k)) for k in window_keys)
     transferred = sum(s3run.client.head_object(Bucket=BUCKET, Key=f"{PREFIX}/{k}")["ContentLength"] for k in downloaded)
     assert transferred <= 2 * window, (transferred, window, downloaded)
     after = s3run.objects()
     changed = {k for k in after if before.get(k) is None or before[k][1] != after[k][1]}
-    assert {k for k in changed if k.startswith("results/")} == {key}
-    # what reads that region's embeddings is now stale (and what reads those outputs), nothing else is
+    assert {k for k in changed if k.startswith("results/") and not k.endswith(".snakemake_timestamp")} == set(keys)
+    # what reads that batch's embeddings is now stale (and what reads those outputs), nothing else is
     downstream = {"rollup": 1, "build_tiles": 1, "load_regions": 1, "build_index": 1, "evaluate": 1, "all": 1}
     dry = s3run.snakemake("-n")
     assert dict(job_stats(dry)) == downstream, dry[-4000:]
     s3run.snakemake()
-    # the load job loaded that region again at most (the rebuilt file may equal the loaded one byte for byte)
+    # the load job loaded those regions again at most (the rebuilt files may equal the loaded ones byte for byte)
     loaded = json.loads(s3run.get("results/loaded/regions.json"))
-    assert [r for r, v in loaded["regions"].items() if v["loaded"]] in ([], [region]), loaded
+    again = [r for r, v in loaded["regions"].items() if v["loaded"]]
+    assert set(again) <= {r for r, _ in batch.regions}, loaded
     assert not job_stats(s3run.snakemake("-n"))
 
 
@@ -419,7 +429,7 @@ def test_stencil_rerun_with_same_cells_keeps_every_region_output(s3run: S3Run) -
     digests = {r: v["digest"] for r, v in s3run.manifest()["regions"].items()}
     out = s3run.snakemake(overlays=("prune2",))  # the stencil's params change, its cells do not
     assert "stencil" in {rule for rule, _ in planned_jobs(out)}
-    assert not {"embed_region", "load_regions"} & {rule for rule, _ in planned_jobs(out)}, out[-4000:]
+    assert not {"embed_batch", "load_regions"} & {rule for rule, _ in planned_jobs(out)}, out[-4000:]
     assert {r: v["digest"] for r, v in s3run.manifest()["regions"].items()} == digests
     after = s3run.objects()
     assert before["results/stencil/manifest.json"][1] != after["results/stencil/manifest.json"][1]

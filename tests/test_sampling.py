@@ -178,12 +178,11 @@ def test_corrupt_shard(tmp_path) -> None:  # type: ignore[no-untyped-def]
 def test_changing_patch_km_makes_only_sampling_and_downstream_stale(workflow_run: WorkflowRun) -> None:
     """After the complete tiny run, change sample.patch_km: the dry run lists the sample rules and what
     depends on them, nothing upstream (layers, stencil) and nothing that does not read the samples."""
-    from test_workflow import job_stats, stencil_regions
+    from test_workflow import embed_batches, job_stats
 
     assert not job_stats(workflow_run.snakemake("-n").stdout)
     (workflow_run.workdir / "config" / "patch.yaml").write_text(yaml.safe_dump({"sample": {"patch_km": 60}}))
     stale = job_stats(workflow_run.snakemake("-n", overlays=("patch",)).stdout)
-    n = len(stencil_regions(workflow_run.results))
     # the model is trained on the samples; embeddings, loads, rollups, tiles and the evaluation follow from
     # it; the region windows are cut for the patch size
     assert stale == Counter(
@@ -191,7 +190,7 @@ def test_changing_patch_km_makes_only_sampling_and_downstream_stale(workflow_run
             "sample_triplets": 2,
             "train_model": 1,
             "cut_windows": 1,
-            "embed_region": n,
+            "embed_batch": len(embed_batches(workflow_run.results)),
             "rollup": 1,
             "build_tiles": 1,
             "load_regions": 1,

@@ -32,12 +32,14 @@ import pytest
 from conftest import free_port, require_system
 from test_workflow import (
     GPU_RULES,
-    PER_REGION_RULES,
+    PER_BATCH_RULES,
     ROOT,
     TINY_JOBS,
     configfiles,
+    embed_batches,
     finished_jobs,
     make_workdir,
+    region_path,
     run_snakemake,
 )
 
@@ -155,7 +157,8 @@ def _check_run(cluster: Cluster, workdir: Path, pg_home: Path, out: str) -> None
     results = workdir / "results"
     manifest = json.loads((results / "stencil" / "manifest.json").read_text())
     assert len(manifest["regions"]) >= 2
-    assert finished == Counter({**TINY_JOBS, **dict.fromkeys(PER_REGION_RULES, len(manifest["regions"]))})
+    batches = embed_batches(results)
+    assert finished == Counter({**TINY_JOBS, **dict.fromkeys(PER_BATCH_RULES, len(batches))})
     assert Counter(rule_of.values()) == finished - Counter({"all": 1}), (finished, rule_of)
     assert re.findall(r"^local(?:rule|checkpoint) (\w+):", out, flags=re.MULTILINE) == ["all"]
 
@@ -173,7 +176,7 @@ def _check_run(cluster: Cluster, workdir: Path, pg_home: Path, out: str) -> None
     spans = sorted(
         (datetime.fromisoformat(record[i]["StartTime"]), datetime.fromisoformat(record[i]["EndTime"])) for i in gpu_jobs
     )
-    assert len(spans) == 1 + len(manifest["regions"])  # train_model, embed_region per region
+    assert len(spans) == 1 + len(batches)  # train_model, embed_batch per batch
     for (_, end), (start, _) in pairwise(spans):
         assert start >= end, spans
 
@@ -188,7 +191,7 @@ def _check_run(cluster: Cluster, workdir: Path, pg_home: Path, out: str) -> None
     metrics = json.loads((results / "model" / "metrics.json").read_text())
     assert len(metrics["epochs"]) >= 1 and np.isfinite(metrics["epochs"][0]["train_loss"])
     for region, entry in manifest["regions"].items():
-        table = pq.read_table(io.BytesIO((results / "embeddings" / f"{region}_{entry['digest']}.parquet").read_bytes()))
+        table = pq.read_table(io.BytesIO(region_path(results, region, entry["digest"]).read_bytes()))
         assert np.array_equal(np.sort(table.column("h3").to_numpy()), cells[region])
         ok = [s == "ok" for s in table.column("status").to_pylist()]
         emb = np.array([v for v, good in zip(table.column("embedding").to_pylist(), ok, strict=True) if good])

@@ -29,20 +29,21 @@ import yaml
 from conftest import WorkflowRun
 from psycopg import sql
 
-from vectorgeo import db, store
+from vectorgeo import db, regionfiles, store
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SNAKEMAKE = BIN / "snakemake"
 TEST_CONFIG = "config/test.yaml"
-GPU_RULES = ("train_model", "embed_region")
+TEST_BATCH_CELLS = yaml.safe_load((ROOT / TEST_CONFIG).read_text())["embed"]["batch_cells"]
+GPU_RULES = ("train_model", "embed_batch")
 # every rule of the workflow; per-region rules run once per stencil region
 RULES = (
     "all",
     "build_index",
     "build_tiles",
     "cut_windows",
-    "embed_region",
+    "embed_batch",
     "evaluate",
     "load_regions",
     "mosaic_layer",
@@ -53,8 +54,8 @@ RULES = (
     "stencil",
     "train_model",
 )
-PER_REGION_RULES = ("embed_region",)
-# jobs of a complete run of the tiny config, besides the per-region ones (mosaic_layer: no tiled source)
+PER_BATCH_RULES = ("embed_batch",)
+# jobs of a complete run of the tiny config, besides the per-batch ones (mosaic_layer: no tiled source)
 TINY_JOBS = {
     "prepare_layer": 4,  # landcover, elevation, imagery, land_mask
     "stencil": 1,
@@ -159,6 +160,18 @@ def stencil_regions(results: Path) -> dict[str, dict[str, Any]]:
     return dict(json.loads((results / "stencil" / "manifest.json").read_text())["regions"])
 
 
+def embed_batches(results: Path, batch_cells: int | None = None) -> dict[str, regionfiles.Batch]:
+    """The embed batches of the stencil manifest (embed.batch_cells of the test config by default)."""
+    return regionfiles.partition(stencil_regions(results), batch_cells or TEST_BATCH_CELLS)
+
+
+def region_path(results: Path, region: str, digest: str) -> Path:
+    """The region's embedding file, in its batch folder (exactly one)."""
+    found = sorted(results.glob(f"embeddings/batches/*/{region}_{digest}.parquet"))
+    assert len(found) == 1, found
+    return found[0]
+
+
 def stencil_cells(results: Path) -> dict[str, np.ndarray]:
     """Region -> its cells (uint64), read from the stencil's region files."""
     return {
@@ -244,7 +257,7 @@ def test_gpu_rules_declare_gpu_when_cuda_is_configured(stenciled: Path) -> None:
     assert len(regions) >= 2
     rules = Counter(rule for rule, _ in planned_jobs(out))
     assert rules["train_model"] == 1, out[-4000:]
-    assert rules["embed_region"] == len(regions) and rules["load_regions"] == 1
+    assert rules["embed_batch"] == len(embed_batches(stenciled / "results")) and rules["load_regions"] == 1
     assert _gpu_jobs(out) == {rule: {rule in GPU_RULES} for rule in rules}
 
 
@@ -252,7 +265,7 @@ def test_without_cuda_no_job_asks_for_a_gpu(stenciled: Path) -> None:
     """device: auto on a machine where no GPU is visible (CUDA_VISIBLE_DEVICES empty): no job asks for one."""
     out = run_snakemake(stenciled, *configfiles(), "-n", env={"CUDA_VISIBLE_DEVICES": ""}).stdout
     rules = Counter(rule for rule, _ in planned_jobs(out))
-    assert rules["train_model"] == 1 and rules["embed_region"] == len(stencil_regions(stenciled / "results"))
+    assert rules["train_model"] == 1 and rules["embed_batch"] == len(embed_batches(stenciled / "results"))
     assert _gpu_jobs(out) == {rule: {False} for rule in rules}, out[-4000:]
 
 
@@ -270,7 +283,7 @@ def _ok_rows(results: Path) -> int:
     """Rows with status 'ok' in the region embedding files of the current stencil."""
     n = 0
     for region, entry in stencil_regions(results).items():
-        status = pq.read_table(results / "embeddings" / f"{region}_{entry['digest']}.parquet").column("status")
+        status = pq.read_table(region_path(results, region, entry["digest"])).column("status")
         n += sum(s == "ok" for s in status.to_pylist())
     return n
 
@@ -278,7 +291,10 @@ def _ok_rows(results: Path) -> int:
 def test_complete_run_finishes_every_job(workflow_run: WorkflowRun) -> None:
     regions = stencil_regions(workflow_run.results)
     assert len(regions) >= 2
-    expected = Counter({**TINY_JOBS, **dict.fromkeys(PER_REGION_RULES, len(regions))})
+    batches = embed_batches(workflow_run.results)
+    # the test regions make batches of one and of several regions (embed.batch_cells)
+    assert 1 < len(batches) < len(regions)
+    expected = Counter({**TINY_JOBS, **dict.fromkeys(PER_BATCH_RULES, len(batches))})
     assert finished_jobs(workflow_run.output) == expected, workflow_run.output[-4000:]
     loaded = json.loads((workflow_run.results / "loaded" / "regions.json").read_text())
     files = {r: v["file"] for r, v in loaded["regions"].items()}
@@ -319,7 +335,7 @@ def test_loaded_embeddings_answer_similarity_queries(workflow_run: WorkflowRun) 
     h3_parts: list[np.ndarray] = []
     emb_parts: list[list[float]] = []
     for region, entry in stencil_regions(results).items():
-        t = pq.read_table(results / "embeddings" / f"{region}_{entry['digest']}.parquet")
+        t = pq.read_table(region_path(results, region, entry["digest"]))
         ok = np.array([s == "ok" for s in t.column("status").to_pylist()])
         h3_parts.append(t.column("h3").to_numpy()[ok])
         emb_parts += [v for v, good in zip(t.column("embedding").to_pylist(), ok, strict=True) if good]
@@ -357,13 +373,17 @@ def test_rerun_of_the_load_rules_does_not_duplicate_rows(workflow_run: WorkflowR
 
     # one region file rewritten (same cells, rows in another order, so another checksum): that region alone
     region, entry = sorted(regions.items())[0]
-    path = results / "embeddings" / f"{region}_{entry['digest']}.parquet"
-    t, stamp = pq.read_table(path), path.stat()
+    path = region_path(results, region, entry["digest"])
+    # a batch folder's time is that of its .snakemake_timestamp (Snakemake's directory outputs): touched, it
+    # says that the folder's files changed
+    timestamp = path.parent / ".snakemake_timestamp"
+    t, stamp = pq.read_table(path), timestamp.stat()
     pq.write_table(t.take(np.arange(t.num_rows)[::-1]).replace_schema_metadata(t.schema.metadata), path)
+    timestamp.touch()
     out = workflow_run.snakemake("--cores", "2", "results/loaded/index.json").stdout
     assert finished_jobs(out) == Counter({"load_regions": 1, "build_index": 1}), out[-4000:]
-    # the file's old time back: the other consumers of the embeddings (rollup, tiles, evaluate) stay done
-    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    # the folder's old time back: the other consumers of the embeddings (rollup, tiles, evaluate) stay done
+    os.utime(timestamp, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
     loaded = json.loads((results / "loaded" / "regions.json").read_text())
     assert [r for r, v in loaded["regions"].items() if v["loaded"]] == [region], loaded
     with store.connect(workflow_run.url) as conn:
@@ -372,3 +392,18 @@ def test_rerun_of_the_load_rules_does_not_duplicate_rows(workflow_run: WorkflowR
     assert again[1] == before[1]
     assert json.loads((results / "loaded" / "index.json").read_text())["rows"] == len(before[0])
     assert not job_stats(workflow_run.snakemake("-n").stdout)
+
+
+def test_run_summary_counts_what_the_run_produced(workflow_run: WorkflowRun) -> None:
+    """`vectorgeo run-summary` (what `make run` prints at the end): the stencil's cells, the region files of the
+    embed batches, the loaded rows."""
+    from vectorgeo.summary import run_summary
+
+    results = workflow_run.results
+    regions = stencil_regions(results)
+    cells = sum(v["cells"] for v in regions.values())
+    lines = {line.split()[0]: line for line in run_summary(results)}
+    assert f"{cells:,} land cells" in lines["stencil"]
+    want = f"embeddings {cells:,} cells in {len(regions)} region files of {len(embed_batches(results))} batches"
+    assert lines["embeddings"].startswith(want), lines["embeddings"]
+    assert f"{cells:,} rows loaded from {len(regions)} regions" in lines["database"]

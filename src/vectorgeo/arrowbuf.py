@@ -1,7 +1,7 @@
 """Arrow arrays from numpy buffers and back, without going through ``pa.array`` / ``to_numpy``.
 
 pyarrow's ``pa.array``, ``pa.scalar`` and ``Array.to_numpy`` check their input and output against
-pandas types, which imports pandas (~0.2 s) the first time. An ``embed_region`` job needs none of
+pandas types, which imports pandas (~0.2 s) the first time. An ``embed_batch`` job needs none of
 pandas: it reads three numeric stencil columns and writes a region file of numeric, boolean and string
 columns, all of which are plain buffers. These helpers build and read those buffers directly (zero
 copy where Arrow's layout is numpy's), so that a job's start-up does not pay for pandas.

@@ -659,7 +659,7 @@ class EmbedConfig(Section):
         "auto",
         description=(
             "auto (CUDA when the machine running Snakemake sees a GPU, else CPU), cpu or cuda. When it resolves to "
-            "cuda the embed_region rule requests resources gpu=1 (set cuda explicitly for cluster submission). An "
+            "cuda the embed_batch rule requests resources gpu=1 (set cuda explicitly for cluster submission). An "
             "execution setting: changing it does not rerun regions."
         ),
     )
@@ -667,11 +667,22 @@ class EmbedConfig(Section):
         1,
         ge=1,
         description=(
-            "Threads of one embed_region job on CPU: torch's intra-op threads (one more thread gathers patches); "
-            "Snakemake runs --cores / cpu_threads regions at once. On the 2-core development machine two one-thread "
+            "Threads of one embed_batch job on CPU: torch's intra-op threads (one more thread gathers patches); "
+            "Snakemake runs --cores / cpu_threads batches at once. On the 2-core development machine two one-thread "
             "jobs side by side embedded a res-6 world in 850 s, one two-thread job at a time in 1,157 s. On CUDA a "
             "job takes 4 threads to gather patches for the GPU. An execution setting: changing it does not rerun "
             "regions."
+        ),
+    )
+    batch_cells: int = Field(
+        200_000,
+        ge=1,
+        description=(
+            "Cells per embed job: regions, in id order, are grouped into batches of at least this many cells, "
+            "and one embed_batch job embeds a batch, so that Python, torch (and CUDA) start once per batch "
+            "instead of once per region (~1 s each). A batch's region files are in "
+            "results/embeddings/batches/batch-{region}-{digest}/; a batch reruns when one of its regions' cells "
+            "change. 1 gives one job per region."
         ),
     )
     rollup_resolutions: list[Annotated[int, Field(ge=0, le=15)]] = Field(

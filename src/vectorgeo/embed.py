@@ -31,6 +31,7 @@ Rollups of the region files to coarser cells are in :mod:`vectorgeo.rollup`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import threading
@@ -402,6 +403,119 @@ def embed_region(
         },
     )
     return RegionResult(str(out_path), int(h3.shape[0]), counts, emb.model_version, time.perf_counter() - t0)
+
+
+@dataclass
+class BatchResult:
+    """What :func:`embed_batch` did: one :class:`RegionResult` per region, in order."""
+
+    folder: str
+    regions: list[RegionResult]
+    seconds: float
+
+    @property
+    def cells(self) -> int:
+        return sum(r.cells for r in self.regions)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {s: sum(r.counts.get(s, 0) for r in self.regions) for s in STATUSES}
+
+
+def embed_batch(
+    model: ModelLike,
+    specs: Mapping[str, LayerSpec],
+    windows: Sequence[str | Path],
+    stencils: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    batch: str | None = None,
+    batch_size: int = DEFAULTS.batch_size,
+    device: str = DEFAULTS.device,
+    max_nodata_frac: float = DEFAULTS.max_nodata_frac,
+    workers: int = 1,
+    progress_every_s: float = 10.0,
+) -> BatchResult:
+    """Embed a batch of regions with one loaded model: ``out_dir/{region}_{digest}.parquet`` per region.
+
+    The model is loaded (and torch started) once for the batch; each region is embedded from its own
+    window file (:func:`vectorgeo.windows.open_window`) and stencil file
+    (:func:`vectorgeo.stencil.read_region`) by :func:`embed_region`, one region in memory at a time.
+
+    Args:
+        model: A model file path or a loaded ``(module, metadata)`` pair.
+        specs: Layer specs by name (the config's); the model's layers are read from the windows.
+        windows: The regions' window files, ``{region}.npz``.
+        stencils: The regions' stencil files, ``{region}.parquet``, in the same order.
+        out_dir: The batch folder (created).
+        batch: The batch folder's name ``batch-{region}-{digest}`` (:mod:`vectorgeo.regionfiles`): when given,
+            the regions' cell digests must hash to its digest (guards against a stale stencil).
+        batch_size: Cells per model batch.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        max_nodata_frac: Threshold of the ``nodata`` status.
+        workers: Background threads gathering patches ahead of the model.
+        progress_every_s: Seconds between progress log lines.
+
+    Raises:
+        DataError: window and stencil lists do not name the same regions; a file is unreadable; the cells
+            do not match the batch name's digest.
+        ConfigError: the layers do not encode the model's layers as the model does.
+    """
+    from vectorgeo import regionfiles
+    from vectorgeo.atomic import atomic_dir
+    from vectorgeo.stencil import read_region
+    from vectorgeo.windows import open_window
+
+    t0 = time.perf_counter()
+    names = [Path(w).name.removesuffix(".npz") for w in windows]
+    if names != [Path(s).name.removesuffix(".parquet") for s in stencils] or not names:
+        raise DataError(
+            str(out_dir),
+            f"expected window and stencil files of the same regions, got {list(windows)} and {list(stencils)}",
+        )
+    dev = torch.device(device_name(device))
+    module, meta = load_model(model, dev)
+    model_specs = vg_model.check_layers(meta, dict(specs))
+    tables = [read_region(s) for s in stencils]
+    pairs = [
+        (r, digest_cells(arrowbuf.column_numpy(t.column("h3"), np.uint64))) for r, t in zip(names, tables, strict=True)
+    ]
+    if batch is not None:
+        m = regionfiles.BATCH_DIR.match(batch)
+        if m is None or regionfiles.batch_digest(pairs) != m.group("digest"):
+            raise DataError(
+                str(out_dir),
+                f"the stencil cells of regions {names[:5]}{'...' if len(names) > 5 else ''} do not hash to batch "
+                f"{batch} (stale stencil? rerun the workflow to re-plan the batches)",
+            )
+    folder = Path(out_dir)
+    total = sum(t.num_rows for t in tables)
+    done = 0
+    results: list[RegionResult] = []
+    report = log_progress(progress_every_s, name=batch or folder.name)
+    # the regions' files are written into a temp folder that becomes the batch folder once all are there
+    with atomic_dir(folder) as tmp:
+        for (region, digest), window, table in zip(pairs, windows, tables, strict=True):
+            layers = open_window(window, model_specs)
+            emb = Embedder(module, meta, layers, dev, batch_size, max_nodata_frac, workers=workers)
+            base = done
+
+            def progress(cells: int, _n: int, base: int = base) -> None:
+                report(base + cells, total)
+
+            name = f"{region}_{digest}.parquet"
+            res = embed_region(emb, None, layers, table, tmp / name, region=region, digest=digest, progress=progress)
+            log.info(
+                "region %s: %d cells %s in %.1f s (%.0f cells/s)",
+                region,
+                res.cells,
+                res.counts,
+                res.seconds,
+                res.cells_per_s,
+            )
+            results.append(dataclasses.replace(res, path=str(folder / name)))
+            done += res.cells
+    return BatchResult(str(folder), results, time.perf_counter() - t0)
 
 
 _progress_lock = threading.Lock()

@@ -26,7 +26,7 @@ Exit
 ----
 With torch, pyarrow and pandas loaded, the interpreter's own teardown (module finalisation, a last
 cyclic garbage collection over every object) takes 0.3–0.4 s, paid by each of a world's ~100
-``embed_region`` jobs after its work is done. :func:`exit_now` flushes the logs and standard streams and
+``embed_batch`` jobs after its work is done. :func:`exit_now` flushes the logs and standard streams and
 ends the process at once; a job calls it last, once its outputs are closed.
 """
 

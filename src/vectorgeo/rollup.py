@@ -18,6 +18,8 @@ bounded by the number of parents, not of cells.
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,12 +28,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vectorgeo import geoparquet, h3cells
+from vectorgeo import geoparquet, h3cells, regionfiles
 from vectorgeo import model as vg_model
 from vectorgeo.atomic import write_parquet_atomic
 from vectorgeo.embed import REGION_FILE, STATUS_OK, STATUSES
 from vectorgeo.errors import ConfigError, DataError
 from vectorgeo.stencil import centroids, change_resolution
+
+log = logging.getLogger(__name__)
 
 
 def _reduce(parents: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -111,29 +115,38 @@ def rollup(
 
 
 def prune_superseded(folder: str | Path, current: Sequence[str | Path]) -> list[Path]:
-    """Delete region files in ``folder`` that are not among ``current`` (older digests, dropped regions).
+    """Delete embed batch folders in ``folder`` that are not among ``current`` (older digests, another
+    ``embed.batch_cells``), and region files left directly under ``folder``'s parent by the earlier
+    one-file-per-job layout.
 
-    Only names matching :data:`REGION_FILE` are touched; temp files and the rollup folder are left alone.
+    Only names matching :data:`~vectorgeo.regionfiles.BATCH_DIR` and :data:`REGION_FILE` are touched;
+    temp files and the rollup folder are left alone.
 
     Returns:
-        The files removed.
+        The folders and files removed.
     """
     keep = {Path(p).name for p in current}
     removed: list[Path] = []
     folder = Path(folder)
-    if not folder.is_dir():
-        return removed
-    for f in sorted(folder.iterdir()):
-        if f.is_file() and REGION_FILE.match(f.name) and f.name not in keep:
-            f.unlink(missing_ok=True)
-            removed.append(f)
+    if folder.is_dir():
+        for f in sorted(folder.iterdir()):
+            if f.is_dir() and regionfiles.BATCH_DIR.match(f.name) and f.name not in keep:
+                held = sorted(p.name for p in f.iterdir() if REGION_FILE.match(p.name))
+                log.info("removing superseded embed batch %s: %s", f.name, ", ".join(held) or "no region files")
+                shutil.rmtree(f, ignore_errors=True)
+                removed.append(f)
+    if folder.parent.is_dir():
+        for f in sorted(folder.parent.iterdir()):
+            if f.is_file() and REGION_FILE.match(f.name):
+                f.unlink(missing_ok=True)
+                removed.append(f)
     return removed
 
 
 def audit(results: str | Path, model_path: str | Path | None = None) -> dict[str, Any]:
     """Check a finished stage 3 against its stencil and model; return the figures.
 
-    Checks that the embeddings folder holds exactly one file per current region (named with
+    Checks that the embed batch folders hold exactly one file per current region (named with
     its stencil digest), that the files' cells are the stencil's cells (each exactly once),
     that ok embeddings are finite unit vectors and null ones are not ok, and that every file's
     ``model_version`` is the model file's.
@@ -151,7 +164,10 @@ def audit(results: str | Path, model_path: str | Path | None = None) -> dict[str
     version = vg_model.load(model_path or results / "model" / "model.pt")[1]["model_version"]
     folder = results / "embeddings"
     expected = {f"{r}_{v['digest']}.parquet": r for r, v in manifest["regions"].items()}
-    present = {p.name for p in folder.glob("*.parquet") if REGION_FILE.match(p.name)}
+    # region files in the batch folders (and any left directly in the folder: extra)
+    paths = {p.name: p for p in folder.glob(f"{regionfiles.BATCHES_FOLDER}/*/*.parquet") if REGION_FILE.match(p.name)}
+    loose = [p.name for p in folder.glob("*.parquet") if REGION_FILE.match(p.name)]
+    present = set(paths) | set(loose)
     stencil_cells, rows, mismatched, wrong_version = 0, 0, [], []
     counts = dict.fromkeys(STATUSES, 0)
     max_norm_err, nonfinite, all_h3 = 0.0, 0, []
@@ -159,9 +175,9 @@ def audit(results: str | Path, model_path: str | Path | None = None) -> dict[str
         cells = pq.read_table(results / "stencil" / "regions" / f"{region}.parquet", columns=["h3"])
         stencil_h3 = cells.column("h3").to_numpy()
         stencil_cells += stencil_h3.shape[0]
-        if name not in present:
+        if name not in paths:
             continue
-        data = geoparquet.read_region(folder / name)
+        data = geoparquet.read_region(paths[name])
         rows += len(data)
         all_h3.append(data.h3)
         if not np.array_equal(np.sort(data.h3), np.sort(stencil_h3)):
@@ -180,7 +196,7 @@ def audit(results: str | Path, model_path: str | Path | None = None) -> dict[str
     h3_all = np.concatenate(all_h3) if all_h3 else np.zeros(0, np.uint64)
     duplicates = int(h3_all.shape[0] - np.unique(h3_all).shape[0])
     missing = sorted(set(expected) - present)
-    extra = sorted(present - set(expected))
+    extra = sorted((present - set(expected)) | set(loose))
     out = {
         "regions": len(expected),
         "files": len(present),

@@ -39,12 +39,14 @@ def run_summary(results: str | Path = "results") -> list[str]:
         )
     else:
         lines.append("model      not trained")
-    emb = [p for p in (r / "embeddings").glob("*_*.parquet")]
+    emb = sorted((r / "embeddings" / "batches").glob("batch-*/*_*.parquet"))
     if emb:
         import pyarrow.parquet as pq
 
         rows = sum(pq.ParquetFile(p).metadata.num_rows for p in emb)
-        lines.append(f"embeddings {rows:,} cells in {len(emb)} region files under {r / 'embeddings'}")
+        folders = len({p.parent for p in emb})
+        where = r / "embeddings" / "batches"
+        lines.append(f"embeddings {rows:,} cells in {len(emb)} region files of {folders} batches under {where}")
     else:
         lines.append("embeddings none")
     loaded = _read_json(r / "loaded" / "regions.json")

@@ -1,10 +1,10 @@
 """Region windows: the pixels of each prepared layer that one region's cells can reach, cut once.
 
-A per-region job (``embed_region``) needs, of each model layer, only the pixels that patches centred on
-the region's cells cover. The ``cut_windows`` rule reads every prepared layer once and writes, for every
-candidate region, ``results/windows/{region}.npz``: each layer's window (raw values, as prepared) and
-where it sits in the layer. Under S3 default storage a region job then downloads its window, not the
-world.
+Embedding a region (an ``embed_batch`` job does it for each of its regions) needs, of each model layer,
+only the pixels that patches centred on the region's cells cover. The ``cut_windows`` rule reads every
+prepared layer once and writes, for every candidate region, ``results/windows/{region}.npz``: each
+layer's window (raw values, as prepared) and where it sits in the layer. Under S3 default storage a batch
+job then downloads its regions' windows, not the world.
 
 Candidate regions do not depend on the stencil (so that a stencil rerun does not rewrite windows): they
 are every cell at ``stencil.region_resolution``, or those that ``stencil.extent`` can touch. Every
