@@ -112,6 +112,14 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
         raise
 
 
+def _temp_dir(path: str | Path) -> Path:
+    """A new temp folder beside ``path`` (its folder created, stale temp files of ``path`` removed first)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path)
+    return Path(tempfile.mkdtemp(dir=path.parent, prefix=_prefix(path), suffix=".d"))
+
+
 @contextmanager
 def scratch_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temp folder beside ``path`` for the pieces of its output; it is removed on exit.
@@ -119,10 +127,7 @@ def scratch_dir(path: str | Path) -> Iterator[Path]:
     Like :func:`atomic_path`'s temp files, a folder left by a killed writer is removed by the next write.
     Put the finished output in place with :func:`atomic_path`, not by hand.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(path)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_prefix(path), suffix=".d"))
+    tmp = _temp_dir(path)
     try:
         yield tmp
     finally:
@@ -138,9 +143,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     the final name. Folders left by killed writers are removed first (:func:`clean_stale`).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(path)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_prefix(path), suffix=".d"))
+    tmp = _temp_dir(path)
     try:
         yield tmp
         old = None
