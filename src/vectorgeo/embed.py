@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import threading
 import time
 from collections import deque
@@ -49,13 +48,15 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from vectorgeo import arrowbuf, geoparquet, h3cells
+from vectorgeo import arrowbuf, geoparquet, h3cells, regionfiles
 from vectorgeo import model as vg_model
+from vectorgeo.atomic import atomic_dir
 from vectorgeo.config import EmbedConfig
 from vectorgeo.errors import ConfigError, DataError
 from vectorgeo.layers import Layer, LayerSpec
 from vectorgeo.sampling import gather_patches
-from vectorgeo.stencil import digest_cells
+from vectorgeo.stencil import digest_cells, read_region
+from vectorgeo.windows import open_window
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ STATUS_POLE = "pole"
 STATUSES = (STATUS_OK, STATUS_NODATA, STATUS_POLE)
 """Status values, indexed by the int8 status codes used internally."""
 
-REGION_FILE = re.compile(r"^(?P<region>[0-9a-f]{15})_(?P<digest>[0-9a-f]{12})\.parquet$")
+REGION_FILE = regionfiles.REGION_FILE
 """Name of a region embedding file: ``{region}_{digest}.parquet``."""
 
 DEFAULTS = EmbedConfig()
@@ -421,6 +422,10 @@ class BatchResult:
     def counts(self) -> dict[str, int]:
         return {s: sum(r.counts.get(s, 0) for r in self.regions) for s in STATUSES}
 
+    @property
+    def cells_per_s(self) -> float:
+        return self.cells / self.seconds if self.seconds > 0 else float("nan")
+
 
 def embed_batch(
     model: ModelLike,
@@ -461,11 +466,6 @@ def embed_batch(
             do not match the batch name's digest.
         ConfigError: the layers do not encode the model's layers as the model does.
     """
-    from vectorgeo import regionfiles
-    from vectorgeo.atomic import atomic_dir
-    from vectorgeo.stencil import read_region
-    from vectorgeo.windows import open_window
-
     t0 = time.perf_counter()
     names = [Path(w).name.removesuffix(".npz") for w in windows]
     if names != [Path(s).name.removesuffix(".parquet") for s in stencils] or not names:
@@ -480,14 +480,12 @@ def embed_batch(
     pairs = [
         (r, digest_cells(arrowbuf.column_numpy(t.column("h3"), np.uint64))) for r, t in zip(names, tables, strict=True)
     ]
-    if batch is not None:
-        m = regionfiles.BATCH_DIR.match(batch)
-        if m is None or regionfiles.batch_digest(pairs) != m.group("digest"):
-            raise DataError(
-                str(out_dir),
-                f"the stencil cells of regions {names[:5]}{'...' if len(names) > 5 else ''} do not hash to batch "
-                f"{batch} (stale stencil? rerun the workflow to re-plan the batches)",
-            )
+    if batch is not None and not regionfiles.names_batch(batch, pairs):
+        raise DataError(
+            str(out_dir),
+            f"the stencil cells of regions {names[:5]}{'...' if len(names) > 5 else ''} do not hash to batch "
+            f"{batch} (stale stencil? rerun the workflow to re-plan the batches)",
+        )
     folder = Path(out_dir)
     total = sum(t.num_rows for t in tables)
     done = 0

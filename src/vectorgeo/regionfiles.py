@@ -59,6 +59,12 @@ def batch_digest(regions: Sequence[tuple[str, str]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def names_batch(name: str, regions: Sequence[tuple[str, str]]) -> bool:
+    """Whether ``name`` is a batch folder name whose digest covers exactly these (region, digest) pairs."""
+    m = BATCH_DIR.match(name)
+    return m is not None and bool(regions) and batch_digest(regions) == m.group("digest")
+
+
 def partition(regions: Mapping[str, Mapping[str, Any]], batch_cells: int) -> dict[str, Batch]:
     """Split a stencil manifest's regions into embed batches of at least ``batch_cells`` cells.
 
@@ -121,18 +127,17 @@ def region_files(paths: Iterable[str | Path]) -> list[str]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            m = BATCH_DIR.match(p.name)
-            if m is None:
+            if BATCH_DIR.match(p.name) is None:
                 raise DataError(str(p), "expected an embed batch folder named batch-{region}-{digest}")
-            found = sorted(f for f in p.iterdir() if f.is_file() and REGION_FILE.match(f.name))
-            pairs = [(f.name[:15], f.name[16:28]) for f in found]
-            if not found or batch_digest(pairs) != m.group("digest"):
+            matches = [(f, REGION_FILE.match(f.name)) for f in sorted(p.iterdir()) if f.is_file()]
+            found = [(f, m) for f, m in matches if m is not None]
+            if not names_batch(p.name, [(m["region"], m["digest"]) for _, m in found]):
                 raise DataError(
                     str(p),
                     f"the embed batch folder holds {len(found)} region files that are not the ones its name's "
                     "digest covers (a file deleted or added by hand?); delete the folder and rerun to rebuild it",
                 )
-            files.extend(found)
+            files.extend(f for f, _ in found)
         elif REGION_FILE.match(p.name):
             files.append(p)
         else:
